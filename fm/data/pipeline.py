@@ -1,0 +1,105 @@
+"""grain input pipelines: tokenized documents packed into fixed-length windows.
+
+Each split is tokenized once (cached) into one stream of tokens, every document ending in EOS,
+and cut into windows of `seq_len` tokens. A window carries `segment_ids` (documents numbered
+from 1 inside the window, 0 for padding) and `positions` (restarting at each document), so
+attention never crosses documents. Training windows are shuffled with a seed (a new order each
+epoch), sharded by JAX process and batched; the iterator's state is a step count, so a resumed
+run sees exactly the batches it would have seen.
+"""
+import dataclasses
+import hashlib
+import json
+import os
+
+import grain
+import ml_collections
+import numpy as np
+
+from fm.data import sources, tokenizer as tokenizer_lib
+
+
+@dataclasses.dataclass
+class Stream:
+  tokens: np.ndarray      # int32 [N]
+  doc_ids: np.ndarray     # int32 [N], document number of each token
+  token_bytes: np.ndarray  # int32 [V], UTF-8 bytes each token id stands for
+
+  def num_windows(self, seq_len: int) -> int:
+    return len(self.tokens) // seq_len
+
+  def window(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
+    sl = slice(index * seq_len, (index + 1) * seq_len)
+    tokens, docs = self.tokens[sl], self.doc_ids[sl]
+    segment_ids = (docs - docs[0] + 1).astype(np.int32)
+    starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
+    positions = np.arange(seq_len) - starts[np.searchsorted(starts, np.arange(seq_len), 'right') - 1]
+    return {'tokens': tokens, 'segment_ids': segment_ids, 'positions': positions.astype(np.int32),
+            'token_bytes': self.token_bytes[tokens]}
+
+
+def tokenize(docs: list[str], tok, cache_key: str) -> tuple[np.ndarray, np.ndarray]:
+  """Flat token stream and document ids for `docs`, cached under $FM_DATA_DIR/prepared."""
+  path = sources.cache_dir() / 'prepared' / f'{cache_key}.npz'
+  if path.exists():
+    with np.load(path) as f:
+      return f['tokens'], f['doc_ids']
+  ids = [tok.encode(d) + [tok.eos_id] for d in docs]
+  tokens = np.fromiter((t for doc in ids for t in doc), np.int32)
+  doc_ids = np.repeat(np.arange(1, len(ids) + 1, dtype=np.int32), [len(d) for d in ids])
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npz')
+  np.savez(tmp, tokens=tokens, doc_ids=doc_ids)
+  tmp.replace(path)
+  return tokens, doc_ids
+
+
+@dataclasses.dataclass
+class Data:
+  tokenizer: object
+  train: Stream
+  validation: Stream
+
+
+def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
+  """Loads the dataset named by `config.data`, its tokenizer, and both tokenized splits."""
+  name = data_cfg.dataset
+  splits = sources.load(name, **dict(data_cfg.get('source_kwargs', {})))
+  tok = tokenizer_lib.build(data_cfg.get('tokenizer', ml_collections.ConfigDict()),
+                            splits['train'], name)
+  tok_key = hashlib.sha256(json.dumps(tok.identity, sort_keys=True).encode()).hexdigest()[:12]
+  streams = {}
+  for split, docs in splits.items():
+    docs_key = hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()[:12]
+    tokens, doc_ids = tokenize(docs, tok, f'{name}-{split}-{docs_key}-{tok_key}')
+    streams[split] = Stream(tokens, doc_ids, tok.token_bytes())
+  return Data(tok, streams['train'], streams['validation'])
+
+
+def train_dataset(stream: Stream, seq_len: int, global_batch: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Infinite, shuffled (reshuffled every epoch), per-process batches of packed windows.
+
+  Global batch k holds the shuffled windows [k*B, (k+1)*B); process p takes every P-th of them,
+  so the global batch is the same set of windows whatever the number of processes.
+  """
+  per_process = global_batch // process_count
+  ds = grain.MapDataset.range(stream.num_windows(seq_len)).shuffle(seed=seed).repeat()
+  ds = ds[process_index::process_count]
+  return ds.map(lambda i: stream.window(int(i), seq_len)).batch(per_process, drop_remainder=True)
+
+
+def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: int,
+                 process_index: int = 0, process_count: int = 1):
+  """The first `max_batches` (all if -1) batches of validation windows, in order, the last one
+  padded with zero segment ids (weight 0). Same batches every eval."""
+  n = stream.num_windows(seq_len)
+  num_batches = -(-n // global_batch)
+  if max_batches > 0:
+    num_batches = min(num_batches, max_batches)
+  per_process = global_batch // process_count
+  pad = {'tokens': np.zeros(seq_len, np.int32), 'segment_ids': np.zeros(seq_len, np.int32),
+         'positions': np.zeros(seq_len, np.int32), 'token_bytes': np.zeros(seq_len, np.int32)}
+  ds = grain.MapDataset.range(num_batches * global_batch)[process_index::process_count]
+  ds = ds.map(lambda i: stream.window(int(i), seq_len) if i < n else pad)
+  return ds.batch(per_process, drop_remainder=True)

@@ -1,0 +1,103 @@
+"""Metric writers (TensorBoard event files, metrics.jsonl), console progress, throughput and MFU."""
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tensorboardX import SummaryWriter
+
+# Dense bf16 peak FLOP/s per chip, from vendor datasheets, keyed by a substring of device_kind.
+PEAK_FLOPS = (
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('A10G', 70e12),
+    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5', 197e12), ('TPU v4', 275e12),
+)
+
+
+def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a float32 matmul on this host (the best of a few), as the CPU's peak."""
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n ** 3 / best
+
+
+def peak_flops() -> float:
+  """Peak FLOP/s of the whole job: per-chip table for accelerators, a measured probe on CPU.
+
+  Fake CPU devices share the host's cores, so on CPU the peak is the host's, not per device.
+  """
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return measure_cpu_peak()
+  for name, flops in PEAK_FLOPS:
+    if name in device.device_kind:
+      return flops * jax.device_count()
+  return math.nan  # Unknown accelerator: MFU is reported as nan rather than guessed.
+
+
+class Writer:
+  """Scalars to TensorBoard and metrics.jsonl; only process 0 writes."""
+
+  def __init__(self, workdir: str | pathlib.Path):
+    self.active = jax.process_index() == 0
+    if self.active:
+      self.tb = SummaryWriter(str(workdir))
+      self.jsonl = open(pathlib.Path(workdir) / 'metrics.jsonl', 'a')
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self.tb.close()
+      self.jsonl.close()
+
+
+def log(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, file=sys.stdout, flush=True)
+
+
+class Progress:
+  """Steps/s, tokens/s, MFU and ETA over the steps since the last report."""
+
+  def __init__(self, total_steps: int, tokens_per_step: int, flops_per_step: float, peak: float):
+    self.total, self.tokens, self.flops, self.peak = total_steps, tokens_per_step, flops_per_step, peak
+    self.reset(0)
+
+  def reset(self, step: int) -> None:
+    """Starts a new timing window (also used to leave compilation and evals out of it)."""
+    self.step, self.time = step, time.perf_counter()
+
+  def report(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps, seconds = step - self.step, now - self.time
+    self.reset(step)
+    if steps <= 0 or seconds <= 0:
+      return {}
+    sps = steps / seconds
+    return {'steps_per_sec': sps, 'tokens_per_sec': sps * self.tokens,
+            'mfu': sps * self.flops / self.peak, 'eta_sec': (self.total - step) / sps}
+
+
+def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
+  eta = scalars.get('eta_sec', np.nan)
+  eta_text = '?' if not np.isfinite(eta) else f'{int(eta // 60)}m{int(eta % 60):02d}s'
+  return (f'step {step}/{total} | loss {scalars.get("train/loss", np.nan):.4f} | '
+          f'{scalars.get("tokens_per_sec", np.nan):,.0f} tok/s | '
+          f'MFU {100 * scalars.get("mfu", np.nan):.1f}% | ETA {eta_text}')

@@ -1,0 +1,129 @@
+"""Llama-style decoder-only transformer: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+Dimensions: B batch, L length, D model dim, V vocab (see layers.py for the rest).
+`Model(cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL) -> logits_BLV`.
+Packed documents (segment ids) never attend to each other.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fm.models import layers
+from fm.sharding import constrain
+
+VARIANTS = {
+    # Unit tests and smoke runs.
+    'tiny': dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=192,
+                 max_len=512),
+    # About 6M params with a 4k vocab: the CPU default, trains to a useful loss in minutes.
+    'mini': dict(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
+                 max_len=1024),
+    # About 20M params with a 4k vocab.
+    'small': dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=8, head_dim=64,
+                  mlp_dim=1408, max_len=1024),
+    # Published shapes (Llama 3.2 1B, Llama 3.1 8B), for planning on pods.
+    'llama-1b': dict(num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, head_dim=64,
+                     mlp_dim=8192, max_len=8192, vocab_size=128256, rope_theta=500000.0,
+                     tie_embeddings=True),
+    'llama-8b': dict(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                     mlp_dim=14336, max_len=8192, vocab_size=128256, rope_theta=500000.0,
+                     tie_embeddings=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  vocab_size: int = 256
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  mlp_dim: int = 256
+  max_len: int = 512
+  rope_theta: float = 10000.0
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+  dtype: str = 'float32'        # Compute dtype.
+  param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
+  scan_layers: bool = False     # nn.scan over layers: params stacked on a `layers` axis.
+  remat: str = 'none'           # One of layers.REMAT_POLICIES.
+  attention_impl: str | None = None
+
+
+def param_count(cfg: Config) -> dict[str, int]:
+  """Parameter counts from the shapes alone (no init)."""
+  D, F, K = cfg.d_model, cfg.mlp_dim, cfg.head_dim
+  attn = D * K * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  block = attn + 3 * D * F + 2 * D
+  embed = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+  return {'total': cfg.num_layers * block + embed + D, 'non_embedding': cfg.num_layers * block + D,
+          'embedding': embed}
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores."""
+  D, K, H = cfg.d_model, cfg.head_dim, cfg.num_heads
+  matmul = cfg.num_layers * (D * K * (2 * H + 2 * cfg.num_kv_heads) + 3 * D * cfg.mlp_dim)
+  matmul += cfg.vocab_size * D  # Output projection.
+  attention = cfg.num_layers * 2 * H * K * seq_len  # QK^T and AV, causal half counted fully.
+  return 6.0 * matmul + 6.0 * attention
+
+
+class Block(nn.Module):
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, mask_B1LS):
+    c = self.cfg
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    attn_cfg = layers.AttentionConfig(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
+                                      c.attention_impl)
+    h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='attn_norm')(x_BLD)
+    x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, name='attn')(h_BLD, positions_BL, mask_B1LS)
+    h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(x_BLD)
+    x_BLD = x_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, name='mlp')(h_BLD)
+    x_BLD = constrain(x_BLD, layers.BLD)
+    return (x_BLD, None) if c.scan_layers else x_BLD
+
+
+class Model(nn.Module):
+  cfg: Config
+  causal: bool = True
+
+  @nn.compact
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+    c = self.cfg
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    mask_B1LS = layers.attention_mask(segment_ids_BL, causal=self.causal)
+
+    embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
+    x_BLD = constrain(embed(tokens_BL), layers.BLD)
+
+    block = Block
+    if c.remat != 'none':
+      block = nn.remat(Block, policy=layers.REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+      x_BLD, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
+                         metadata_params={nn.PARTITION_NAME: 'layers'})(
+                             c, name='layers')(x_BLD, positions_BL, mask_B1LS)
+    else:
+      for i in range(c.num_layers):
+        x_BLD = block(c, name=f'layer_{i}')(x_BLD, positions_BL, mask_B1LS)
+
+    x_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
+    if c.tie_embeddings:
+      # Scaled so tied logits start near unit variance like an untied head.
+      logits_BLV = embed.attend(x_BLD) * (c.d_model ** -0.5)
+    else:
+      w_DV = layers.param_with_axes(self, 'lm_head', layers.dense_init(c.d_model),
+                                    (c.d_model, c.vocab_size), ('embed', 'vocab'), pdt)
+      logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, w_DV.astype(dt))
+    return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

@@ -1,0 +1,223 @@
+"""The trainer: one function read top to bottom.
+
+Sections: Config, Mesh, Data, Model, Shard, Step, Eval, Loop. The step is pure and jitted once
+with explicit shardings; logging and evals live only in the loop.
+"""
+import functools
+import json
+import math
+import pathlib
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from fm import ConfigError, metrics as metrics_lib, optim, registry, sharding
+from fm.data import pipeline, sources
+
+State = dict[str, Any]  # {'step': int32[], 'params': pytree, 'opt_state': pytree}
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = None):
+  """The model module and its Config: the named variant, then any `config.model` overrides."""
+  module = registry.get('models', config.model.name)
+  variant = config.model.get('variant', 'tiny')
+  if variant not in module.VARIANTS:
+    raise ConfigError(f'config.model.variant={variant!r} is unknown for {config.model.name}; '
+                      f'choose one of: {", ".join(module.VARIANTS)}.')
+  fields = dict(module.VARIANTS[variant])
+  known = {f for f in module.Config.__dataclass_fields__}
+  for key, value in config.model.items():
+    if key in ('name', 'variant'):
+      continue
+    if key not in known:
+      raise ConfigError(f'config.model.{key} is not a field of {config.model.name}.Config; '
+                        f'valid keys: {", ".join(sorted(known))}.')
+    fields[key] = value
+  if vocab_size is not None:
+    fields['vocab_size'] = -(-vocab_size // 128) * 128  # Padded for even sharding.
+  return module, module.Config(**fields)
+
+
+def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batch_ways: int):
+  """Checks that need no data or compilation, run identically on every host."""
+  objective = registry.get('objectives', config.objective)
+  _, model_cfg = model_config(config)
+  if config.model.name not in objective.COMPATIBLE_MODELS:
+    raise ConfigError(f'config.objective={config.objective!r} does not work with '
+                      f'config.model.name={config.model.name!r}; compatible models: '
+                      f'{", ".join(objective.COMPATIBLE_MODELS)}.')
+  if config.data.dataset not in sources.SOURCES and config.data.dataset != 'files':
+    sources.load(config.data.dataset)  # Raises, listing the choices.
+  seq_len, batch = config.data.seq_len, config.train.global_batch
+  if seq_len > model_cfg.max_len:
+    raise ConfigError(f'config.data.seq_len={seq_len} exceeds the model max_len={model_cfg.max_len} '
+                      f'of variant {config.model.get("variant")!r}; lower seq_len or set '
+                      f'config.model.max_len.')
+  if batch % batch_ways or batch % jax.process_count():
+    raise ConfigError(f'config.train.global_batch={batch} is not divisible by the {batch_ways} '
+                      f'batch shards of the mesh ({mesh_shape}) and {jax.process_count()} '
+                      f'process(es); use a multiple of {math.lcm(batch_ways, jax.process_count())}.')
+  return objective
+
+
+def state_shardings(model: nn.Module, tx: optax.GradientTransformation, sample: dict,
+                    mesh: jax.sharding.Mesh, rules) -> tuple[State, State]:
+  """Abstract train state and its shardings, from the params' logical axes (nothing allocated)."""
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
+  param_sh = sharding.tree_shardings(boxed, mesh, rules)
+  params = sharding.unbox(boxed)
+  opt_state = jax.eval_shape(tx.init, params)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Every leaf gets a NamedSharding, scalar counts included, so the step never reshards them.
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': params, 'opt_state': opt_state}
+  return abstract, {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+
+
+def make_train_step(apply_fn, loss_fn, tx, config):
+  def train_step(state: State, batch: dict, rng: jax.Array) -> tuple[State, dict]:
+    step_rng = jax.random.fold_in(rng, state['step'])
+    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+    (loss, aux), grads = grad_fn(apply_fn, state['params'], batch, step_rng, config)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+  return train_step
+
+
+def make_eval_step(apply_fn, loss_fn, config):
+  def eval_step(params, batch: dict) -> dict:
+    _, aux = loss_fn(apply_fn, params, batch, jax.random.key(0), config)
+    return aux
+  return eval_step
+
+
+def evaluate(eval_step, params, batches, mesh, rules, summarize) -> dict[str, float]:
+  sums = None
+  for batch in batches:
+    out = eval_step(params, sharding.put_batch(batch, mesh, rules))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return summarize(jax.tree.map(float, jax.device_get(sums)))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains per `config`, writing metrics and the resolved config into `workdir`.
+
+  Returns the final held-out metrics.
+  """
+  workdir = pathlib.Path(workdir)
+  # ===========================================================================================
+  # Mesh
+  # ===========================================================================================
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  objective = validate(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules))
+
+  # ===========================================================================================
+  # Data
+  # ===========================================================================================
+  data = pipeline.prepare(config.data)
+  seq_len, global_batch = config.data.seq_len, config.train.global_batch
+  if data.train.num_windows(seq_len) < global_batch:
+    raise ConfigError(f'config.data.dataset={config.data.dataset!r} has only '
+                      f'{data.train.num_windows(seq_len)} training windows of seq_len={seq_len}; '
+                      f'lower config.train.global_batch below that.')
+  pidx, pcount = jax.process_index(), jax.process_count()
+  train_ds = pipeline.train_dataset(data.train, seq_len, global_batch, config.data.get('seed', 0),
+                                    pidx, pcount)
+  eval_ds = pipeline.eval_batches(data.validation, seq_len, global_batch,
+                                  config.train.get('eval_batches', -1), pidx, pcount)
+
+  # ===========================================================================================
+  # Model
+  # ===========================================================================================
+  model_module, model_cfg = model_config(config, data.tokenizer.vocab_size)
+  model = model_module.Model(model_cfg)
+  total_steps = config.train.steps
+  tx = optim.make(config.optim, total_steps)
+  sample = tuple(jnp.zeros((global_batch, seq_len), jnp.int32) for _ in range(3))
+  counts = model_module.param_count(model_cfg)
+  flops_per_step = model_module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
+
+  if pidx == 0:
+    resolved = {'config': config.to_dict(), 'model': model_cfg.__dict__,
+                'tokenizer': data.tokenizer.identity, 'params': counts,
+                'mesh': dict(mesh.shape), 'devices': jax.device_count(),
+                'device_kind': jax.devices()[0].device_kind}
+    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, default=str))
+  metrics_lib.log(f'model {config.model.name}/{config.model.get("variant")}: '
+                  f'{counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding), '
+                  f'vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)} on '
+                  f'{jax.device_count()} {jax.devices()[0].platform} devices')
+
+  # ===========================================================================================
+  # Shard
+  # ===========================================================================================
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract, state_sh = state_shardings(model, tx, sample, mesh, rules)
+
+    def init(rng):
+      params = nn.unbox(model.init(rng, *sample))
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+    init_rng, train_rng = jax.random.split(jax.random.key(config.get('seed', 0)))
+    # Born sharded: each device only ever materialises its own shard.
+    state = jax.jit(init, out_shardings=state_sh)(init_rng)
+
+    # =========================================================================================
+    # Step
+    # =========================================================================================
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(make_train_step(model.apply, objective.loss_fn, tx, config),
+                         in_shardings=(state_sh, batch_sh, replicated),
+                         out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(model.apply, objective.loss_fn, config),
+                        in_shardings=(state_sh['params'], batch_sh), out_shardings=replicated)
+    run_eval = functools.partial(evaluate, eval_step, batches=eval_ds, mesh=mesh, rules=rules,
+                                 summarize=objective.summarize)
+
+    # =========================================================================================
+    # Loop
+    # =========================================================================================
+    writer = metrics_lib.Writer(workdir)
+    progress = metrics_lib.Progress(total_steps, global_batch * seq_len, flops_per_step,
+                                    metrics_lib.peak_flops())
+    log_every, eval_every = config.train.get('log_every', 50), config.train.get('eval_every', 500)
+    data_iter = iter(train_ds)
+    step = int(state['step'])
+    eval_metrics = {}
+    progress.reset(step)
+    while step < total_steps:
+      batch = sharding.put_batch(next(data_iter), mesh, rules)
+      state, step_metrics = train_step(state, batch, train_rng)
+      step += 1
+      if step == 1:
+        progress.reset(step)  # Leave compilation out of throughput.
+      if step % log_every == 0 or step == total_steps:
+        fetched = jax.device_get(step_metrics)
+        if not np.isfinite(fetched['loss']):
+          raise FloatingPointError(f'Non-finite loss {fetched["loss"]} at step {step}; lower '
+                                   f'config.optim.lr or check the data.')
+        scalars = {'train/loss': fetched['loss'], 'train/grad_norm': fetched['grad_norm'],
+                   'train/lr': optim.schedule(config.optim, total_steps)(step - 1),
+                   **progress.report(step)}
+        writer.write(step, scalars)
+        metrics_lib.log(metrics_lib.progress_line(step, total_steps, scalars))
+      if step % eval_every == 0 or step == total_steps:
+        eval_metrics = run_eval(state['params'])
+        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+        metrics_lib.log(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+        progress.reset(step)  # Leave evals out of throughput.
+    writer.close()
+  return eval_metrics

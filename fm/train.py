@@ -1,6 +1,6 @@
 """The trainer: one function read top to bottom.
 
-Sections: Config, Mesh, Data, Model, Shard, Step, Eval, Loop. The step is pure and jitted once
+Sections: Config, Shard, Step (in `build`), then Mesh, Data, Model, Eval, Loop. The step is pure and jitted once
 with explicit shardings; logging and evals live only in the loop.
 """
 import functools
@@ -91,7 +91,7 @@ def make_train_step(apply_fn, loss_fn, tx, config):
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-    return new_state, {'loss': loss, 'grad_norm': optax.global_norm(grads), **aux}
+    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
   return train_step
 
 
@@ -102,12 +102,43 @@ def make_eval_step(apply_fn, loss_fn, config):
   return eval_step
 
 
-def evaluate(eval_step, params, batches, mesh, rules, summarize) -> dict[str, float]:
+def evaluate(eval_step, params, batches, *, mesh, rules, summarize) -> dict[str, float]:
   sums = None
   for batch in batches:
     out = eval_step(params, sharding.put_batch(batch, mesh, rules))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return summarize(jax.tree.map(float, jax.device_get(sums)))
+
+
+def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample, init_rng):
+  """The sharded initial state and the jitted train and eval steps.
+
+  Params are born sharded (`eval_shape` -> shardings from the logical rules -> jitted init with
+  out_shardings), so no device ever holds more than its shard. Call inside
+  `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
+  """
+  # ===========================================================================================
+  # Shard
+  # ===========================================================================================
+  _, state_sh = state_shardings(model, tx, sample, mesh, rules)
+
+  def init(rng):
+    params = nn.unbox(model.init(rng, *sample))
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+
+  state = jax.jit(init, out_shardings=state_sh)(init_rng)
+
+  # ===========================================================================================
+  # Step
+  # ===========================================================================================
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  train_step = jax.jit(make_train_step(model.apply, loss_fn, tx, config),
+                       in_shardings=(state_sh, batch_sh, replicated),
+                       out_shardings=(state_sh, replicated), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model.apply, loss_fn, config),
+                      in_shardings=(state_sh['params'], batch_sh), out_shardings=replicated)
+  return state, train_step, eval_step
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -135,8 +166,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pidx, pcount = jax.process_index(), jax.process_count()
   train_ds = pipeline.train_dataset(data.train, seq_len, global_batch, config.data.get('seed', 0),
                                     pidx, pcount)
-  eval_ds = pipeline.eval_batches(data.validation, seq_len, global_batch,
-                                  config.train.get('eval_batches', -1), pidx, pcount)
+  # Periodic evals read the first `eval_batches` validation batches; the final one reads all.
+  eval_sets = {n: pipeline.eval_batches(data.validation, seq_len, global_batch, n, pidx, pcount)
+               for n in (config.train.get('eval_batches', -1), -1)}
 
   # ===========================================================================================
   # Model
@@ -164,27 +196,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Shard
   # ===========================================================================================
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract, state_sh = state_shardings(model, tx, sample, mesh, rules)
-
-    def init(rng):
-      params = nn.unbox(model.init(rng, *sample))
-      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-
     init_rng, train_rng = jax.random.split(jax.random.key(config.get('seed', 0)))
-    # Born sharded: each device only ever materialises its own shard.
-    state = jax.jit(init, out_shardings=state_sh)(init_rng)
-
-    # =========================================================================================
-    # Step
-    # =========================================================================================
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_step = jax.jit(make_train_step(model.apply, objective.loss_fn, tx, config),
-                         in_shardings=(state_sh, batch_sh, replicated),
-                         out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(model.apply, objective.loss_fn, config),
-                        in_shardings=(state_sh['params'], batch_sh), out_shardings=replicated)
-    run_eval = functools.partial(evaluate, eval_step, batches=eval_ds, mesh=mesh, rules=rules,
+    state, train_step, eval_step = build(model, tx, objective.loss_fn, config, mesh, rules,
+                                         sample, init_rng)
+    run_eval = functools.partial(evaluate, eval_step, mesh=mesh, rules=rules,
                                  summarize=objective.summarize)
 
     # =========================================================================================
@@ -215,9 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.write(step, scalars)
         metrics_lib.log(metrics_lib.progress_line(step, total_steps, scalars))
       if step % eval_every == 0 or step == total_steps:
-        eval_metrics = run_eval(state['params'])
+        final = step == total_steps
+        eval_metrics = run_eval(state['params'], eval_sets[-1 if final else
+                                                        config.train.get('eval_batches', -1)])
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        metrics_lib.log(f'eval @ {step}: ' + ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+        metrics_lib.log(f'{"final eval" if final else "eval"} @ {step}: ' +
+                        ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
         progress.reset(step)  # Leave evals out of throughput.
     writer.close()
   return eval_metrics

@@ -1,0 +1,81 @@
+"""Model shapes, finiteness, causality and packing isolation (checked through gradients)."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fm.models import decoder
+
+FITS_ON_CPU = ('tiny', 'mini', 'small')
+
+
+def make(variant='tiny', length=32, **overrides):
+  cfg = decoder.Config(**{**decoder.VARIANTS[variant], 'vocab_size': 384, **overrides})
+  model = decoder.Model(cfg)
+  # Distinct token ids, so each embedding row belongs to exactly one position.
+  tokens = jax.random.permutation(jax.random.key(1), cfg.vocab_size)[:length][None]
+  params = nn.unbox(model.init(jax.random.key(0), tokens))
+  return cfg, model, params, tokens
+
+
+@pytest.mark.parametrize('variant', FITS_ON_CPU)
+def test_forward_shapes_and_finite(variant):
+  cfg, model, params, tokens = make(variant)
+  logits = model.apply(params, tokens)
+  assert logits.shape == (*tokens.shape, cfg.vocab_size)
+  assert np.isfinite(np.asarray(logits)).all()
+  assert sum(x.size for x in jax.tree.leaves(params)) == decoder.param_count(cfg)['total']
+
+
+@pytest.mark.parametrize('variant,expected', [('llama-1b', 1.236e9), ('llama-8b', 8.03e9)])
+def test_published_shapes(variant, expected):
+  """The planning variants have the published parameter counts (shapes only, nothing allocated)."""
+  cfg = decoder.Config(**decoder.VARIANTS[variant])
+  shapes = jax.eval_shape(decoder.Model(cfg).init, jax.random.key(0),
+                          jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+  assert n == decoder.param_count(cfg)['total']
+  assert abs(n - expected) / expected < 0.01
+
+
+def influence(model, params, tokens, t, **kwargs):
+  """|d output_t / d input_s| for every position s, via the (untied) input embedding rows."""
+  def out_t(p):
+    return jnp.sum(model.apply(p, tokens, **kwargs)[0, t] ** 2)
+  grad_VD = jax.grad(out_t)(params)['params']['embed']['embedding']
+  return np.abs(np.asarray(grad_VD[tokens[0]])).sum(-1)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_causal(scan):
+  _, model, params, tokens = make(tie_embeddings=False, scan_layers=scan)
+  for t in (0, 7, 31):
+    g = influence(model, params, tokens, t)
+    assert np.all(g[t + 1:] == 0), f'position {t} sees the future'
+    assert np.all(g[:t + 1] > 0), f'position {t} ignores its past'
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+  _, model, params, tokens = make(tie_embeddings=False)
+  seg = jnp.array([[1] * 12 + [2] * 20])
+  pos = jnp.array([list(range(12)) + list(range(20))])
+  g = influence(model, params, tokens, 20, segment_ids_BL=seg, positions_BL=pos)
+  assert np.all(g[:12] == 0) and np.all(g[12:21] > 0)
+  # The second document's outputs equal those of running it alone.
+  packed = model.apply(params, tokens, seg, pos)[0, 12:]
+  alone = model.apply(params, tokens[:, 12:])[0]
+  np.testing.assert_allclose(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention_matches_repeated_kv_heads():
+  """GQA with G kv heads equals MHA whose kv weights repeat each group's head."""
+  cfg, model, params, tokens = make(num_heads=4, num_kv_heads=2)
+  mha = decoder.Model(decoder.Config(**{**cfg.__dict__, 'num_kv_heads': 4}))
+
+  def repeat_kv(path, x):
+    name = jax.tree_util.keystr(path)
+    return jnp.repeat(x, 2, axis=1) if name.endswith("['key']") or name.endswith("['value']") else x
+  mha_params = jax.tree_util.tree_map_with_path(repeat_kv, params)
+  np.testing.assert_allclose(model.apply(params, tokens), mha.apply(mha_params, tokens),
+                             rtol=1e-5, atol=1e-5)

@@ -12,6 +12,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :variant.',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and the resolved config.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs '
+                    'outside TPU VMs and SLURM (where it is detected).')
+flags.DEFINE_integer('num_processes', None, 'Number of JAX processes (with --coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -29,17 +33,38 @@ def prepare_workdir(path: str) -> pathlib.Path:
   return workdir
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl parsing, with a bad `--config.*` override reported in one line instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    detail = ' '.join(str(e).encode().decode('unicode_escape').replace("'", '').split())
+    overrides = ' '.join(a for a in argv if a.startswith('--config.'))
+    print(f'error: a --config override does not fit the experiment config ({detail}); check '
+          f'the key names and value types in: {overrides}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from fm import train  # Imported here so flag errors do not pay for importing jax.
+  import jax  # Imported here so flag errors do not pay for it.
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from fm import train
   try:
     workdir = prepare_workdir(FLAGS.workdir)
     train.train_and_evaluate(FLAGS.config, str(workdir))
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except FloatingPointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

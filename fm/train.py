@@ -7,7 +7,8 @@ import functools
 import json
 import math
 import pathlib
-from typing import Any
+import time
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,10 +17,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from fm import ConfigError, metrics as metrics_lib, optim, registry, sharding
+from fm import ConfigError, checkpoint, metrics as metrics_lib, optim, registry, sharding
 from fm.data import pipeline, sources
 
-State = dict[str, Any]  # {'step': int32[], 'params': pytree, 'opt_state': pytree}
+# {'step', 'params', 'opt_state', 'nonfinite' (count of non-finite steps), 'first_nonfinite'
+# (the first such step, -1 if none)}.
+State = dict[str, Any]
 
 
 # =============================================================================================
@@ -56,6 +59,9 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
                       f'{", ".join(objective.COMPATIBLE_MODELS)}.')
   if config.data.dataset not in sources.SOURCES and config.data.dataset != 'files':
     sources.load(config.data.dataset)  # Raises, listing the choices.
+  policy = config.train.get('nonfinite', 'raise')
+  if policy not in NONFINITE_POLICIES:
+    raise ConfigError(f'config.train.nonfinite={policy!r} is unknown; choose raise or skip.')
   seq_len, batch = config.data.seq_len, config.train.global_batch
   if seq_len > model_cfg.max_len:
     raise ConfigError(f'config.data.seq_len={seq_len} exceeds the model max_len={model_cfg.max_len} '
@@ -79,19 +85,43 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, sample: 
   # Every leaf gets a NamedSharding, scalar counts included, so the step never reshards them.
   opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh,
                                  transform_non_params=lambda _: replicated)
-  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': params, 'opt_state': opt_state}
-  return abstract, {'step': replicated, 'params': param_sh, 'opt_state': opt_sh}
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  abstract = {'step': scalar, 'params': params, 'opt_state': opt_state, 'nonfinite': scalar,
+              'first_nonfinite': scalar}
+  shardings = {'step': replicated, 'params': param_sh, 'opt_state': opt_sh,
+               'nonfinite': replicated, 'first_nonfinite': replicated}
+  return abstract, shardings
+
+
+NONFINITE_POLICIES = ('raise', 'skip')
 
 
 def make_train_step(apply_fn, loss_fn, tx, config):
+  """The pure step. A non-finite loss or gradient never reaches the params: under 'skip' that
+  update is dropped and counted; under 'raise' the state freezes at the last good step and
+  records the bad step, which the loop turns into an error before anything is saved."""
+  policy = config.get('train', {}).get('nonfinite', 'raise')
+
   def train_step(state: State, batch: dict, rng: jax.Array) -> tuple[State, dict]:
     step_rng = jax.random.fold_in(rng, state['step'])
     grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
     (loss, aux), grads = grad_fn(apply_fn, state['params'], batch, step_rng, config)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    new_state = {'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-    return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads), **aux}
+    # The update is checked too: a finite gradient times a bad learning rate is still bad.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    ok = finite if policy == 'skip' else finite & (state['first_nonfinite'] < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = {
+        'step': state['step'] + 1,
+        'params': keep(params, state['params']),
+        'opt_state': keep(opt_state, state['opt_state']),
+        'nonfinite': state['nonfinite'] + (~finite).astype(jnp.int32),
+        'first_nonfinite': jnp.where(~finite & (state['first_nonfinite'] < 0), state['step'] + 1,
+                                     state['first_nonfinite']),
+    }
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, **aux}
   return train_step
 
 
@@ -110,8 +140,16 @@ def evaluate(eval_step, params, batches, *, mesh, rules, summarize) -> dict[str,
   return summarize(jax.tree.map(float, jax.device_get(sums)))
 
 
-def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample, init_rng):
-  """The sharded initial state and the jitted train and eval steps.
+class Program(NamedTuple):
+  abstract: State        # Shapes and dtypes of the train state.
+  shardings: State       # NamedSharding of every leaf.
+  init: Callable         # rng -> sharded fresh state.
+  train_step: Callable   # (state, batch, rng) -> (state, metrics), jitted and donating.
+  eval_step: Callable    # (params, batch) -> summable metrics, jitted.
+
+
+def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample) -> Program:
+  """The sharded train state's init and the jitted train and eval steps.
 
   Params are born sharded (`eval_shape` -> shardings from the logical rules -> jitted init with
   out_shardings), so no device ever holds more than its shard. Call inside
@@ -120,13 +158,13 @@ def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample, init_rng):
   # ===========================================================================================
   # Shard
   # ===========================================================================================
-  _, state_sh = state_shardings(model, tx, sample, mesh, rules)
+  abstract, state_sh = state_shardings(model, tx, sample, mesh, rules)
 
   def init(rng):
     params = nn.unbox(model.init(rng, *sample))
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
-
-  state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    zero = jnp.zeros((), jnp.int32)
+    return {'step': zero, 'params': params, 'opt_state': tx.init(params), 'nonfinite': zero,
+            'first_nonfinite': zero - 1}
 
   # ===========================================================================================
   # Step
@@ -138,7 +176,7 @@ def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample, init_rng):
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model.apply, loss_fn, config),
                       in_shardings=(state_sh['params'], batch_sh), out_shardings=replicated)
-  return state, train_step, eval_step
+  return Program(abstract, state_sh, jax.jit(init, out_shardings=state_sh), train_step, eval_step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -147,6 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns the final held-out metrics.
   """
   workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   # ===========================================================================================
   # Mesh
   # ===========================================================================================
@@ -166,9 +205,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pidx, pcount = jax.process_index(), jax.process_count()
   train_ds = pipeline.train_dataset(data.train, seq_len, global_batch, config.data.get('seed', 0),
                                     pidx, pcount)
-  # Periodic evals read the first `eval_batches` validation batches; the final one reads all.
-  eval_sets = {n: pipeline.eval_batches(data.validation, seq_len, global_batch, n, pidx, pcount)
-               for n in (config.train.get('eval_batches', -1), -1)}
+  # Periodic evals read the first `eval_batches` validation batches; the final one reads
+  # `final_eval_batches` (default: the whole held-out split).
+  eval_sets = {name: pipeline.eval_batches(data.validation, seq_len, global_batch,
+                                           config.train.get(key, -1), pidx, pcount)
+               for name, key in (('periodic', 'eval_batches'), ('final', 'final_eval_batches'))}
 
   # ===========================================================================================
   # Model
@@ -195,47 +236,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ===========================================================================================
   # Shard
   # ===========================================================================================
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    init_rng, train_rng = jax.random.split(jax.random.key(config.get('seed', 0)))
-    state, train_step, eval_step = build(model, tx, objective.loss_fn, config, mesh, rules,
-                                         sample, init_rng)
-    run_eval = functools.partial(evaluate, eval_step, mesh=mesh, rules=rules,
-                                 summarize=objective.summarize)
+  meta = json.loads(json.dumps({'config': config.to_dict(), 'model': model_cfg.__dict__,
+                                'tokenizer': data.tokenizer.identity}, default=str))
+  ckpt = checkpoint.Checkpointer(workdir, config.get('checkpoint', {}), log=metrics_lib.log)
+  preemption = checkpoint.Preemption()
+  try:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return _loop(config, workdir, objective, tx, ckpt, preemption, meta, mesh, rules,
+                   build(model, tx, objective.loss_fn, config, mesh, rules, sample),
+                   iter(train_ds), eval_sets, flops_per_step)
+  finally:
+    preemption.restore_handlers()
+    ckpt.close()
 
-    # =========================================================================================
-    # Loop
-    # =========================================================================================
-    writer = metrics_lib.Writer(workdir)
-    progress = metrics_lib.Progress(total_steps, global_batch * seq_len, flops_per_step,
-                                    metrics_lib.peak_flops())
-    log_every, eval_every = config.train.get('log_every', 50), config.train.get('eval_every', 500)
-    data_iter = iter(train_ds)
-    step = int(state['step'])
-    eval_metrics = {}
-    progress.reset(step)
-    while step < total_steps:
-      batch = sharding.put_batch(next(data_iter), mesh, rules)
-      state, step_metrics = train_step(state, batch, train_rng)
-      step += 1
-      if step == 1:
-        progress.reset(step)  # Leave compilation out of throughput.
-      if step % log_every == 0 or step == total_steps:
-        fetched = jax.device_get(step_metrics)
-        if not np.isfinite(fetched['loss']):
-          raise FloatingPointError(f'Non-finite loss {fetched["loss"]} at step {step}; lower '
-                                   f'config.optim.lr or check the data.')
-        scalars = {'train/loss': fetched['loss'], 'train/grad_norm': fetched['grad_norm'],
-                   'train/lr': optim.schedule(config.optim, total_steps)(step - 1),
-                   **progress.report(step)}
-        writer.write(step, scalars)
-        metrics_lib.log(metrics_lib.progress_line(step, total_steps, scalars))
-      if step % eval_every == 0 or step == total_steps:
-        final = step == total_steps
-        eval_metrics = run_eval(state['params'], eval_sets[-1 if final else
-                                                        config.train.get('eval_batches', -1)])
-        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
-        metrics_lib.log(f'{"final eval" if final else "eval"} @ {step}: ' +
-                        ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
-        progress.reset(step)  # Leave evals out of throughput.
-    writer.close()
+
+def _check_finite(config, state) -> int:
+  """Raises under the 'raise' policy if a step was non-finite; returns the count of such steps."""
+  first, count = (int(x) for x in jax.device_get((state['first_nonfinite'], state['nonfinite'])))
+  if first >= 0 and config.train.get('nonfinite', 'raise') == 'raise':
+    raise FloatingPointError(
+        f'non-finite loss or gradients at step {first}; the state was kept from step {first - 1} '
+        f'and nothing after it is saved. Lower config.optim.lr, check the data, or set '
+        f'config.train.nonfinite=skip to skip such updates.')
+  return count
+
+
+def _loop(config, workdir, objective, tx, ckpt, preemption, meta, mesh, rules, program,
+          data_iter, eval_sets, flops_per_step) -> dict[str, float]:
+  total_steps, seq_len = config.train.steps, config.data.seq_len
+  init_rng, train_rng = jax.random.split(jax.random.key(config.get('seed', 0)))
+  run_eval = functools.partial(evaluate, program.eval_step, mesh=mesh, rules=rules,
+                               summarize=objective.summarize)
+
+  # ===========================================================================================
+  # Checkpoint: resume (state and data iterator) or start fresh, optionally warm.
+  # ===========================================================================================
+  target = checkpoint.with_shardings(program.abstract, program.shardings)
+  restored = ckpt.restore_latest(target, data_iter)
+  if restored:
+    state, step = restored
+    metrics_lib.log(f'resumed from {ckpt.directory / str(step)} at step {step}')
+  else:
+    state, step = program.init(init_rng), 0
+    if config.get('init', {}).get('from_checkpoint'):
+      state['params'] = checkpoint.load_backbone(config.init.from_checkpoint, state['params'],
+                                                 log=metrics_lib.log)
+
+  # ===========================================================================================
+  # Loop
+  # ===========================================================================================
+  writer = metrics_lib.Writer(workdir)
+  progress = metrics_lib.Progress(total_steps, config.train.global_batch * seq_len,
+                                  flops_per_step, metrics_lib.peak_flops())
+  log_every, eval_every = config.train.get('log_every', 50), config.train.get('eval_every', 500)
+  eval_metrics = {}
+  start = step
+  progress.reset(step)
+  while step < total_steps:
+    batch = sharding.put_batch(next(data_iter), mesh, rules)
+    state, step_metrics = program.train_step(state, batch, train_rng)
+    step += 1
+    if step == start + 1:
+      progress.reset(step)  # Leave compilation out of throughput.
+    if step % log_every == 0 or step == total_steps:
+      fetched = jax.device_get(step_metrics)
+      skipped = _check_finite(config, state)
+      scalars = {'train/loss': fetched['loss'], 'train/grad_norm': fetched['grad_norm'],
+                 'train/lr': optim.schedule(config.optim, total_steps)(step - 1),
+                 'train/nonfinite_skipped': skipped, **progress.report(step)}
+      writer.write(step, scalars)
+      metrics_lib.log(metrics_lib.progress_line(step, total_steps, scalars))
+    if step % eval_every == 0 or step == total_steps:
+      final = step == total_steps
+      eval_metrics = run_eval(state['params'], eval_sets['final' if final else 'periodic'])
+      writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
+      metrics_lib.log(f'{"final eval" if final else "eval"} @ {step}: ' +
+                      ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+      progress.reset(step)  # Leave evals out of throughput.
+    preempted = preemption.reached(step)
+    if ckpt.should_save(step) or step == total_steps or preempted:
+      _check_finite(config, state)  # Never save a state that a non-finite step touched.
+      started = time.perf_counter()
+      ckpt.save(step, state, data_iter, meta)
+      writer.write(step, {'checkpoint/blocking_sec': time.perf_counter() - started})
+    if preempted:
+      ckpt.wait()
+      metrics_lib.log(f'preempted ({preemption.signal}) at step {step}: checkpoint saved to '
+                      f'{ckpt.directory / str(step)}; rerun the same command to resume.')
+      break
+  writer.close()
+  if start == total_steps:
+    metrics_lib.log(f'nothing to do: the checkpoint is already at the final step {total_steps}; '
+                    f'raise config.train.steps to train further.')
   return eval_metrics

@@ -1,9 +1,14 @@
 """Tests run on 8 fake CPU devices; the flag must be set before jax is imported."""
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# Many tests compile the same smoke-sized programs, in this process and in subprocesses: share a
+# persistent compilation cache for the session.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='fm-jax-cache-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

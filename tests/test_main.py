@@ -66,6 +66,9 @@ BAD_INPUT = [
     (['--config.train.global_batch=7'], r'config.train.global_batch=7 is not divisible by the 8'),
     (['--config.data.seq_len=4096'], r'config.data.seq_len=4096 exceeds the model max_len'),
     (['--config.data.dataset=wikipedia'], r"config.data.dataset='wikipedia' is unknown"),
+    (['--config.train.stepz=3'], r'--config override .*Did you mean "steps"'),
+    (['--config.train.steps=abc'], r'--config.train.steps=abc'),
+    (['--config.train.nonfinite=ignore'], r"config.train.nonfinite='ignore' is unknown; choose raise or skip"),
 ]
 
 

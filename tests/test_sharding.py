@@ -37,10 +37,11 @@ def one_step(mesh_cfg: dict, devices):
   model, tx = decoder.Model(CFG), optim.make(config().optim, total_steps=10)
   sample = tuple(np.zeros((B, L), np.int32) for _ in range(3))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state, train_step, _ = train.build(model, tx, causal_lm.loss_fn, config(), mesh, rules, sample,
-                                       jax.random.key(0))
+    program = train.build(model, tx, causal_lm.loss_fn, config(), mesh, rules, sample)
+    state = program.init(jax.random.key(0))
     init_params = jax.device_get(state['params'])
-    state, metrics = train_step(state, sharding.put_batch(batch(), mesh, rules), jax.random.key(1))
+    state, metrics = program.train_step(state, sharding.put_batch(batch(), mesh, rules),
+                                        jax.random.key(1))
   return init_params, state, jax.device_get(metrics)
 
 

@@ -1,0 +1,239 @@
+"""Checkpoints: train state, data-iterator state and metadata, saved asynchronously by orbax.
+
+A checkpoint is `WORKDIR/checkpoints/<step>/` with three items: `state` (params, optimizer
+state, step; an orbax PyTree, restorable onto any mesh), `data` (each process's grain iterator
+state as JSON) and `meta` (the resolved config and tokenizer identity as JSON). Orbax writes
+to a temporary directory and renames it when complete, so a killed process never leaves a
+half checkpoint that looks whole. No pickle anywhere.
+
+  python -m fm.checkpoint inspect PATH   # step, config summary, params, without loading arrays
+"""
+import json
+import pathlib
+import shutil
+import signal
+import sys
+from typing import Any
+
+from absl import logging
+import grain
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fm import ConfigError
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _restore_args(target: Any) -> Any:
+  return jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                                     dtype=a.dtype), target)
+
+
+class Checkpointer:
+  """Saves every `every_steps` and on demand; restores the latest complete checkpoint."""
+
+  def __init__(self, workdir: pathlib.Path, cfg, log=print):
+    self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.every = cfg.get('every_steps', 0)
+    self.log = log
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.get('keep', 3), enable_async_checkpointing=cfg.get('async', True),
+        create=True, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def should_save(self, step: int) -> bool:
+    return bool(self.every) and step % self.every == 0
+
+  def save(self, step: int, state: Any, data_iter, meta: dict) -> None:
+    """Starts an asynchronous save; the data iterator's state is captured before returning."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta)))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, target: Any, data_iter) -> tuple[Any, int] | None:
+    """Restores the newest readable checkpoint onto `target`'s shardings, or returns None.
+
+    A corrupt or truncated checkpoint is moved aside to `checkpoints-corrupt/` (nothing is
+    deleted) with a warning naming it, and the one before is tried.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+        return restored['state'], step
+      except Exception as e:  # pylint: disable=broad-except  # Any unreadable file.
+        path = self.directory / str(step)
+        self.log(f'warning: checkpoint {path} is unreadable ({type(e).__name__}: '
+                 f'{str(e).splitlines()[0][:200] if str(e) else ""}); moving it to '
+                 f'{self.directory.parent / "checkpoints-corrupt"} and trying the previous one.')
+        multihost_utils.sync_global_devices(f'fm-corrupt-{step}')
+        if jax.process_index() == 0:
+          aside = self.directory.parent / 'checkpoints-corrupt' / str(step)
+          aside.parent.mkdir(exist_ok=True)
+          shutil.rmtree(aside, ignore_errors=True)
+          shutil.move(str(path), str(aside))
+        multihost_utils.sync_global_devices(f'fm-corrupt-moved-{step}')
+        self.manager.reload()
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+class Preemption:
+  """SIGTERM/SIGINT ask the loop to save at the next step boundary and exit cleanly.
+
+  With several processes, JAX's preemption sync point makes every host stop at the same step.
+  """
+
+  def __init__(self):
+    self.requested, self.signal = False, 'preemption notice'
+    self.previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self.previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = True
+    self.signal = signal.Signals(signum).name
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      try:
+        return multihost_utils.reached_preemption_sync_point(step) or self.requested
+      except RuntimeError:  # Preemption service not running (no coordinator).
+        return self.requested
+    return self.requested
+
+  def restore_handlers(self) -> None:
+    for sig, handler in self.previous.items():
+      signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm start: pretrained backbone params into a fresh fine-tuning state.
+# ---------------------------------------------------------------------------------------------
+def resolve(path: str | pathlib.Path) -> pathlib.Path:
+  """A workdir (its latest checkpoint) or one checkpoint directory -> the checkpoint directory."""
+  path = pathlib.Path(path).expanduser().absolute()
+  if (path / 'state').is_dir():
+    return path
+  root = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+  steps = sorted((int(p.name) for p in root.glob('*') if p.name.isdigit() and (p / 'state').is_dir()))
+  if not steps:
+    raise ConfigError(f'config.init.from_checkpoint={str(path)!r} holds no checkpoint; give a '
+                      f'workdir of a finished run or a checkpoint directory like WORKDIR/checkpoints/N.')
+  return root / str(steps[-1])
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def param_metadata(ckpt: pathlib.Path) -> dict[str, Any]:
+  """Shapes and dtypes of the checkpoint's params, read from metadata only."""
+  meta = ocp.PyTreeCheckpointer().metadata(ckpt / 'state')
+  tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta.tree
+  return {k: v for k, v in _flat(tree['params']).items()}
+
+
+def load_backbone(path: str, params: Any, log=print) -> Any:
+  """Returns `params` with every entry that the checkpoint also has replaced by its value.
+
+  Entries only in `params` (new heads, adapters) keep their fresh init; entries only in the
+  checkpoint (say an LM head) are ignored. A shape mismatch is a ConfigError naming the param
+  and both shapes. Arrays are restored straight onto `params`' shardings.
+  """
+  ckpt = resolve(path)
+  saved = param_metadata(ckpt)
+  ours = _flat(params)
+  shared = [k for k in ours if k in saved]
+  if not shared:
+    raise ConfigError(f'config.init.from_checkpoint={path!r}: no param names in common with this '
+                      f'model (checkpoint has e.g. {next(iter(saved), None)!r}, model has '
+                      f'{next(iter(ours), None)!r}); point it at a run of the same model family.')
+  for k in shared:
+    if tuple(saved[k].shape) != tuple(ours[k].shape):
+      raise ConfigError(f'config.init.from_checkpoint={path!r}: param {k} has shape '
+                        f'{tuple(saved[k].shape)} in the checkpoint but {tuple(ours[k].shape)} in '
+                        f'this model; use the same model variant and vocabulary.')
+  # Partial restore of just the shared params, each onto the sharding of its new home.
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  keys = ['/'.join(str(getattr(k, 'key', k)) for k in p) for p, _ in leaves]
+  target = jax.tree_util.tree_unflatten(treedef, [
+      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves])
+  target = _prune(target, set(shared))
+  restored = ocp.PyTreeCheckpointer().restore(ckpt / 'state', args=ocp.args.PyTreeRestore(
+      item={'params': target}, restore_args={'params': _restore_args(target)},
+      partial_restore=True))['params']
+  got = _flat(restored)
+  out = [got.get(k, x) for k, (_, x) in zip(keys, leaves)]
+  fresh = [k for k in keys if k not in got]
+  log(f'warm start: {len(shared)} params from {ckpt}'
+      + (f'; freshly initialised: {", ".join(fresh)}' if fresh else ''))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _prune(tree: Any, keep: set[str], prefix: str = '') -> Any:
+  """The nested dict `tree` restricted to the flat keys in `keep`."""
+  out = {}
+  for k, v in tree.items():
+    key = f'{prefix}/{k}' if prefix else str(k)
+    if isinstance(v, dict):
+      sub = _prune(v, keep, key)
+      if sub:
+        out[k] = sub
+    elif key in keep:
+      out[k] = v
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Inspection.
+# ---------------------------------------------------------------------------------------------
+def inspect(path: str) -> str:
+  ckpt = resolve(path)
+  meta_file = ckpt / 'meta' / 'metadata'
+  meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+  params = param_metadata(ckpt)
+  total = sum(int(np.prod(v.shape)) for v in params.values())
+  cfg = meta.get('config', {})
+  lines = [f'checkpoint {ckpt}', f'step {ckpt.name}',
+           f'model {cfg.get("model", {})}', f'objective {cfg.get("objective")}',
+           f'data {cfg.get("data", {}).get("dataset")}  tokenizer {meta.get("tokenizer")}',
+           f'params {total:,} in {len(params)} arrays']
+  width = max(map(len, params), default=0)
+  lines += [f'  {k:<{width}}  {str(tuple(v.shape)):<20} {v.dtype}' for k, v in params.items()]
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  logging.set_verbosity(logging.ERROR)
+  if len(argv) != 3 or argv[1] != 'inspect':
+    print('usage: python -m fm.checkpoint inspect PATH (a workdir or a checkpoint directory)',
+          file=sys.stderr)
+    return 2
+  try:
+    print(inspect(argv[2]))
+  except ConfigError as e:
+    print(f'error: {str(e).replace("config.init.from_checkpoint", "PATH")}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

@@ -1,0 +1,262 @@
+"""Checkpoints: exact resume after SIGKILL, cross-mesh resume, preemption, corruption, warm start."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fm import ConfigError, checkpoint, optim, sharding, train
+from fm.models import decoder
+from fm.objectives import causal_lm
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = 'experiments/lm_shakespeare.py:smoke'
+STEPS = 16
+FLAGS = [f'--config.train.steps={STEPS}', '--config.train.log_every=1',
+         '--config.train.eval_every=1000', '--config.checkpoint.every_steps=4']
+
+
+def launch(workdir, *extra):
+  return subprocess.Popen([sys.executable, '-m', 'fm.main', '--config', SMOKE, '--workdir',
+                           str(workdir), *FLAGS, *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def losses(workdir) -> dict[int, float]:
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    return {}
+  out = {}
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # A line cut short by SIGKILL.
+      continue
+    if 'train/loss' in record:
+      out[record['step']] = record['train/loss']
+  return out
+
+
+def final_params(workdir, step=STEPS):
+  return ocp.PyTreeCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(step) /
+                                          'state')['params']
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  proc = launch(workdir)
+  _, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  return workdir, losses(workdir)
+
+
+def wait_until(predicate, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.001)
+
+
+@pytest.mark.parametrize('when', ['before_save', 'during_save', 'after_save'])
+def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
+  ref_dir, ref_losses = reference
+  proc = launch(tmp_path)
+  ckpts = tmp_path / 'checkpoints'
+  if when == 'before_save':    # After step 7's log line, before the save at step 8.
+    wait_until(lambda: 7 in losses(tmp_path), proc)
+  elif when == 'during_save':  # As soon as orbax's temporary directory for step 8 appears.
+    wait_until(lambda: any(p.name.startswith('8.') for p in ckpts.glob('*')) if ckpts.exists()
+               else False, proc)
+  else:                        # Once checkpoint 8 is committed.
+    wait_until(lambda: (ckpts / '8' / 'commit_success.txt').exists() or (ckpts / '8').is_dir()
+               and not any(p.name.startswith('8.') for p in ckpts.glob('*')), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(losses(tmp_path), default=0)
+
+  resumed = launch(tmp_path)
+  out, err = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, err[-3000:]
+  start = int(out.split('at step ')[1].split()[0]) if 'resumed from' in out else 0
+  assert start <= killed_at
+  after = {s: l for s, l in losses(tmp_path).items() if s > start}
+  assert set(after) == set(range(start + 1, STEPS + 1))
+  for s, loss in after.items():
+    assert loss == ref_losses[s], f'step {s}: {loss} != {ref_losses[s]} (bitwise)'
+  jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path), final_params(ref_dir))
+
+
+def test_partial_save_on_disk_is_ignored(reference, tmp_path):
+  """What a kill mid-save leaves (orbax's temporary directory) never counts as a checkpoint."""
+  ref_dir, ref_losses = reference
+  shutil.copytree(ref_dir / 'checkpoints' / '8', tmp_path / 'checkpoints' / '8')
+  partial = tmp_path / 'checkpoints' / '12.orbax-checkpoint-tmp-1234'
+  shutil.copytree(ref_dir / 'checkpoints' / '12', partial)
+  for f in list(partial.rglob('*'))[::2]:
+    if f.is_file():
+      f.unlink()
+  proc = launch(tmp_path)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'at step 8' in out
+  assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+  proc = launch(tmp_path, '--config.checkpoint.every_steps=1000')
+  wait_until(lambda: 3 in losses(tmp_path), proc)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  line = next(l for l in out.splitlines() if l.startswith('preempted'))
+  step = int(line.split('at step ')[1].split(':')[0])
+  assert step < STEPS and (tmp_path / 'checkpoints' / str(step) / 'state').is_dir()
+  proc = launch(tmp_path, '--config.checkpoint.every_steps=1000')
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert f'at step {step}' in out and max(losses(tmp_path)) == STEPS
+
+
+def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
+  ref_dir, ref_losses = reference
+  for step in (8, 12):
+    shutil.copytree(ref_dir / 'checkpoints' / str(step), tmp_path / 'checkpoints' / str(step))
+  data_files = sorted(p for p in (tmp_path / 'checkpoints' / '12' / 'state').rglob('*')
+                      if p.is_file() and p.stat().st_size > 1000)
+  for f in data_files:
+    f.write_bytes(f.read_bytes()[:100])  # Truncated.
+  proc = launch(tmp_path)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err[-3000:]
+  assert 'warning: checkpoint' in out and '/checkpoints/12 is unreadable' in out
+  assert 'at step 8' in out
+  assert (tmp_path / 'checkpoints-corrupt' / '12').is_dir()  # Moved aside, not deleted.
+  assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: cross-mesh restore, non-finite policy, warm start.
+# ---------------------------------------------------------------------------------------------
+def smoke_config(**train_overrides):
+  spec = __import__('importlib.util').util.spec_from_file_location('exp', ROOT / SMOKE.split(':')[0])
+  module = __import__('importlib.util').util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('smoke')
+  config.train.update(steps=8, log_every=1, eval_every=1000, **train_overrides)
+  config.checkpoint.every_steps = 4
+  return config
+
+
+def test_resume_on_another_mesh(tmp_path, capsys):
+  config = smoke_config()
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  ref = losses(tmp_path / 'a')
+  shutil.copytree(tmp_path / 'a' / 'checkpoints' / '4', tmp_path / 'b' / 'checkpoints' / '4')
+  config.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=4))
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert 'at step 4' in capsys.readouterr().out
+  got = losses(tmp_path / 'b')
+  for s in range(5, 9):
+    np.testing.assert_allclose(got[s], ref[s], rtol=1e-5)
+
+  # The restored arrays carry the new mesh's shardings.
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.DEFAULT_RULES
+  cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096})
+  sample = tuple(np.zeros((8, 64), np.int32) for _ in range(3))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    program = train.build(decoder.Model(cfg), optim.make(config.optim, 8), causal_lm.loss_fn,
+                          config, mesh, rules, sample)
+    ckpt = checkpoint.Checkpointer(tmp_path / 'a', config.checkpoint)
+    from fm.data import pipeline
+    state, step = ckpt.restore_latest(checkpoint.with_shardings(program.abstract, program.shardings),
+                                      iter(pipeline.train_dataset(
+                                          pipeline.Stream(np.zeros(1024, np.int32),
+                                                          np.ones(1024, np.int32),
+                                                          np.ones(4096, np.int32)), 64, 8, 0)))
+    ckpt.close()
+  assert step == 8
+  mlp_up = state['params']['params']['layer_0']['mlp']['up']
+  assert mlp_up.sharding.mesh.shape == {'data': 2, 'fsdp': 1, 'tensor': 4}
+  assert mlp_up.sharding.shard_shape(mlp_up.shape) == (64, 192 // 4)
+
+
+def test_nonfinite_raise_saves_nothing(tmp_path):
+  config = smoke_config()
+  config.optim.lr = float('nan')
+  with pytest.raises(FloatingPointError, match='at step 1;'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
+def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
+  config = smoke_config(nonfinite='skip')
+  config.optim.lr = float('nan')
+  train.train_and_evaluate(config, str(tmp_path))
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['train/nonfinite_skipped'] for r in records if 'train/loss' in r] == list(range(1, 9))
+  # Every update was skipped, so the saved params are the initial ones and still finite.
+  params = final_params(tmp_path, 8)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  init = final_params(tmp_path, 4)
+  jax.tree.map(np.testing.assert_array_equal, params, init)
+
+
+def test_warm_start_loads_backbone_and_keeps_fresh_head(tmp_path, capsys):
+  config = smoke_config()
+  train.train_and_evaluate(config, str(tmp_path / 'pre'))
+  pretrained = final_params(tmp_path / 'pre', 8)
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  rules = sharding.DEFAULT_RULES
+  cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = decoder.Model(cfg).init(jax.random.key(7), jnp.zeros((2, 8), jnp.int32))
+    params = jax.jit(nn.unbox, out_shardings=sharding.tree_shardings(boxed, mesh, rules))(boxed)
+    head = jax.random.normal(jax.random.key(8), (64, 2))
+    params = {'params': {**params['params'], 'head': {'kernel': head}}}
+    loaded = checkpoint.load_backbone(str(tmp_path / 'pre'), params)
+  jax.tree.map(np.testing.assert_array_equal,
+               {'params': {k: v for k, v in loaded['params'].items() if k != 'head'}}, pretrained)
+  np.testing.assert_array_equal(loaded['params']['head']['kernel'], head)
+  query = loaded['params']['layer_0']['attn']['query']
+  assert query.sharding.mesh.shape == {'data': 2, 'fsdp': 2, 'tensor': 2}
+  assert 'freshly initialised: params/head/kernel' in capsys.readouterr().out
+
+  wrong = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096, 'mlp_dim': 96})
+  bad = nn.unbox(decoder.Model(wrong).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  with pytest.raises(ConfigError, match=r'param params/layer_0/mlp/down has shape \(192, 64\) '
+                                        r'in the checkpoint but \(96, 64\)'):
+    checkpoint.load_backbone(str(tmp_path / 'pre'), bad)
+
+
+def test_warm_start_through_config(tmp_path, capsys):
+  config = smoke_config()
+  train.train_and_evaluate(config, str(tmp_path / 'pre'))
+  config.init = ml_collections.ConfigDict(dict(from_checkpoint=str(tmp_path / 'pre')))
+  config.train.steps = 2
+  train.train_and_evaluate(config, str(tmp_path / 'fine'))
+  assert 'warm start: 20 params from' in capsys.readouterr().out
+
+
+def test_inspect_cli(reference):
+  ref_dir, _ = reference
+  result = subprocess.run([sys.executable, '-m', 'fm.checkpoint', 'inspect', str(ref_dir)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert f'step {STEPS}' in result.stdout and 'params 360,768 in 20 arrays' in result.stdout
+  assert 'params/layer_0/attn/query' in result.stdout and '(64, 4, 16)' in result.stdout

@@ -12,7 +12,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.objective = 'causal_lm'
-  c.model = dict(name='decoder', variant='mini')
+  # Keys listed here can be overridden from the command line (--config.model.dtype=bfloat16).
+  c.model = dict(name='decoder', variant='mini', dtype='float32', param_dtype='float32',
+                 scan_layers=False, remat='none', attention_impl='xla')
   c.data = dict(dataset='news', seq_len=256, seed=0,
                 tokenizer=dict(kind='sentencepiece', vocab_size=4096))
   c.train = dict(steps=360, global_batch=16, log_every=20, eval_every=120, eval_batches=16,

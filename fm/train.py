@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from fm import ConfigError, checkpoint, metrics as metrics_lib, optim, registry, sharding
@@ -222,27 +221,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   counts = model_module.param_count(model_cfg)
   flops_per_step = model_module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
 
+  # The resolved config, also stored in every checkpoint (JSON, no pickle).
+  resolved = json.loads(json.dumps({
+      'config': config.to_dict(), 'model': model_cfg.__dict__, 'tokenizer': data.tokenizer.identity,
+      'params': counts, 'mesh': dict(mesh.shape), 'devices': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind}, default=str))
   if pidx == 0:
-    resolved = {'config': config.to_dict(), 'model': model_cfg.__dict__,
-                'tokenizer': data.tokenizer.identity, 'params': counts,
-                'mesh': dict(mesh.shape), 'devices': jax.device_count(),
-                'device_kind': jax.devices()[0].device_kind}
-    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2, default=str))
+    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
   metrics_lib.log(f'model {config.model.name}/{config.model.get("variant")}: '
                   f'{counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding), '
                   f'vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)} on '
                   f'{jax.device_count()} {jax.devices()[0].platform} devices')
 
   # ===========================================================================================
-  # Shard
+  # Shard, Step (in `build`), Checkpoint and Loop (in `_loop`)
   # ===========================================================================================
-  meta = json.loads(json.dumps({'config': config.to_dict(), 'model': model_cfg.__dict__,
-                                'tokenizer': data.tokenizer.identity}, default=str))
   ckpt = checkpoint.Checkpointer(workdir, config.get('checkpoint', {}), log=metrics_lib.log)
   preemption = checkpoint.Preemption()
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return _loop(config, workdir, objective, tx, ckpt, preemption, meta, mesh, rules,
+      return _loop(config, workdir, objective, ckpt, preemption, resolved, mesh, rules,
                    build(model, tx, objective.loss_fn, config, mesh, rules, sample),
                    iter(train_ds), eval_sets, flops_per_step)
   finally:
@@ -261,7 +259,7 @@ def _check_finite(config, state) -> int:
   return count
 
 
-def _loop(config, workdir, objective, tx, ckpt, preemption, meta, mesh, rules, program,
+def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, program,
           data_iter, eval_sets, flops_per_step) -> dict[str, float]:
   total_steps, seq_len = config.train.steps, config.data.seq_len
   init_rng, train_rng = jax.random.split(jax.random.key(config.get('seed', 0)))

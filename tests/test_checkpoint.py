@@ -1,6 +1,5 @@
 """Checkpoints: exact resume after SIGKILL, cross-mesh resume, preemption, corruption, warm start."""
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -19,6 +18,7 @@ import pytest
 from fm import ConfigError, checkpoint, optim, sharding, train
 from fm.models import decoder
 from fm.objectives import causal_lm
+from workdirs import train_losses as losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = 'experiments/lm_shakespeare.py:smoke'
@@ -31,21 +31,6 @@ def launch(workdir, *extra):
   return subprocess.Popen([sys.executable, '-m', 'fm.main', '--config', SMOKE, '--workdir',
                            str(workdir), *FLAGS, *extra], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
-
-
-def losses(workdir) -> dict[int, float]:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  if not path.exists():
-    return {}
-  out = {}
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # A line cut short by SIGKILL.
-      continue
-    if 'train/loss' in record:
-      out[record['step']] = record['train/loss']
-  return out
 
 
 def final_params(workdir, step=STEPS):
@@ -115,8 +100,9 @@ def test_partial_save_on_disk_is_ignored(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
-  proc = launch(tmp_path, '--config.checkpoint.every_steps=1000')
+@pytest.mark.parametrize('every', [1000, 1], ids=['no_save_in_flight', 'save_every_step'])
+def test_sigterm_saves_and_exits_zero(every, tmp_path):
+  proc = launch(tmp_path, f'--config.checkpoint.every_steps={every}')
   wait_until(lambda: 3 in losses(tmp_path), proc)
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
@@ -124,7 +110,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
   line = next(l for l in out.splitlines() if l.startswith('preempted'))
   step = int(line.split('at step ')[1].split(':')[0])
   assert step < STEPS and (tmp_path / 'checkpoints' / str(step) / 'state').is_dir()
-  proc = launch(tmp_path, '--config.checkpoint.every_steps=1000')
+  proc = launch(tmp_path, f'--config.checkpoint.every_steps={every}')
   out, err = proc.communicate(timeout=600)
   assert proc.returncode == 0, err[-3000:]
   assert f'at step {step}' in out and max(losses(tmp_path)) == STEPS

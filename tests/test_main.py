@@ -1,6 +1,7 @@
 """End to end: the README's smoke command, a 2-step run of every experiment, and bad input."""
 import importlib.util
 import json
+import os
 import pathlib
 import re
 import shlex
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from fm import train
+from workdirs import train_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py'))
@@ -21,17 +23,29 @@ def run_main(*args, timeout=300):
                         text=True, timeout=timeout)
 
 
-def readme_smoke_command() -> list[str]:
+def readme_commands() -> list[list[str]]:
+  """The README's smoke-sized `python -m fm.main` commands, as argument lists."""
   lines = [l.strip() for l in (ROOT / 'README.md').read_text().splitlines()]
-  cmd = next(l for l in lines if l.startswith('python -m fm.main') and ':smoke' in l)
-  return shlex.split(cmd)
+  return [shlex.split(l) for l in lines if 'python -m fm.main' in l and ':smoke' in l]
 
 
-def test_readme_smoke_command(tmp_path):
-  cmd = readme_smoke_command()
-  cmd[cmd.index('--workdir') + 1] = str(tmp_path / 'w')
-  result = subprocess.run([sys.executable] + cmd[1:], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+def run_readme_command(cmd: list[str], workdir: pathlib.Path) -> subprocess.CompletedProcess:
+  env = dict(os.environ)
+  while '=' in cmd[0]:  # Leading VAR=value assignments.
+    key, value = cmd.pop(0).split('=', 1)
+    env[key] = value
+  cmd[cmd.index('--workdir') + 1] = str(workdir)
+  assert cmd[:3] == ['python', '-m', 'fm.main']
+  return subprocess.run([sys.executable] + cmd[1:], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def test_readme_smoke_commands(tmp_path):
+  """The smoke command writes what the README says; the fsdp=8 variant computes the same."""
+  commands = readme_commands()
+  assert len(commands) == 2, commands
+  plain, fsdp = sorted(commands, key=lambda c: 'XLA_FLAGS' in c[0])
+  result = run_readme_command(plain, tmp_path / 'w')
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(r'step \d+/\d+ \| loss .* tok/s \| MFU .* ETA', result.stdout)
   workdir = tmp_path / 'w'
@@ -42,6 +56,15 @@ def test_readme_smoke_command(tmp_path):
   resolved = json.loads((workdir / 'config.json').read_text())
   assert resolved['config']['objective'] == 'causal_lm'
   assert resolved['tokenizer']['kind'] == 'sentencepiece'
+
+  result = run_readme_command(fsdp, tmp_path / 'fsdp')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads((tmp_path / 'fsdp' / 'config.json').read_text())['mesh'] == {
+      'data': 1, 'fsdp': 8, 'tensor': 1}
+  a, b = train_losses(tmp_path / 'w'), train_losses(tmp_path / 'fsdp')
+  assert a.keys() == b.keys()
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
 def load_experiment(name):

@@ -1,5 +1,4 @@
 """Two JAX processes on 127.0.0.1 (4 fake CPU devices each): save, resume, same data shards."""
-import json
 import os
 import pathlib
 import shutil
@@ -8,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+
+from workdirs import train_losses as losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = ['--config', 'experiments/lm_shakespeare.py:smoke', '--config.train.steps=8',
@@ -33,11 +34,6 @@ def run_processes(workdir, num_processes=2, devices_each=4):
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   return [out for out, _ in outs]
-
-
-def losses(workdir):
-  records = [json.loads(l) for l in (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
-  return {r['step']: r['train/loss'] for r in records if 'train/loss' in r}
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ Packed documents (segment ids) never attend to each other.
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from fm.models import layers
@@ -50,7 +49,7 @@ class Config:
   param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
   scan_layers: bool = False     # nn.scan over layers: params stacked on a `layers` axis.
   remat: str = 'none'           # One of layers.REMAT_POLICIES.
-  attention_impl: str | None = None
+  attention_impl: str = 'xla'  # jax.nn.dot_product_attention implementation: xla or cudnn.
 
 
 def param_count(cfg: Config) -> dict[str, int]:

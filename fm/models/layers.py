@@ -84,7 +84,7 @@ class AttentionConfig:
   num_kv_heads: int
   head_dim: int
   rope_theta: float = 10000.0
-  implementation: str | None = None  # jax.nn.dot_product_attention: None (xla) or 'cudnn'.
+  implementation: str = 'xla'  # jax.nn.dot_product_attention: xla or cudnn.
 
 
 class Attention(nn.Module):

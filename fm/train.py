@@ -202,18 +202,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       f'{data.train.num_windows(seq_len)} training windows of seq_len={seq_len}; '
                       f'lower config.train.global_batch below that.')
   pidx, pcount = jax.process_index(), jax.process_count()
+  transform = None  # The objective's host-side corruption (masking, spans), if it has one.
+  if hasattr(objective, 'host_transform'):
+    transform = objective.host_transform(data.tokenizer.vocab_size,
+                                         config.get('objective_args', ml_collections.ConfigDict()))
   train_ds = pipeline.train_dataset(data.train, seq_len, global_batch, config.data.get('seed', 0),
-                                    pidx, pcount)
+                                    pidx, pcount, transform)
   # Periodic evals read the first `eval_batches` validation batches; the final one reads
   # `final_eval_batches` (default: the whole held-out split).
   eval_sets = {name: pipeline.eval_batches(data.validation, seq_len, global_batch,
-                                           config.train.get(key, -1), pidx, pcount)
+                                           config.train.get(key, -1), pidx, pcount, transform)
                for name, key in (('periodic', 'eval_batches'), ('final', 'final_eval_batches'))}
 
   # ===========================================================================================
   # Model
   # ===========================================================================================
-  model_module, model_cfg = model_config(config, data.tokenizer.vocab_size)
+  # Objectives may add ids after the tokenizer's (a mask token, sentinels): they never collide
+  # with text ids.
+  model_module, model_cfg = model_config(
+      config, data.tokenizer.vocab_size + getattr(objective, 'EXTRA_TOKENS', 0))
   model = model_module.Model(model_cfg)
   total_steps = config.train.steps
   tx = optim.make(config.optim, total_steps)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fm.models import decoder
+from fm.models import decoder, encoder
 
 FITS_ON_CPU = ('tiny', 'mini', 'small')
 
@@ -79,3 +79,23 @@ def test_grouped_query_attention_matches_repeated_kv_heads():
   mha_params = jax.tree_util.tree_map_with_path(repeat_kv, params)
   np.testing.assert_allclose(model.apply(params, tokens), mha.apply(mha_params, tokens),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_lm_is_bidirectional_before_the_split_and_causal_after():
+  _, model, params, tokens = make(tie_embeddings=False)
+  prefix = jnp.arange(32)[None] < 10
+  g = influence(model, params, tokens, 3, prefix_BL=prefix)
+  assert np.all(g[:10] > 0) and np.all(g[10:] == 0)  # A prefix token sees the whole prefix.
+  g = influence(model, params, tokens, 15, prefix_BL=prefix)
+  assert np.all(g[:16] > 0) and np.all(g[16:] == 0)  # After the split: causal.
+
+
+def test_encoder_is_bidirectional_within_a_document():
+  cfg = decoder.Config(**{**encoder.VARIANTS['tiny'], 'vocab_size': 384, 'tie_embeddings': False})
+  model = encoder.Model(cfg)
+  tokens = jax.random.permutation(jax.random.key(1), 384)[:32][None]
+  params = nn.unbox(model.init(jax.random.key(0), tokens))
+  assert np.all(influence(model, params, tokens, 3) > 0)
+  seg = jnp.array([[1] * 12 + [2] * 20])
+  g = influence(model, params, tokens, 3, segment_ids_BL=seg)
+  assert np.all(g[:12] > 0) and np.all(g[12:] == 0)

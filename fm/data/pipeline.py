@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from typing import Callable
 
 import grain
 import ml_collections
@@ -76,21 +77,29 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
   return Data(tok, streams['train'], streams['validation'])
 
 
+Transform = Callable[[dict, np.random.Generator], dict]
+
+
 def train_dataset(stream: Stream, seq_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                  process_index: int = 0, process_count: int = 1,
+                  transform: Transform | None = None) -> grain.MapDataset:
   """Infinite, shuffled (reshuffled every epoch), per-process batches of packed windows.
 
   Global batch k holds the shuffled windows [k*B, (k+1)*B); process p takes every P-th of them,
-  so the global batch is the same set of windows whatever the number of processes.
+  so the global batch is the same set of windows whatever the number of processes. An
+  objective's host-side `transform` (masking, corruption) draws from a generator seeded by the
+  window's global position, so it too is independent of the number of processes.
   """
-  per_process = global_batch // process_count
   ds = grain.MapDataset.range(stream.num_windows(seq_len)).shuffle(seed=seed).repeat()
-  ds = ds[process_index::process_count]
-  return ds.map(lambda i: stream.window(int(i), seq_len)).batch(per_process, drop_remainder=True)
+  ds = ds.map(lambda i: stream.window(int(i), seq_len))
+  if transform is not None:
+    ds = ds.random_map(transform, seed=seed)
+  return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
 
 
 def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1,
+                 transform: Transform | None = None):
   """The first `max_batches` (all if -1) batches of validation windows, in order, the last one
   padded with zero segment ids (weight 0). Same batches every eval."""
   n = stream.num_windows(seq_len)
@@ -100,6 +109,8 @@ def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: i
   per_process = global_batch // process_count
   pad = {'tokens': np.zeros(seq_len, np.int32), 'segment_ids': np.zeros(seq_len, np.int32),
          'positions': np.zeros(seq_len, np.int32), 'token_bytes': np.zeros(seq_len, np.int32)}
-  ds = grain.MapDataset.range(num_batches * global_batch)[process_index::process_count]
+  ds = grain.MapDataset.range(num_batches * global_batch)
   ds = ds.map(lambda i: stream.window(int(i), seq_len) if i < n else pad)
-  return ds.batch(per_process, drop_remainder=True)
+  if transform is not None:
+    ds = ds.random_map(transform, seed=0)  # The same corruption at every eval.
+  return ds[process_index::process_count].batch(per_process, drop_remainder=True)

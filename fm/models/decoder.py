@@ -1,8 +1,9 @@
 """Llama-style decoder-only transformer: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
 Dimensions: B batch, L length, D model dim, V vocab (see layers.py for the rest).
-`Model(cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL) -> logits_BLV`.
-Packed documents (segment ids) never attend to each other.
+`Model(cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL[, prefix_BL]) -> logits_BLV`.
+Packed documents (segment ids) never attend to each other; a prefix (prefix LM) attends
+bidirectionally within itself. `Model(cfg, causal=False)` is the encoder (see encoder.py).
 """
 import dataclasses
 
@@ -93,14 +94,16 @@ class Model(nn.Module):
   causal: bool = True
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None):
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, prefix_BL=None):
+    """Logits for every position. `prefix_BL` (bool) marks a prefix that attends
+    bidirectionally within itself (prefix LM); the rest stays causal."""
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    mask_B1LS = layers.attention_mask(segment_ids_BL, causal=self.causal)
+    mask_B1LS = layers.attention_mask(segment_ids_BL, self.causal, prefix_BL)
 
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
     x_BLD = constrain(embed(tokens_BL), layers.BLD)

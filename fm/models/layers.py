@@ -69,12 +69,21 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BLHK.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, causal: bool = True) -> jax.Array:
-  """Boolean (B, 1, L, L) mask: same packed document, and no look-ahead when causal."""
+def attention_mask(segment_ids_BL: jax.Array, causal: bool = True,
+                   prefix_BL: jax.Array | None = None) -> jax.Array:
+  """Boolean (B, 1, L, L) mask: query and key in the same packed document, and
+
+  - causal: no look-ahead, except that tokens of a prefix (prefix_BL True) see the whole prefix
+    (prefix LM: bidirectional over the prefix, causal after it);
+  - not causal: every token of the document (encoder).
+  """
   same_doc_BLS = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
   if causal:
     length = segment_ids_BL.shape[1]
-    same_doc_BLS &= jnp.tril(jnp.ones((length, length), bool))[None]
+    allowed_BLS = jnp.tril(jnp.ones((length, length), bool))[None]
+    if prefix_BL is not None:
+      allowed_BLS = allowed_BLS | (prefix_BL[:, :, None] & prefix_BL[:, None, :])
+    same_doc_BLS &= allowed_BLS
   return same_doc_BLS[:, None]
 
 

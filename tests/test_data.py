@@ -107,3 +107,14 @@ def test_byte_tokenizer_config():
   assert tokenizer.build(cfg, [], 'x').vocab_size == 259
   with pytest.raises(ConfigError, match='config.data.tokenizer.kind'):
     tokenizer.build(ml_collections.ConfigDict(dict(kind='bpe')), [], 'x')
+
+
+def test_bring_your_own_files(tmp_path):
+  (tmp_path / 'a.txt').write_text('First document.\nTwo lines.')
+  (tmp_path / 'b.txt').write_text('Second document.')
+  (tmp_path / 'val.jsonl').write_text('{"text": "held out one"}\n{"text": "held out two"}\n')
+  splits = sources.load('files', train=str(tmp_path / '*.txt'), validation=str(tmp_path / '*.jsonl'))
+  assert splits == {'train': ['First document.\nTwo lines.', 'Second document.'],
+                    'validation': ['held out one', 'held out two']}
+  with pytest.raises(ConfigError, match='matches no file'):
+    sources.load('files', train=str(tmp_path / '*.md'), validation=str(tmp_path / '*.jsonl'))

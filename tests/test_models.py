@@ -99,3 +99,31 @@ def test_encoder_is_bidirectional_within_a_document():
   seg = jnp.array([[1] * 12 + [2] * 20])
   g = influence(model, params, tokens, 3, segment_ids_BL=seg)
   assert np.all(g[:12] > 0) and np.all(g[12:] == 0)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots_saveable', 'minimal'])
+def test_remat_and_scan_leave_loss_and_gradients_unchanged(remat):
+  """Rematerialisation and nn.scan over layers change memory, never the numbers."""
+  cfg, model, params, tokens = make()
+
+  def loss_and_grads(m, p):
+    return jax.value_and_grad(lambda q: jnp.mean(m.apply(q, tokens) ** 2))(p)
+
+  ref_loss, ref_grads = loss_and_grads(model, params)
+  loss, grads = loss_and_grads(decoder.Model(decoder.Config(**{**cfg.__dict__, 'remat': remat})),
+                               params)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+               ref_grads)
+
+  # Scanned params are the per-layer params stacked on a leading `layers` axis.
+  layer_names = [f'layer_{i}' for i in range(cfg.num_layers)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params['params'][n] for n in layer_names])
+  scan_params = {'params': {**{k: v for k, v in params['params'].items() if k not in layer_names},
+                            'layers': stacked}}
+  scanned = decoder.Model(decoder.Config(**{**cfg.__dict__, 'remat': remat, 'scan_layers': True}))
+  loss, grads = loss_and_grads(scanned, scan_params)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for i, name in enumerate(layer_names):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
+                 grads['params']['layers'], ref_grads['params'][name])

@@ -73,6 +73,14 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
   return objective
 
 
+def example_inputs(objective, batch_size: int, seq_len: int) -> tuple:
+  """Zero model inputs for init: the objective's own (an encoder-decoder's differ), else
+  (tokens, segment_ids, positions)."""
+  if hasattr(objective, 'example_inputs'):
+    return objective.example_inputs(batch_size, seq_len)
+  return tuple(jnp.zeros((batch_size, seq_len), jnp.int32) for _ in range(3))
+
+
 def state_shardings(model: nn.Module, tx: optax.GradientTransformation, sample: dict,
                     mesh: jax.sharding.Mesh, rules) -> tuple[State, State]:
   """Abstract train state and its shardings, from the params' logical axes (nothing allocated)."""
@@ -224,7 +232,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = model_module.Model(model_cfg)
   total_steps = config.train.steps
   tx = optim.make(config.optim, total_steps)
-  sample = tuple(jnp.zeros((global_batch, seq_len), jnp.int32) for _ in range(3))
+  sample = example_inputs(objective, global_batch, seq_len)
   counts = model_module.param_count(model_cfg)
   flops_per_step = model_module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
 

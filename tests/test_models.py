@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fm.models import decoder, encoder
+from fm.models import decoder, encdec, encoder
 
 FITS_ON_CPU = ('tiny', 'mini', 'small')
 
@@ -127,3 +127,22 @@ def test_remat_and_scan_leave_loss_and_gradients_unchanged(remat):
   for i, name in enumerate(layer_names):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
                  grads['params']['layers'], ref_grads['params'][name])
+
+
+def test_encoder_decoder_sees_all_inputs_and_only_past_targets():
+  cfg = decoder.Config(**{**encdec.VARIANTS['tiny'], 'vocab_size': 384})
+  model = encdec.Model(cfg)
+  ids = jax.random.permutation(jax.random.key(1), 384)
+  inputs, decoder_in = ids[:20][None], ids[20:32][None]
+  params = nn.unbox(model.init(jax.random.key(0), inputs, decoder_in))
+  assert sum(x.size for x in jax.tree.leaves(params)) == encdec.param_count(cfg)['total']
+  out = model.apply(params, inputs, decoder_in)[0]
+
+  # Changing a future decoder token leaves earlier outputs bitwise unchanged.
+  changed = model.apply(params, inputs, decoder_in.at[0, 8].set(ids[40]))[0]
+  np.testing.assert_array_equal(changed[:8], out[:8])
+  assert np.abs(changed[8:] - out[8:]).max(-1).min() > 0
+  # Changing any encoder input changes every output (cross-attention reads all of them).
+  for s in (0, 10, 19):
+    changed = model.apply(params, inputs.at[0, s].set(ids[40]), decoder_in)[0]
+    assert np.abs(changed - out).max(-1).min() > 0

@@ -10,7 +10,7 @@ import pytest
 
 from fm import optim, registry, sharding, train
 from fm.data import pipeline
-from fm.objectives import causal_lm, masked_lm
+from fm.objectives import causal_lm, masked_lm, span_corruption
 
 OBJECTIVES = registry.choices('objectives')
 
@@ -49,7 +49,8 @@ def test_interface_and_finite_gradients(name):
   for model_name in objective.COMPATIBLE_MODELS:
     config, model = setup_model(name, model_name)
     batch = jax.tree.map(jnp.asarray, tiny_batch(objective))
-    params = nn.unbox(model.init(jax.random.key(0), batch['tokens']))
+    sample = train.example_inputs(objective, 8, 32)  # tiny_batch's shape.
+    params = nn.unbox(model.init(jax.random.key(0), *sample))
     (loss, aux), grads = jax.value_and_grad(objective.loss_fn, argnums=1, has_aux=True)(
         model.apply, params, batch, jax.random.key(1), config)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
@@ -64,7 +65,7 @@ def test_sharded_step_equals_single_device(name):
   config, model = setup_model(name, objective.COMPATIBLE_MODELS[0])
   config.optim = ml_collections.ConfigDict(dict(lr=1e-3, eps=1e-4))
   batch = tiny_batch(objective)
-  sample = tuple(np.zeros(batch['tokens'].shape, np.int32) for _ in range(3))
+  sample = train.example_inputs(objective, 8, 32)
   results = []
   for mesh_cfg, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
                             (dict(data=2, fsdp=2, tensor=2), jax.devices())):
@@ -132,3 +133,29 @@ def test_masking_is_deterministic_and_process_independent(shakespeare_data):
             for p in range(2)]
   rows = lambda b: {(t.tobytes(), w.tobytes()) for t, w in zip(b['tokens'], b['target_weights'])}
   assert rows(halves[0]) | rows(halves[1]) == rows(one)
+
+
+@pytest.mark.parametrize('seq_len', [32, 64, 256])
+def test_span_corruption_reassembles_exactly(seq_len):
+  V = 4096
+  corrupt = span_corruption.host_transform(V, ml_collections.ConfigDict())
+  num_noise, num_spans, input_len = span_corruption.lengths(seq_len)
+  rng = np.random.default_rng(0)
+  span_lengths = []
+  for i in range(200):
+    tokens = rng.integers(4, V, seq_len).astype(np.int32)
+    out = corrupt({'tokens': tokens, 'segment_ids': np.ones(seq_len, np.int32),
+                   'positions': np.arange(seq_len)}, np.random.default_rng(i))
+    np.testing.assert_array_equal(span_corruption.reassemble(out['inputs'], out['targets'], V),
+                                  tokens)
+    assert out['inputs'].shape == (input_len,) and out['targets'].shape == (num_noise + num_spans,)
+    # Sentinels: one per span, ids past every text id, in order, in both inputs and targets.
+    sentinels = out['inputs'][out['inputs'] >= V]
+    np.testing.assert_array_equal(sentinels, V + np.arange(num_spans))
+    np.testing.assert_array_equal(out['targets'][out['targets'] >= V], sentinels)
+    assert (tokens < V).all()
+    np.testing.assert_array_equal(out['decoder_in'], np.r_[0, out['targets'][:-1]])
+    span_lengths += [len(s) - 1 for s in np.split(out['targets'],
+                                                  np.flatnonzero(out['targets'] >= V))[1:]]
+  assert num_noise == round(0.15 * seq_len)
+  assert abs(np.mean(span_lengths) - num_noise / num_spans) < 1e-9 and min(span_lengths) >= 1

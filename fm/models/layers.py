@@ -97,14 +97,20 @@ class AttentionConfig:
 
 
 class Attention(nn.Module):
-  """Multi-head attention with grouped-query option (num_kv_heads < num_heads) and RoPE."""
+  """Multi-head attention with grouped-query option (num_kv_heads < num_heads) and RoPE.
+
+  Self-attention by default; given `kv_BSD` (an encoder's output) it is cross-attention, whose
+  keys carry no positions.
+  """
   cfg: AttentionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, mask_B1LS):
+  def __call__(self, x_BLD, positions_BL, mask_B1LS, kv_BSD=None):
     c, D = self.cfg, x_BLD.shape[-1]
+    cross = kv_BSD is not None
+    kv_BSD = x_BLD if kv_BSD is None else kv_BSD
     w = lambda name, shape, axes, fan_in: param_with_axes(
         self, name, dense_init(fan_in), shape, axes, self.param_dtype).astype(self.dtype)
     wq_DHK = w('query', (D, c.num_heads, c.head_dim), ('embed', 'heads', 'head_dim'), D)
@@ -113,12 +119,13 @@ class Attention(nn.Module):
     wo_HKD = w('out', (c.num_heads, c.head_dim, D), ('heads', 'head_dim', 'embed'),
                c.num_heads * c.head_dim)
     q_BLHK = jnp.einsum('BLD,DHK->BLHK', x_BLD, wq_DHK)
-    k_BLGK = jnp.einsum('BLD,DGK->BLGK', x_BLD, wk_DGK)
-    v_BLGK = jnp.einsum('BLD,DGK->BLGK', x_BLD, wv_DGK)
-    q_BLHK = constrain(rope(q_BLHK, positions_BL, c.rope_theta),
-                       ('act_batch', 'act_length', 'act_heads', None))
-    k_BLGK = constrain(rope(k_BLGK, positions_BL, c.rope_theta),
-                       ('act_batch', 'act_length', 'act_kv_heads', None))
+    k_BLGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
+    v_BLGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
+    if not cross:
+      q_BLHK = rope(q_BLHK, positions_BL, c.rope_theta)
+      k_BLGK = rope(k_BLGK, positions_BL, c.rope_theta)
+    q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
+    k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS,
                                             implementation=c.implementation)

@@ -1,0 +1,90 @@
+"""T5-style encoder-decoder: shared embeddings, rotary positions in self-attention.
+
+The encoder is the decoder's block stack without the causal mask; each decoder layer adds
+cross-attention to the encoder output. Dimensions: B batch, S encoder length, L decoder length,
+D model dim, V vocab. `Model(cfg).apply(params, inputs_BS, decoder_in_BL, input_seg_BS,
+target_seg_BL) -> logits_BLV`; segment ids keep packed examples apart (0 = padding).
+Layer scan and remat options of the decoder's Config are not used here.
+"""
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fm.models import decoder, layers
+from fm.sharding import constrain
+
+Config = decoder.Config
+VARIANTS = {
+    **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},
+    # T5 1.1 base shape (gated MLP), for planning.
+    't5-base': dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, head_dim=64,
+                    mlp_dim=2048, max_len=512, vocab_size=32128),
+}
+
+
+def param_count(cfg: Config) -> dict[str, int]:
+  """num_layers encoder blocks, num_layers decoder blocks (with cross-attention), tied embed."""
+  D, K = cfg.d_model, cfg.head_dim
+  attn = D * K * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  block = attn + 3 * D * cfg.mlp_dim + 2 * D
+  layers_total = cfg.num_layers * (2 * block + attn + D)
+  embed = cfg.vocab_size * D
+  return {'total': layers_total + embed + 2 * D, 'non_embedding': layers_total + 2 * D,
+          'embedding': embed}
+
+
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+  """Per raw text token, for T5's default corruption: the encoder reads about 0.9 and the
+  decoder about 0.2 tokens per text token, and each decoder layer adds cross-attention; about
+  1.2 decoder-equivalents in all."""
+  return 1.2 * decoder.flops_per_token(cfg, seq_len)
+
+
+class DecoderBlock(nn.Module):
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, y_BLD, positions_BL, self_mask_B1LL, enc_BSD, cross_mask_B1LS):
+    c = self.cfg
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    attn_cfg = layers.AttentionConfig(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
+                                      c.attention_impl)
+    h = layers.RMSNorm(c.norm_eps, dt, pdt, name='self_norm')(y_BLD)
+    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, name='self_attn')(h, positions_BL,
+                                                                          self_mask_B1LL)
+    h = layers.RMSNorm(c.norm_eps, dt, pdt, name='cross_norm')(y_BLD)
+    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, name='cross_attn')(
+        h, positions_BL, cross_mask_B1LS, kv_BSD=enc_BSD)
+    h = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(y_BLD)
+    y_BLD = y_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, name='mlp')(h)
+    return constrain(y_BLD, layers.BLD)
+
+
+class Model(nn.Module):
+  cfg: Config
+
+  @nn.compact
+  def __call__(self, inputs_BS, decoder_in_BL, input_seg_BS=None, target_seg_BL=None):
+    c = dataclasses.replace(self.cfg, scan_layers=False)  # Blocks return plain activations.
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+    input_seg_BS = jnp.ones_like(inputs_BS) if input_seg_BS is None else input_seg_BS
+    target_seg_BL = jnp.ones_like(decoder_in_BL) if target_seg_BL is None else target_seg_BL
+    positions = lambda t: jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
+    embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
+
+    x_BSD = constrain(embed(inputs_BS), layers.BLD)
+    enc_mask = layers.attention_mask(input_seg_BS, causal=False)
+    for i in range(c.num_layers):
+      x_BSD = decoder.Block(c, name=f'encoder_{i}')(x_BSD, positions(inputs_BS), enc_mask)
+    enc_BSD = layers.RMSNorm(c.norm_eps, dt, pdt, name='encoder_norm')(x_BSD)
+
+    y_BLD = constrain(embed(decoder_in_BL), layers.BLD)
+    self_mask = layers.attention_mask(target_seg_BL, causal=True)
+    cross_mask = (target_seg_BL[:, :, None] == input_seg_BS[:, None, :])[:, None]
+    for i in range(c.num_layers):
+      y_BLD = DecoderBlock(c, name=f'decoder_{i}')(y_BLD, positions(decoder_in_BL), self_mask,
+                                                   enc_BSD, cross_mask)
+    y_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='decoder_norm')(y_BLD)
+    logits_BLV = embed.attend(y_BLD) * (c.d_model ** -0.5)
+    return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

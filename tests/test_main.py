@@ -1,5 +1,4 @@
 """End to end: the README's smoke command, a 2-step run of every experiment, and bad input."""
-import importlib.util
 import json
 import os
 import pathlib
@@ -11,7 +10,7 @@ import sys
 import pytest
 
 from fm import train
-from workdirs import train_losses
+from workdirs import load_experiment, train_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py'))
@@ -65,13 +64,6 @@ def test_readme_smoke_commands(tmp_path):
   assert a.keys() == b.keys()
   for step in a:
     assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
-
-
-def load_experiment(name):
-  spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.mark.parametrize('name', EXPERIMENTS)

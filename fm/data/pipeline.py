@@ -66,14 +66,16 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
   """Loads the dataset named by `config.data`, its tokenizer, and both tokenized splits."""
   name = data_cfg.dataset
   splits = sources.load(name, **dict(data_cfg.get('source_kwargs', {})))
+  digests = {split: hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()
+             for split, docs in splits.items()}
   tok = tokenizer_lib.build(data_cfg.get('tokenizer', ml_collections.ConfigDict()),
-                            splits['train'], name)
+                            splits['train'], name, digests['train'])
   tok_key = hashlib.sha256(json.dumps(tok.identity, sort_keys=True).encode()).hexdigest()[:12]
+  token_bytes = tok.token_bytes()
   streams = {}
   for split, docs in splits.items():
-    docs_key = hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()[:12]
-    tokens, doc_ids = tokenize(docs, tok, f'{name}-{split}-{docs_key}-{tok_key}')
-    streams[split] = Stream(tokens, doc_ids, tok.token_bytes())
+    tokens, doc_ids = tokenize(docs, tok, f'{name}-{split}-{digests[split][:12]}-{tok_key}')
+    streams[split] = Stream(tokens, doc_ids, token_bytes)
   return Data(tok, streams['train'], streams['validation'])
 
 

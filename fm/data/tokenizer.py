@@ -90,16 +90,17 @@ def train_sentencepiece(docs: list[str], vocab_size: int, seed: int = 0) -> byte
   return model.getvalue()
 
 
-def build(tok_cfg: ml_collections.ConfigDict, train_docs: list[str], dataset: str):
-  """The tokenizer named by `config.data.tokenizer`, training and caching SentencePiece once."""
+def build(tok_cfg: ml_collections.ConfigDict, train_docs: list[str], dataset: str,
+          corpus_digest: str):
+  """The tokenizer named by `config.data.tokenizer`, training and caching SentencePiece once
+  per train corpus (`corpus_digest`, the sha256 of its documents)."""
   kind = tok_cfg.get('kind', 'sentencepiece')
   if kind == 'bytes':
     return ByteTokenizer()
   if kind != 'sentencepiece':
     raise ConfigError(f'config.data.tokenizer.kind={kind!r} is unknown; choose sentencepiece or bytes.')
   vocab_size = tok_cfg.get('vocab_size', 4096)
-  corpus = hashlib.sha256('\0'.join(train_docs).encode('utf-8')).hexdigest()[:16]
-  path = sources.cache_dir() / 'tokenizers' / f'{dataset}-sp{vocab_size}-{corpus}.model'
+  path = sources.cache_dir() / 'tokenizers' / f'{dataset}-sp{vocab_size}-{corpus_digest[:16]}.model'
   if not path.exists():
     proto = train_sentencepiece(train_docs, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)

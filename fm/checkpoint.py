@@ -126,17 +126,41 @@ class Preemption:
 # ---------------------------------------------------------------------------------------------
 # Warm start: pretrained backbone params into a fresh fine-tuning state.
 # ---------------------------------------------------------------------------------------------
-def resolve(path: str | pathlib.Path) -> pathlib.Path:
+def _steps(path: pathlib.Path) -> list[int]:
+  root = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
+  return sorted(int(p.name) for p in root.glob('*') if p.name.isdigit() and (p / 'state').is_dir())
+
+
+def latest_step(workdir: str | pathlib.Path) -> int:
+  """The step of a workdir's newest complete checkpoint, 0 if it has none."""
+  return max(_steps(pathlib.Path(workdir).expanduser().absolute()), default=0)
+
+
+def resolve(path: str | pathlib.Path, key: str = 'config.init.from_checkpoint') -> pathlib.Path:
   """A workdir (its latest checkpoint) or one checkpoint directory -> the checkpoint directory."""
   path = pathlib.Path(path).expanduser().absolute()
   if (path / 'state').is_dir():
     return path
-  root = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
-  steps = sorted((int(p.name) for p in root.glob('*') if p.name.isdigit() and (p / 'state').is_dir()))
+  steps = _steps(path)
   if not steps:
-    raise ConfigError(f'config.init.from_checkpoint={str(path)!r} holds no checkpoint; give a '
-                      f'workdir of a finished run or a checkpoint directory like WORKDIR/checkpoints/N.')
+    raise ConfigError(f'{key}={str(path)!r} holds no checkpoint; give a workdir of a finished '
+                      f'run or a checkpoint directory like WORKDIR/checkpoints/N.')
+  root = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
   return root / str(steps[-1])
+
+
+def read_meta(ckpt: pathlib.Path) -> dict[str, Any]:
+  """The resolved config, model config and tokenizer identity stored with a checkpoint."""
+  meta_file = ckpt / 'meta' / 'metadata'
+  return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
+def restore_params(ckpt: pathlib.Path, target: Any) -> Any:
+  """The checkpoint's params named in `target` (the rest of the state is not read), each
+  restored onto its sharding in `target`."""
+  return ocp.PyTreeCheckpointer().restore(ckpt / 'state', args=ocp.args.PyTreeRestore(
+      item={'params': target}, restore_args={'params': _restore_args(target)},
+      partial_restore=True))['params']
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -177,9 +201,7 @@ def load_backbone(path: str, params: Any, log=print) -> Any:
   target = jax.tree_util.tree_unflatten(treedef, [
       jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves])
   target = _prune(target, set(shared))
-  restored = ocp.PyTreeCheckpointer().restore(ckpt / 'state', args=ocp.args.PyTreeRestore(
-      item={'params': target}, restore_args={'params': _restore_args(target)},
-      partial_restore=True))['params']
+  restored = restore_params(ckpt, target)
   got = _flat(restored)
   out = [got.get(k, x) for k, (_, x) in zip(keys, leaves)]
   fresh = [k for k in keys if k not in got]
@@ -207,8 +229,7 @@ def _prune(tree: Any, keep: set[str], prefix: str = '') -> Any:
 # ---------------------------------------------------------------------------------------------
 def inspect(path: str) -> str:
   ckpt = resolve(path)
-  meta_file = ckpt / 'meta' / 'metadata'
-  meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+  meta = read_meta(ckpt)
   params = param_metadata(ckpt)
   total = sum(int(np.prod(v.shape)) for v in params.values())
   cfg = meta.get('config', {})

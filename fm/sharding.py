@@ -129,8 +129,9 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
-  """Host batches are split over the batch axes; other dimensions are replicated."""
+def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
+  """Host batches are split over the batch axes; other dimensions are replicated (the default
+  one-dimensional spec fits arrays of any rank)."""
   spec = nn.logical_to_mesh_axes(('act_batch',) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
 

@@ -4,6 +4,7 @@ Sections: Config, Shard, Step (in `build`), then Mesh, Data, Model, Eval, Loop. 
 with explicit shardings; logging and evals live only in the loop.
 """
 import functools
+import importlib.util
 import json
 import math
 import pathlib
@@ -56,6 +57,11 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
     raise ConfigError(f'config.objective={config.objective!r} does not work with '
                       f'config.model.name={config.model.name!r}; compatible models: '
                       f'{", ".join(objective.COMPATIBLE_MODELS)}.')
+  if hasattr(objective, 'validate'):  # The objective's own arguments.
+    objective.validate(config.get('objective_args', ml_collections.ConfigDict()))
+  for name in getattr(objective, 'FROZEN', ()):
+    check_pretrained_spec(config.get('objective_args', {}).get(name),
+                          f'config.objective_args.{name}')
   if config.data.dataset not in sources.SOURCES and config.data.dataset != 'files':
     sources.load(config.data.dataset)  # Raises, listing the choices.
   policy = config.train.get('nonfinite', 'raise')
@@ -73,11 +79,13 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
   return objective
 
 
-def example_inputs(objective, batch_size: int, seq_len: int) -> tuple:
+def example_inputs(objective, batch_size: int, seq_len: int,
+                   objective_args: ml_collections.ConfigDict | None = None) -> tuple:
   """Zero model inputs for init: the objective's own (an encoder-decoder's differ), else
   (tokens, segment_ids, positions)."""
   if hasattr(objective, 'example_inputs'):
-    return objective.example_inputs(batch_size, seq_len)
+    return objective.example_inputs(batch_size, seq_len,
+                                    objective_args or ml_collections.ConfigDict())
   return tuple(jnp.zeros((batch_size, seq_len), jnp.int32) for _ in range(3))
 
 
@@ -90,8 +98,7 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, sample: 
   opt_state = jax.eval_shape(tx.init, params)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Every leaf gets a NamedSharding, scalar counts included, so the step never reshards them.
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  opt_sh = _like_params(opt_state, params, param_sh, replicated)
   scalar = jax.ShapeDtypeStruct((), jnp.int32)
   abstract = {'step': scalar, 'params': params, 'opt_state': opt_state, 'nonfinite': scalar,
               'first_nonfinite': scalar}
@@ -100,22 +107,59 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, sample: 
   return abstract, shardings
 
 
+def _like_params(tree, params, param_sh, default):
+  """Shardings for an optimizer state: a leaf whose key path ends with a param's path (Adam's
+  moments, masked or partitioned states alike) and has its shape is sharded like that param;
+  anything else (step counts) gets `default`."""
+  keys = lambda path: tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                            for k in path)
+  by_path = {keys(p): (x.shape, sh) for (p, x), sh in zip(
+      jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_sh))}
+
+  def sharding_of(path, leaf):
+    k = keys(path)
+    for i in range(len(k)):
+      if k[i:] in by_path and by_path[k[i:]][0] == leaf.shape:
+        return by_path[k[i:]][1]
+    return default
+  return jax.tree_util.tree_map_with_path(sharding_of, tree)
+
+
 NONFINITE_POLICIES = ('raise', 'skip')
 
 
-def make_train_step(apply_fn, loss_fn, tx, config):
+def _bind(frozen_apply: dict[str, Callable], frozen_params: dict) -> dict[str, Callable]:
+  """Frozen models (a distillation teacher) as functions of their inputs, for the loss."""
+  return {k: functools.partial(frozen_apply[k], frozen_params[k]) for k in frozen_apply}
+
+
+def make_train_step(apply_fn, loss_fn, tx, config, frozen_apply=None, trainable=None):
   """The pure step. A non-finite loss or gradient never reaches the params: under 'skip' that
   update is dropped and counted; under 'raise' the state freezes at the last good step and
-  records the bad step, which the loop turns into an error before anything is saved."""
-  policy = config.get('train', {}).get('nonfinite', 'raise')
+  records the bad step, which the loop turns into an error before anything is saved.
 
-  def train_step(state: State, batch: dict, rng: jax.Array) -> tuple[State, dict]:
+  `frozen_apply` names the apply functions of frozen models whose params come in as the
+  step's last argument; the loss receives each as a keyword (no gradient flows into them).
+  `trainable` (a pytree of bools like the params) freezes the params marked False: their
+  gradients are zero (so XLA drops the work that only they need) and they are never updated,
+  bit for bit."""
+  policy = config.get('train', {}).get('nonfinite', 'raise')
+  frozen_apply = frozen_apply or {}
+
+  def train_step(state: State, batch: dict, rng: jax.Array,
+                 frozen_params: dict | None = None) -> tuple[State, dict]:
     step_rng = jax.random.fold_in(rng, state['step'])
     grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-    (loss, aux), grads = grad_fn(apply_fn, state['params'], batch, step_rng, config)
+    (loss, aux), grads = grad_fn(apply_fn, state['params'], batch, step_rng, config,
+                                 **_bind(frozen_apply, frozen_params or {}))
+    if trainable is not None:
+      grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
+    if trainable is not None:
+      params = jax.tree.map(lambda new, old, t: new if t else old, params, state['params'],
+                            trainable)
     # The update is checked too: a finite gradient times a bad learning rate is still bad.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
     ok = finite if policy == 'skip' else finite & (state['first_nonfinite'] < 0)
@@ -132,9 +176,10 @@ def make_train_step(apply_fn, loss_fn, tx, config):
   return train_step
 
 
-def make_eval_step(apply_fn, loss_fn, config):
-  def eval_step(params, batch: dict) -> dict:
-    _, aux = loss_fn(apply_fn, params, batch, jax.random.key(0), config)
+def make_eval_step(apply_fn, loss_fn, config, frozen_apply=None):
+  def eval_step(params, batch: dict, frozen_params: dict | None = None) -> dict:
+    _, aux = loss_fn(apply_fn, params, batch, jax.random.key(0), config,
+                     **_bind(frozen_apply or {}, frozen_params or {}))
     return aux
   return eval_step
 
@@ -144,7 +189,8 @@ def evaluate(eval_step, params, batches, *, mesh, rules, summarize) -> dict[str,
   for batch in batches:
     out = eval_step(params, sharding.put_batch(batch, mesh, rules))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return summarize(jax.tree.map(float, jax.device_get(sums)))
+  # Scalars as floats; array metrics (a confusion matrix) stay arrays.
+  return summarize(jax.tree.map(lambda x: float(x) if x.ndim == 0 else x, jax.device_get(sums)))
 
 
 class Program(NamedTuple):
@@ -155,11 +201,15 @@ class Program(NamedTuple):
   eval_step: Callable    # (params, batch) -> summable metrics, jitted.
 
 
-def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample) -> Program:
+def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample,
+          frozen: dict[str, tuple[Callable, Any]] | None = None, trainable=None) -> Program:
   """The sharded train state's init and the jitted train and eval steps.
 
   Params are born sharded (`eval_shape` -> shardings from the logical rules -> jitted init with
-  out_shardings), so no device ever holds more than its shard. Call inside
+  out_shardings), so no device ever holds more than its shard. `frozen` maps a name to
+  (apply_fn, sharded params) of a model that the loss reads but never trains (a teacher); its
+  params enter the jitted steps as arguments with their own shardings. `trainable`: see
+  make_train_step. Call inside
   `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`.
   """
   # ===========================================================================================
@@ -178,19 +228,107 @@ def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample) -> Program
   # ===========================================================================================
   batch_sh = sharding.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  train_step = jax.jit(make_train_step(model.apply, loss_fn, tx, config),
-                       in_shardings=(state_sh, batch_sh, replicated),
+  frozen = frozen or {}
+  frozen_apply = {k: apply for k, (apply, _) in frozen.items()}
+  frozen_params = {k: params for k, (_, params) in frozen.items()}
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen_params)
+  train_step = jax.jit(make_train_step(model.apply, loss_fn, tx, config, frozen_apply, trainable),
+                       in_shardings=(state_sh, batch_sh, replicated, frozen_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model.apply, loss_fn, config),
-                      in_shardings=(state_sh['params'], batch_sh), out_shardings=replicated)
-  return Program(abstract, state_sh, jax.jit(init, out_shardings=state_sh), train_step, eval_step)
+  eval_step = jax.jit(make_eval_step(model.apply, loss_fn, config, frozen_apply),
+                      in_shardings=(state_sh['params'], batch_sh, frozen_sh),
+                      out_shardings=replicated)
+  return Program(abstract, state_sh, jax.jit(init, out_shardings=state_sh),
+                 lambda state, batch, rng: train_step(state, batch, rng, frozen_params),
+                 lambda params, batch: eval_step(params, batch, frozen_params))
+
+
+# =============================================================================================
+# Pretrained models: trained first when missing, then restored onto this mesh
+# =============================================================================================
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(spec: str, key: str) -> ml_collections.ConfigDict:
+  """'experiments/x.py[:variant]' (relative to the working directory or the repository) ->
+  that file's get_config(variant), as `--config` would load it."""
+  path, _, arg = spec.partition(':')
+  candidates = [pathlib.Path(path).expanduser(), REPO / path]
+  found = next((p for p in candidates if p.is_file()), None)
+  if found is None:
+    raise ConfigError(f'{key}={spec!r}: no such experiment file; give a path like '
+                      f'experiments/lm_shakespeare.py (optionally with :smoke).')
+  module_spec = importlib.util.spec_from_file_location(found.stem, found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def check_pretrained_spec(spec, key: str) -> ml_collections.ConfigDict:
+  """A pretrained-run spec at config `key`: a `workdir` holding the run, an `experiment` that
+  trains it (or both); checked before anything runs."""
+  if not spec or not (spec.get('workdir') or spec.get('experiment')):
+    raise ConfigError(f'{key} needs a workdir of a finished run (.workdir=PATH) or an experiment '
+                      f'that trains one (.experiment=experiments/lm_shakespeare.py).')
+  if spec.get('experiment'):
+    load_config(spec.experiment, f'{key}.experiment')
+  else:
+    checkpoint.resolve(spec.workdir, f'{key}.workdir')
+  return spec
+
+
+def pretrained(spec, key: str, default_workdir: pathlib.Path) -> pathlib.Path | None:
+  """The checkpoint of the run given by the spec at config `key` (see check_pretrained_spec).
+
+  Its workdir defaults to `default_workdir`. With an `experiment`, a run that has not reached
+  that experiment's final step is trained (or resumed) first, so a second command reuses it.
+  Returns None when that training was preempted (rerunning the command resumes it).
+  """
+  check_pretrained_spec(spec, key)
+  workdir = pathlib.Path(spec.get('workdir') or default_workdir)
+  if spec.get('experiment'):
+    run_config = load_config(spec.experiment, f'{key}.experiment')
+    if checkpoint.latest_step(workdir) < run_config.train.steps:
+      metrics_lib.log(f'{key}: training {spec.experiment} in {workdir} first')
+      train_and_evaluate(run_config, workdir)
+      if checkpoint.latest_step(workdir) < run_config.train.steps:
+        return None
+  return checkpoint.resolve(workdir, f'{key}.workdir')
+
+
+def family(meta: dict) -> str:
+  """The model family (a module in fm/models/) of a checkpoint's run."""
+  return meta.get('family') or meta['config']['model']['name']
+
+
+def restore_model(ckpt: pathlib.Path, mesh, rules, sample=None) -> tuple[nn.Module, Any, dict]:
+  """(model, params, meta) of a checkpoint, its params restored straight onto `mesh` with the
+  logical `rules`; `sample`: model inputs for shape inference (default: the run objective's).
+  Call inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`."""
+  meta = checkpoint.read_meta(ckpt)
+  run = ml_collections.ConfigDict(meta['config'])
+  module = registry.get('models', family(meta))
+  fields = dict(meta['model'])
+  if 'lora_targets' in fields:  # JSON turned the tuple into a list.
+    fields['lora_targets'] = tuple(fields['lora_targets'])
+  model = module.Model(module.Config(**fields))
+  if sample is None:
+    sample = example_inputs(registry.get('objectives', run.objective), 1, 16,
+                            run.get('objective_args'))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
+  target = checkpoint.with_shardings(sharding.unbox(boxed),
+                                     sharding.tree_shardings(boxed, mesh, rules))
+  return model, checkpoint.restore_params(ckpt, target), meta
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains per `config`, writing metrics and the resolved config into `workdir`.
 
-  Returns the final held-out metrics.
+  Returns the final held-out metrics. A config with a `task` is a fine-tuning run (fm.finetune).
   """
+  if config.get('task'):
+    from fm import finetune  # pylint: disable=import-outside-toplevel  # It builds on this module.
+    return finetune.train_and_evaluate(config, workdir)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   # ===========================================================================================
@@ -199,6 +337,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   objective = validate(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules))
+  # Frozen models the objective reads (a teacher), trained first if missing and asked for.
+  frozen_ckpts = {}
+  for name in getattr(objective, 'FROZEN', ()):
+    frozen_ckpts[name] = pretrained(config.objective_args.get(name),
+                                    f'config.objective_args.{name}', workdir / name)
+    if frozen_ckpts[name] is None:
+      metrics_lib.log(f'stopped while training {name}; rerun the same command to resume.')
+      return {}
 
   # ===========================================================================================
   # Data
@@ -232,14 +378,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = model_module.Model(model_cfg)
   total_steps = config.train.steps
   tx = optim.make(config.optim, total_steps)
-  sample = example_inputs(objective, global_batch, seq_len)
+  sample = example_inputs(objective, global_batch, seq_len, config.get('objective_args'))
   counts = model_module.param_count(model_cfg)
   flops_per_step = model_module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
 
   # The resolved config, also stored in every checkpoint (JSON, no pickle).
   resolved = json.loads(json.dumps({
-      'config': config.to_dict(), 'model': model_cfg.__dict__, 'tokenizer': data.tokenizer.identity,
+      'config': config.to_dict(), 'family': config.model.name, 'model': model_cfg.__dict__,
+      'tokenizer': data.tokenizer.identity,
       'params': counts, 'mesh': dict(mesh.shape), 'devices': jax.device_count(),
+      'frozen': {k: str(v) for k, v in frozen_ckpts.items()},
       'device_kind': jax.devices()[0].device_kind}, default=str))
   if pidx == 0:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
@@ -255,12 +403,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = checkpoint.Preemption()
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      frozen = {}
+      for name, path in frozen_ckpts.items():
+        frozen_model, params, meta = restore_model(path, mesh, rules)
+        _check_frozen(name, path, meta, objective, model_cfg, data.tokenizer.identity)
+        frozen[name] = (frozen_model.apply, params)
+        # Its forward pass (a third of a training step's FLOPs) counts towards MFU.
+        flops_per_step += (registry.get('models', family(meta)).flops_per_token(
+            frozen_model.cfg, seq_len) * global_batch * seq_len / 3)
+        metrics_lib.log(f'{name}: {meta["config"]["model"]} from {path}')
       return _loop(config, workdir, objective, ckpt, preemption, resolved, mesh, rules,
-                   build(model, tx, objective.loss_fn, config, mesh, rules, sample),
+                   build(model, tx, objective.loss_fn, config, mesh, rules, sample, frozen),
                    iter(train_ds), eval_sets, flops_per_step)
   finally:
     preemption.restore_handlers()
     ckpt.close()
+
+
+def _check_frozen(name, path, meta, objective, model_cfg, tokenizer_identity) -> None:
+  """A frozen model must be of a compatible family and share the tokenizer and vocabulary."""
+  key = f'config.objective_args.{name}'
+  if family(meta) not in objective.COMPATIBLE_MODELS:
+    raise ConfigError(f'{key}: {path} holds a {family(meta)!r} model; {objective.__name__} needs '
+                      f'one of: {", ".join(objective.COMPATIBLE_MODELS)}.')
+  if meta['tokenizer'] != tokenizer_identity or meta['model']['vocab_size'] != model_cfg.vocab_size:
+    raise ConfigError(f'{key}: {path} was trained with tokenizer {meta["tokenizer"]} (vocab '
+                      f'{meta["model"]["vocab_size"]}), this run uses {tokenizer_identity} (vocab '
+                      f'{model_cfg.vocab_size}); set config.data to the same dataset and tokenizer.')
 
 
 def _check_finite(config, state) -> int:
@@ -275,8 +444,15 @@ def _check_finite(config, state) -> int:
 
 
 def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, program,
-          data_iter, eval_sets, flops_per_step) -> dict[str, float]:
-  total_steps, seq_len = config.train.steps, config.data.seq_len
+          data_iter, eval_sets, flops_per_step, warm_start=None,
+          test_extra=None) -> dict[str, float]:
+  """Trains to config.train.steps. `eval_sets` has 'periodic' and 'final' batches, and
+  optionally 'test' (scored once at the end, as test/*, with `test_extra(params)`'s metrics,
+  e.g. of generated text). `warm_start`: a checkpoint whose matching params initialise a fresh
+  run (default: config.init.from_checkpoint)."""
+  total_steps = config.train.steps
+  # Tokens per row: a window, or a seq2seq task's source and target.
+  seq_len = config.data.get('seq_len') or config.data.source_len + config.data.target_len
   init_rng, train_rng = jax.random.split(jax.random.key(config.get('seed', 0)))
   run_eval = functools.partial(evaluate, program.eval_step, mesh=mesh, rules=rules,
                                summarize=objective.summarize)
@@ -291,8 +467,9 @@ def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, progr
     metrics_lib.log(f'resumed from {ckpt.directory / str(step)} at step {step}')
   else:
     state, step = program.init(init_rng), 0
-    if config.get('init', {}).get('from_checkpoint'):
-      state['params'] = checkpoint.load_backbone(config.init.from_checkpoint, state['params'],
+    warm_start = warm_start or config.get('init', {}).get('from_checkpoint')
+    if warm_start:
+      state['params'] = checkpoint.load_backbone(warm_start, state['params'],
                                                  log=metrics_lib.log)
 
   # ===========================================================================================
@@ -326,6 +503,8 @@ def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, progr
       writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
       metrics_lib.log(f'{"final eval" if final else "eval"} @ {step}: ' +
                       ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+      if final and 'test' in eval_sets:
+        eval_metrics.update(_test(run_eval, state, eval_sets['test'], writer, step, test_extra))
       progress.reset(step)  # Leave evals out of throughput.
     preempted = preemption.reached(step)
     if ckpt.should_save(step) or step == total_steps or preempted:
@@ -338,8 +517,24 @@ def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, progr
       metrics_lib.log(f'preempted ({preemption.signal}) at step {step}: checkpoint saved to '
                       f'{ckpt.directory / str(step)}; rerun the same command to resume.')
       break
-  writer.close()
   if start == total_steps:
-    metrics_lib.log(f'nothing to do: the checkpoint is already at the final step {total_steps}; '
-                    f'raise config.train.steps to train further.')
+    metrics_lib.log('no training steps: evaluating.' if not total_steps else
+                    f'nothing to train: the checkpoint is already at the final step '
+                    f'{total_steps} (raise config.train.steps to train further); evaluating it.')
+    eval_metrics = run_eval(state['params'], eval_sets['final'])
+    metrics_lib.log(f'final eval @ {step}: ' +
+                    ', '.join(f'{k} {v:.4f}' for k, v in eval_metrics.items()))
+    if 'test' in eval_sets:
+      eval_metrics.update(_test(run_eval, state, eval_sets['test'], writer, step, test_extra))
+  writer.close()
   return eval_metrics
+
+
+def _test(run_eval, state, batches, writer, step, extra=None) -> dict[str, float]:
+  metrics = run_eval(state['params'], batches)
+  if extra is not None:
+    metrics.update(extra(state['params']))
+  metrics = {f'test/{k}': v for k, v in metrics.items()}
+  writer.write(step, metrics)
+  metrics_lib.log(f'test @ {step}: ' + ', '.join(f'{k[5:]} {v:.4f}' for k, v in metrics.items()))
+  return metrics

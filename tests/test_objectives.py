@@ -1,4 +1,5 @@
 """Every objective module (discovered with pkgutil) honours the interface and gives finite grads."""
+import functools
 import math
 
 import flax.linen as nn
@@ -6,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
-from fm import optim, registry, sharding, train
+from fm import ConfigError, optim, registry, sharding, train
 from fm.data import pipeline
-from fm.objectives import causal_lm, masked_lm, span_corruption
+from fm.objectives import causal_lm, distill, masked_lm, span_corruption, ul2
 
 OBJECTIVES = registry.choices('objectives')
 
@@ -35,6 +37,16 @@ def tiny_batch(objective=None, vocab=VOCAB, B=8, L=32):
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+def frozen_models(objective, model, sample, mesh=None, rules=None) -> dict:
+  """name -> (apply_fn, params) for each frozen model the objective reads (a teacher): the
+  same architecture from another seed, sharded over `mesh` when given."""
+  init = lambda rng: nn.unbox(model.init(rng, *sample))
+  if mesh is not None:
+    abstract = jax.eval_shape(model.init, jax.random.key(7), *sample)
+    init = jax.jit(init, out_shardings=sharding.tree_shardings(abstract, mesh, rules))
+  return {name: (model.apply, init(jax.random.key(7))) for name in getattr(objective, 'FROZEN', ())}
+
+
 def setup_model(name, model_name):
   config = ml_collections.ConfigDict(dict(model=dict(name=model_name, variant='tiny'),
                                           objective=name))
@@ -51,8 +63,10 @@ def test_interface_and_finite_gradients(name):
     batch = jax.tree.map(jnp.asarray, tiny_batch(objective))
     sample = train.example_inputs(objective, 8, 32)  # tiny_batch's shape.
     params = nn.unbox(model.init(jax.random.key(0), *sample))
+    frozen = {k: functools.partial(apply, p)
+              for k, (apply, p) in frozen_models(objective, model, sample).items()}
     (loss, aux), grads = jax.value_and_grad(objective.loss_fn, argnums=1, has_aux=True)(
-        model.apply, params, batch, jax.random.key(1), config)
+        model.apply, params, batch, jax.random.key(1), config, **frozen)
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     summary = objective.summarize(jax.tree.map(float, aux))
     assert np.isclose(summary['loss'], loss, rtol=1e-5)
@@ -73,7 +87,7 @@ def test_sharded_step_equals_single_device(name):
     rules = sharding.DEFAULT_RULES
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       program = train.build(model, optim.make(config.optim, 10), objective.loss_fn, config, mesh,
-                            rules, sample)
+                            rules, sample, frozen_models(objective, model, sample, mesh, rules))
       state = program.init(jax.random.key(0))
       for step in range(2):
         state, metrics = program.train_step(state, sharding.put_batch(batch, mesh, rules),
@@ -159,3 +173,71 @@ def test_span_corruption_reassembles_exactly(seq_len):
                                                   np.flatnonzero(out['targets'] >= V))[1:]]
   assert num_noise == round(0.15 * seq_len)
   assert abs(np.mean(span_lengths) - num_noise / num_spans) < 1e-9 and min(span_lengths) >= 1
+
+
+def test_distillation_loss_is_zero_when_student_equals_teacher():
+  config, model = setup_model('distill', 'decoder')
+  batch = jax.tree.map(jnp.asarray, tiny_batch())
+  sample = train.example_inputs(distill, 8, 32)
+  params = nn.unbox(model.init(jax.random.key(0), *sample))
+  teacher = functools.partial(model.apply, params)
+  for temperature in (1.0, 2.0, 4.0):
+    config.objective_args = ml_collections.ConfigDict(dict(temperature=temperature,
+                                                           hard_weight=0.0))
+    (loss, aux), grads = jax.value_and_grad(distill.loss_fn, argnums=1, has_aux=True)(
+        model.apply, params, batch, None, config, teacher=teacher)
+    assert abs(float(loss)) < 1e-6 and float(optax.tree.norm(grads)) < 1e-6
+  # A different student: positive KL; hard_weight=1 is plain next-token cross-entropy.
+  student = nn.unbox(model.init(jax.random.key(1), *sample))
+  loss, aux = distill.loss_fn(model.apply, student, batch, None, config, teacher=teacher)
+  assert float(loss) > 0.01
+  config.objective_args.hard_weight = 1.0
+  loss, aux = distill.loss_fn(model.apply, student, batch, None, config, teacher=teacher)
+  plain, _ = causal_lm.loss_fn(model.apply, student, batch, None, config)
+  np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
+  summary = distill.summarize(jax.tree.map(float, aux))
+  teacher_plain, _ = causal_lm.loss_fn(model.apply, params, batch, None, config)
+  np.testing.assert_allclose(summary['teacher_loss'], float(teacher_plain), rtol=1e-5)
+  np.testing.assert_allclose(summary['lm_loss'], float(plain), rtol=1e-5)
+
+
+def test_ul2_mixture_modes_and_reassembly():
+  """Denoisers are drawn with the configured weights; R and X reassemble exactly with their
+  spans and densities; S splits the window; mode tokens and sentinels lie past the text ids."""
+  V, L, draws = 4096, 128, 3000
+  args = ml_collections.ConfigDict(dict(mixture=dict(R=0.5, S=0.2, X=0.3),
+                                        r_spans=((3.0, 0.15),), x_spans=((32.0, 0.5),),
+                                        s_density=0.25))
+  corrupt = ul2.host_transform(V, args)
+  input_len, target_len = ul2.lengths(L, args)
+  rng = np.random.default_rng(0)
+  counts = np.zeros(3)
+  for i in range(draws):
+    tokens = rng.integers(4, V, L).astype(np.int32)
+    out = corrupt({'tokens': tokens, 'segment_ids': np.ones(L, np.int32),
+                   'positions': np.arange(L)}, np.random.default_rng(i))
+    assert out['inputs'].shape == (input_len,) and out['targets'].shape == (target_len,)
+    mode = int(out['mode'])
+    counts[mode] += 1
+    inputs = out['inputs'][out['input_segment_ids'] > 0]
+    targets = out['targets'][out['target_segment_ids'] > 0]
+    assert inputs[0] == V + span_corruption.EXTRA_TOKENS + mode  # The mode token leads.
+    assert not out['inputs'][out['input_segment_ids'] == 0].any()
+    np.testing.assert_array_equal(out['decoder_in'][:len(targets)], np.r_[0, targets[:-1]])
+    if ul2.MODES[mode] == 'S':
+      np.testing.assert_array_equal(np.r_[inputs[1:], targets], tokens)
+      assert 1 <= len(targets) <= round(2 * 0.25 * L)
+    else:
+      np.testing.assert_array_equal(span_corruption.reassemble(inputs[1:], targets, V), tokens)
+      density, span = (0.15, 3.0) if ul2.MODES[mode] == 'R' else (0.5, 32.0)
+      num_noise, num_spans, _ = span_corruption.lengths(L, density, span)
+      assert len(targets) == num_noise + num_spans
+      assert (targets[targets >= V] < V + span_corruption.EXTRA_TOKENS).all()
+  np.testing.assert_allclose(counts / draws, [0.5, 0.2, 0.3], atol=0.03)
+
+
+def test_ul2_bad_mixture_is_one_sentence():
+  with pytest.raises(ConfigError, match=r'config.objective_args.mixture=.* weight >= 0 to each'):
+    ul2.validate(ml_collections.ConfigDict(dict(mixture=dict(R=1.0, S=-1.0, X=0.0))))
+  with pytest.raises(ConfigError, match=r'config.objective_args.x_spans=.*\(mean span length'):
+    ul2.validate(ml_collections.ConfigDict(dict(x_spans=((3.0, 1.5),))))

@@ -51,6 +51,16 @@ class Config:
   scan_layers: bool = False     # nn.scan over layers: params stacked on a `layers` axis.
   remat: str = 'none'           # One of layers.REMAT_POLICIES.
   attention_impl: str = 'xla'  # jax.nn.dot_product_attention implementation: xla or cudnn.
+  num_classes: int = 0          # > 0: a classification head on pooled states replaces the LM head.
+  pool: str = 'last'            # How the head pools: one of layers.POOLS.
+  lora_rank: int = 0            # > 0: LoRA adapters of this rank on `lora_targets`.
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = layers.LoRA.targets
+
+  @property
+  def lora(self) -> layers.LoRA | None:
+    return layers.LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if (
+        self.lora_rank) else None
 
 
 def param_count(cfg: Config) -> dict[str, int]:
@@ -74,6 +84,7 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
 
 class Block(nn.Module):
   cfg: Config
+  decode: bool = False  # Self-attention with a KV cache (see layers.Attention).
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, mask_B1LS):
@@ -82,9 +93,10 @@ class Block(nn.Module):
     attn_cfg = layers.AttentionConfig(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
                                       c.attention_impl)
     h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='attn_norm')(x_BLD)
-    x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, name='attn')(h_BLD, positions_BL, mask_B1LS)
+    x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')(
+        h_BLD, positions_BL, mask_B1LS)
     h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(x_BLD)
-    x_BLD = x_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, name='mlp')(h_BLD)
+    x_BLD = x_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, c.lora, name='mlp')(h_BLD)
     x_BLD = constrain(x_BLD, layers.BLD)
     return (x_BLD, None) if c.scan_layers else x_BLD
 
@@ -92,11 +104,14 @@ class Block(nn.Module):
 class Model(nn.Module):
   cfg: Config
   causal: bool = True
+  decode: bool = False  # Generation with a KV cache: see fm/decoding.py.
 
   @nn.compact
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, prefix_BL=None):
-    """Logits for every position. `prefix_BL` (bool) marks a prefix that attends
-    bidirectionally within itself (prefix LM); the rest stays causal."""
+    """Logits for every position, or (cfg.num_classes > 0) class logits (B, C) from the pooled
+    final states. `prefix_BL` (bool) marks a prefix that attends bidirectionally within itself
+    (prefix LM); the rest stays causal. With `decode`, the tokens are appended to the KV cache
+    (segment id 0 marks padding) and attend to everything cached before them."""
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     if segment_ids_BL is None:
@@ -104,6 +119,10 @@ class Model(nn.Module):
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
     mask_B1LS = layers.attention_mask(segment_ids_BL, self.causal, prefix_BL)
+    if self.decode:  # The cache builds its own mask; padding is marked by position -1.
+      positions_BL = jnp.where(segment_ids_BL > 0, positions_BL, -1)
+      mask_B1LS = None if prefix_BL is None else (prefix_BL[:, :, None] & prefix_BL[:, None, :])[
+          :, None]
 
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
     x_BLD = constrain(embed(tokens_BL), layers.BLD)
@@ -112,15 +131,17 @@ class Model(nn.Module):
     if c.remat != 'none':
       block = nn.remat(Block, policy=layers.REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      x_BLD, _ = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=c.num_layers,
-                         metadata_params={nn.PARTITION_NAME: 'layers'})(
-                             c, name='layers')(x_BLD, positions_BL, mask_B1LS)
+      x_BLD, _ = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
+                         split_rngs={'params': True}, in_axes=(nn.broadcast, nn.broadcast),
+                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(
+                             c, self.decode, name='layers')(x_BLD, positions_BL, mask_B1LS)
     else:
       for i in range(c.num_layers):
-        x_BLD = block(c, name=f'layer_{i}')(x_BLD, positions_BL, mask_B1LS)
+        x_BLD = block(c, self.decode, name=f'layer_{i}')(x_BLD, positions_BL, mask_B1LS)
 
     x_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
+    if c.num_classes:
+      return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(x_BLD, segment_ids_BL)
     if c.tie_embeddings:
       # Scaled so tied logits start near unit variance like an untied head.
       logits_BLV = embed.attend(x_BLD) * (c.d_model ** -0.5)

@@ -43,6 +43,7 @@ def flops_per_token(cfg: Config, seq_len: int) -> float:
 
 class DecoderBlock(nn.Module):
   cfg: Config
+  decode: bool = False  # Self-attention with a KV cache (see layers.Attention).
 
   @nn.compact
   def __call__(self, y_BLD, positions_BL, self_mask_B1LL, enc_BSD, cross_mask_B1LS):
@@ -51,40 +52,64 @@ class DecoderBlock(nn.Module):
     attn_cfg = layers.AttentionConfig(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
                                       c.attention_impl)
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='self_norm')(y_BLD)
-    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, name='self_attn')(h, positions_BL,
-                                                                          self_mask_B1LL)
+    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='self_attn')(
+        h, positions_BL, self_mask_B1LL)
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='cross_norm')(y_BLD)
-    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, name='cross_attn')(
+    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, name='cross_attn')(
         h, positions_BL, cross_mask_B1LS, kv_BSD=enc_BSD)
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(y_BLD)
-    y_BLD = y_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, name='mlp')(h)
+    y_BLD = y_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, c.lora, name='mlp')(h)
     return constrain(y_BLD, layers.BLD)
 
 
 class Model(nn.Module):
   cfg: Config
+  decode: bool = False  # Generation with a KV cache in the decoder: see fm/decoding.py.
 
   @nn.compact
-  def __call__(self, inputs_BS, decoder_in_BL, input_seg_BS=None, target_seg_BL=None):
+  def __call__(self, inputs_BS, decoder_in_BL=None, input_seg_BS=None, target_seg_BL=None,
+               encoded_BSD=None, encode_only=False):
+    """Decoder logits (B, L, V); with cfg.num_classes > 0, class logits (B, C) from the pooled
+    encoder output (the decoder is not used: call with the inputs alone).
+
+    For generation: `encode_only` returns the encoder output; passing it back as `encoded_BSD`
+    skips the encoder. With `decode`, the decoder tokens are appended to the KV cache."""
     c = dataclasses.replace(self.cfg, scan_layers=False)  # Blocks return plain activations.
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     input_seg_BS = jnp.ones_like(inputs_BS) if input_seg_BS is None else input_seg_BS
-    target_seg_BL = jnp.ones_like(decoder_in_BL) if target_seg_BL is None else target_seg_BL
     positions = lambda t: jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
 
-    x_BSD = constrain(embed(inputs_BS), layers.BLD)
-    enc_mask = layers.attention_mask(input_seg_BS, causal=False)
-    for i in range(c.num_layers):
-      x_BSD = decoder.Block(c, name=f'encoder_{i}')(x_BSD, positions(inputs_BS), enc_mask)
-    enc_BSD = layers.RMSNorm(c.norm_eps, dt, pdt, name='encoder_norm')(x_BSD)
+    enc_BSD = encoded_BSD
+    if enc_BSD is None:
+      x_BSD = constrain(embed(inputs_BS), layers.BLD)
+      enc_mask = layers.attention_mask(input_seg_BS, causal=False)
+      for i in range(c.num_layers):
+        x_BSD = decoder.Block(c, name=f'encoder_{i}')(x_BSD, positions(inputs_BS), enc_mask)
+      enc_BSD = layers.RMSNorm(c.norm_eps, dt, pdt, name='encoder_norm')(x_BSD)
+    if c.num_classes:
+      return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(enc_BSD, input_seg_BS)
+    if encode_only:
+      return enc_BSD
 
+    target_seg_BL = jnp.ones_like(decoder_in_BL) if target_seg_BL is None else target_seg_BL
     y_BLD = constrain(embed(decoder_in_BL), layers.BLD)
     self_mask = layers.attention_mask(target_seg_BL, causal=True)
     cross_mask = (target_seg_BL[:, :, None] == input_seg_BS[:, None, :])[:, None]
+    dec_positions = positions(decoder_in_BL)
+    if self.decode:  # The cache builds the self-attention mask; positions count from the cache.
+      self_mask = None
+      cross_mask = ((target_seg_BL > 0)[:, :, None] & (input_seg_BS > 0)[:, None, :])[:, None]
+      creating = not self.has_variable('cache', 'position')
+      position = self.variable('cache', 'position', lambda: jnp.zeros((), jnp.int32))
+      start = position.value
+      if not creating:
+        position.value = start + decoder_in_BL.shape[1]
+      dec_positions = jnp.broadcast_to(start + jnp.arange(decoder_in_BL.shape[1]),
+                                       decoder_in_BL.shape)
     for i in range(c.num_layers):
-      y_BLD = DecoderBlock(c, name=f'decoder_{i}')(y_BLD, positions(decoder_in_BL), self_mask,
-                                                   enc_BSD, cross_mask)
+      y_BLD = DecoderBlock(c, self.decode, name=f'decoder_{i}')(y_BLD, dec_positions, self_mask,
+                                                                enc_BSD, cross_mask)
     y_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='decoder_norm')(y_BLD)
     logits_BLV = embed.attend(y_BLD) * (c.d_model ** -0.5)
     return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

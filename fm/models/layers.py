@@ -5,6 +5,7 @@ K head dim, F MLP dim, V vocab. Every param carries logical axis names; activati
 constrained by logical `act_*` names at block boundaries.
 """
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +24,93 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
 
 def dense_init(fan_in: int):
   return nn.initializers.normal(stddev=fan_in ** -0.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+  """Low-rank adapters (Hu et al. 2021) on the projections named in `targets`."""
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
+
+
+LORA_SUFFIXES = ('_lora_a', '_lora_b')
+
+
+def dense_weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, n_in: int,
+                 dtype, param_dtype, lora: LoRA | None = None) -> jax.Array:
+  """A projection weight whose first `n_in` dims are its inputs, in the compute dtype.
+
+  With LoRA on `name` it is W + (alpha / rank) * A.B, A (inputs x rank, random) and B (rank x
+  outputs, zero), so training starts from W exactly; A and B carry W's logical axes on their
+  input/output dims and are sharded like it.
+  """
+  fan_in = int(math.prod(shape[:n_in]))
+  w = param_with_axes(module, name, dense_init(fan_in), shape, axes, param_dtype)
+  if lora is not None and lora.rank and name in lora.targets:
+    r = lora.rank
+    a = param_with_axes(module, name + '_lora_a', dense_init(fan_in), (*shape[:n_in], r),
+                        (*axes[:n_in], None), param_dtype)
+    b = param_with_axes(module, name + '_lora_b', nn.initializers.zeros, (r, *shape[n_in:]),
+                        (None, *axes[n_in:]), param_dtype)
+    w = w + (lora.alpha / r) * jnp.tensordot(a, b, axes=1)
+  return w.astype(dtype)
+
+
+def merge_lora(params: Any, lora: LoRA, stacked: bool = False) -> Any:
+  """Params with every adapter folded into its weight (W + alpha/rank A.B) and removed.
+
+  `stacked`: the params of scanned layers carry a leading layer axis.
+  """
+  product = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1)) if stacked else (
+      lambda a, b: jnp.tensordot(a, b, axes=1))
+
+  def merge(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {}
+    for k, v in tree.items():
+      if k.endswith(LORA_SUFFIXES):
+        continue
+      if f'{k}_lora_a' in tree:
+        a, b = tree[f'{k}_lora_a'], tree[f'{k}_lora_b']
+        v = (v + (lora.alpha / lora.rank) * product(a, b)).astype(v.dtype)
+      out[k] = merge(v)
+    return out
+  return merge(params)
+
+
+POOLS = ('last', 'mean', 'first')
+
+
+def pool(x_BLD: jax.Array, segment_ids_BL: jax.Array, how: str) -> jax.Array:
+  """One vector per row from its real (segment id > 0, left-aligned) positions: the last one
+  (a decoder's summary of the whole text), the first, or their mean."""
+  real_BL = segment_ids_BL > 0
+  if how == 'mean':
+    w_BL = real_BL.astype(jnp.float32)
+    return jnp.einsum('BLD,BL->BD', x_BLD.astype(jnp.float32), w_BL) / jnp.maximum(
+        w_BL.sum(1, keepdims=True), 1.0)
+  index_B = jnp.maximum(real_BL.sum(1) - 1, 0) if how == 'last' else jnp.zeros(
+      x_BLD.shape[0], jnp.int32)
+  return jnp.take_along_axis(x_BLD, index_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+class ClassifierHead(nn.Module):
+  """Pooled hidden states -> class logits (float32)."""
+  num_classes: int
+  how: str = 'last'
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD, segment_ids_BL):
+    pooled_BD = pool(x_BLD, segment_ids_BL, self.how)
+    D = pooled_BD.shape[-1]
+    w_DC = param_with_axes(self, 'kernel', dense_init(D), (D, self.num_classes), ('embed', None),
+                           self.param_dtype)
+    b_C = param_with_axes(self, 'bias', nn.initializers.zeros, (self.num_classes,), (None,),
+                          self.param_dtype)
+    return pooled_BD @ w_DC.astype(jnp.float32) + b_C.astype(jnp.float32)
 
 
 class RMSNorm(nn.Module):
@@ -101,23 +189,30 @@ class Attention(nn.Module):
 
   Self-attention by default; given `kv_BSD` (an encoder's output) it is cross-attention, whose
   keys carry no positions.
+
+  `decode=True` (self-attention) keeps a KV cache in the `cache` collection: the first call,
+  with inputs as long as the cache should be, only creates it (zeros); each later call writes
+  its new keys and values at the cache index and attends to everything cached so far, causally.
+  In decode mode padding tokens carry position -1, and `mask_B1LS` (None, or a mask among the
+  new tokens) adds pairs beyond the causal ones: a prefix LM's prompt read bidirectionally.
   """
   cfg: AttentionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRA | None = None
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, mask_B1LS, kv_BSD=None):
     c, D = self.cfg, x_BLD.shape[-1]
     cross = kv_BSD is not None
     kv_BSD = x_BLD if kv_BSD is None else kv_BSD
-    w = lambda name, shape, axes, fan_in: param_with_axes(
-        self, name, dense_init(fan_in), shape, axes, self.param_dtype).astype(self.dtype)
-    wq_DHK = w('query', (D, c.num_heads, c.head_dim), ('embed', 'heads', 'head_dim'), D)
-    wk_DGK = w('key', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), D)
-    wv_DGK = w('value', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), D)
-    wo_HKD = w('out', (c.num_heads, c.head_dim, D), ('heads', 'head_dim', 'embed'),
-               c.num_heads * c.head_dim)
+    w = lambda name, shape, axes, n_in: dense_weight(self, name, shape, axes, n_in, self.dtype,
+                                                     self.param_dtype, self.lora)
+    wq_DHK = w('query', (D, c.num_heads, c.head_dim), ('embed', 'heads', 'head_dim'), 1)
+    wk_DGK = w('key', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
+    wv_DGK = w('value', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
+    wo_HKD = w('out', (c.num_heads, c.head_dim, D), ('heads', 'head_dim', 'embed'), 2)
     q_BLHK = jnp.einsum('BLD,DHK->BLHK', x_BLD, wq_DHK)
     k_BLGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
     v_BLGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
@@ -127,25 +222,53 @@ class Attention(nn.Module):
     q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
     k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
+    if self.decode and not cross:
+      k_BLGK, v_BLGK, mask_B1LS = self._cached(k_BLGK, v_BLGK, positions_BL >= 0, mask_B1LS)
     out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS,
                                             implementation=c.implementation)
     return jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
+
+  def _cached(self, k_BLGK, v_BLGK, valid_BL, extra_B1LL=None):
+    """(cached keys, cached values, mask of the new queries over the cache) after writing the
+    new tokens' keys and values at the cache index; `extra_B1LL` allows more pairs among the
+    new tokens than the causal ones."""
+    creating = not self.has_variable('cache', 'key')
+    key = self.variable('cache', 'key', jnp.zeros, k_BLGK.shape, k_BLGK.dtype)
+    value = self.variable('cache', 'value', jnp.zeros, v_BLGK.shape, v_BLGK.dtype)
+    valid = self.variable('cache', 'valid', jnp.zeros, valid_BL.shape, bool)
+    index = self.variable('cache', 'index', lambda: jnp.zeros((), jnp.int32))
+    if creating:
+      return k_BLGK, v_BLGK, None
+    i, L, S = index.value, k_BLGK.shape[1], key.value.shape[1]
+    key.value = jax.lax.dynamic_update_slice(key.value, k_BLGK.astype(key.value.dtype), (0, i, 0, 0))
+    value.value = jax.lax.dynamic_update_slice(value.value, v_BLGK.astype(value.value.dtype),
+                                               (0, i, 0, 0))
+    valid.value = jax.lax.dynamic_update_slice(valid.value, valid_BL, (0, i))
+    index.value = i + L
+    allowed_BLS = jnp.broadcast_to(jnp.arange(S)[None, :] <= (i + jnp.arange(L))[:, None],
+                                   (valid_BL.shape[0], L, S))
+    if extra_B1LL is not None:
+      allowed_BLS |= jax.lax.dynamic_update_slice(jnp.zeros_like(allowed_BLS), extra_B1LL[:, 0],
+                                                  (0, 0, i))
+    mask_B1LS = (valid.value[:, None, :] & allowed_BLS)[:, None]
+    return key.value, value.value, mask_B1LS
 
 
 class SwiGLU(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  lora: LoRA | None = None
 
   @nn.compact
   def __call__(self, x_BLD):
     D, F = x_BLD.shape[-1], self.mlp_dim
-    w = lambda name, shape, axes, fan_in: param_with_axes(
-        self, name, dense_init(fan_in), shape, axes, self.param_dtype).astype(self.dtype)
-    gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp'), D))
-    up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp'), D))
+    w = lambda name, shape, axes: dense_weight(self, name, shape, axes, 1, self.dtype,
+                                               self.param_dtype, self.lora)
+    gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp')))
+    up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
     h_BLF = constrain(nn.silu(gate_BLF) * up_BLF, ('act_batch', 'act_length', 'act_mlp'))
-    return jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed'), F))
+    return jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
 
 
 REMAT_POLICIES = {

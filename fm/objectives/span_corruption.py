@@ -13,8 +13,8 @@ from fm.objectives._losses import summarize, weighted_cross_entropy
 
 COMPATIBLE_MODELS = ('encdec',)
 EXTRA_TOKENS = 100  # Sentinels.
-__all__ = ['COMPATIBLE_MODELS', 'EXTRA_TOKENS', 'host_transform', 'lengths', 'loss_fn',
-           'summarize', 'example_inputs', 'reassemble']
+__all__ = ['COMPATIBLE_MODELS', 'EXTRA_TOKENS', 'corrupt_tokens', 'host_transform', 'lengths',
+           'loss_fn', 'summarize', 'example_inputs', 'reassemble']
 
 
 def lengths(seq_len: int, density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int, int]:
@@ -36,12 +36,24 @@ def noise_mask(seq_len: int, density: float, mean_span: float, rng: np.random.Ge
   return np.repeat(np.tile([False, True], num_spans), runs.reshape(-1))
 
 
+def corrupt_tokens(tokens: np.ndarray, density: float, mean_span: float,
+                   rng: np.random.Generator, first_sentinel: int) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, targets): each noise span replaced by its own sentinel in the inputs; the targets
+  list each sentinel followed by the tokens it hides. Span i gets id first_sentinel + i."""
+  noise = noise_mask(len(tokens), density, mean_span, rng)
+  first = noise & ~np.r_[False, noise[:-1]]
+  sentinel = first_sentinel + np.cumsum(first) - 1
+  inputs = np.where(first, sentinel, tokens)[~noise | first]
+  order = np.argsort(np.r_[np.flatnonzero(first) - 0.5, np.flatnonzero(noise)], kind='stable')
+  targets = np.r_[sentinel[first], tokens[noise]][order]
+  return inputs.astype(np.int32), targets.astype(np.int32)
+
+
 def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
   density, mean_span = cfg.get('noise_density', 0.15), cfg.get('mean_span', 3.0)
 
   def corrupt(window: dict, rng: np.random.Generator) -> dict:
-    tokens = window['tokens']
-    L = len(tokens)
+    L = len(window['tokens'])
     num_noise, num_spans, input_len = lengths(L, density, mean_span)
     target_len = num_noise + num_spans
     if not (window['segment_ids'] > 0).any():  # A padding window (evaluation): all weight 0.
@@ -49,15 +61,10 @@ def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
       return {'inputs': zeros(input_len), 'input_segment_ids': zeros(input_len),
               'targets': zeros(target_len), 'target_segment_ids': zeros(target_len),
               'decoder_in': zeros(target_len)}
-    noise = noise_mask(L, density, mean_span, rng)
-    first = noise & ~np.r_[False, noise[:-1]]
-    sentinel = vocab_size + np.cumsum(first) - 1  # Span i gets sentinel vocab_size + i.
-    inputs = np.where(first, sentinel, tokens)[~noise | first]
-    order = np.argsort(np.r_[np.flatnonzero(first) - 0.5, np.flatnonzero(noise)], kind='stable')
-    targets = np.r_[sentinel[first], tokens[noise]][order]
+    inputs, targets = corrupt_tokens(window['tokens'], density, mean_span, rng, vocab_size)
     ones = lambda n: np.ones(n, np.int32)
-    return {'inputs': inputs.astype(np.int32), 'input_segment_ids': ones(input_len),
-            'targets': targets.astype(np.int32), 'target_segment_ids': ones(target_len),
+    return {'inputs': inputs, 'input_segment_ids': ones(input_len), 'targets': targets,
+            'target_segment_ids': ones(target_len),
             'decoder_in': np.r_[0, targets[:-1]].astype(np.int32)}  # Shifted right, 0 starts.
   return corrupt
 
@@ -70,9 +77,10 @@ def reassemble(inputs: np.ndarray, targets: np.ndarray, vocab_size: int) -> np.n
   return np.concatenate([by_id[int(t)] if t >= vocab_size else [t] for t in inputs])
 
 
-def example_inputs(batch_size: int, seq_len: int) -> tuple:
+def example_inputs(batch_size: int, seq_len: int, cfg: ml_collections.ConfigDict) -> tuple:
   """Zero arrays shaped like the model's inputs, for initialisation."""
-  num_noise, num_spans, input_len = lengths(seq_len)
+  num_noise, num_spans, input_len = lengths(seq_len, cfg.get('noise_density', 0.15),
+                                            cfg.get('mean_span', 3.0))
   z = lambda n: np.zeros((batch_size, n), np.int32)
   return z(input_len), z(num_noise + num_spans), z(input_len), z(num_noise + num_spans)
 

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 
-from fm import train
+from fm import ConfigError, checkpoint, registry, train
 from workdirs import load_experiment, train_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py'))
+# Experiment files (configs); scripts such as label_efficiency.py are run by their own tests.
+EXPERIMENTS = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py')
+                     if 'def get_config' in p.read_text())
 
 
 def run_main(*args, timeout=300):
@@ -41,7 +43,7 @@ def run_readme_command(cmd: list[str], workdir: pathlib.Path) -> subprocess.Comp
 
 def test_readme_smoke_commands(tmp_path):
   """The smoke command writes what the README says; the fsdp=8 variant computes the same."""
-  commands = readme_commands()
+  commands = [c for c in readme_commands() if 'experiments/lm_shakespeare.py:smoke' in c]
   assert len(commands) == 2, commands
   plain, fsdp = sorted(commands, key=lambda c: 'XLA_FLAGS' in c[0])
   result = run_readme_command(plain, tmp_path / 'w')
@@ -66,7 +68,32 @@ def test_readme_smoke_commands(tmp_path):
     assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
-@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_readme_transfer_command_reuses_the_backbone(tmp_path):
+  """The README's transfer command pretrains, fine-tunes and tests; run again, it trains
+  nothing and reports the test accuracy again."""
+  [command] = [c for c in readme_commands() if 'experiments/transfer_sentiment.py:smoke' in c]
+  workdir = tmp_path / 't'
+  first = run_readme_command(list(command), workdir)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert 'training experiments/lm_shakespeare.py:smoke' in first.stdout
+  tested = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+            if 'test/accuracy' in l]
+  assert len(tested) == 1 and 0 <= tested[0]['test/accuracy'] <= 1
+  pretraining = (workdir / 'pretrained' / 'metrics.jsonl').read_text()
+  second = run_readme_command(list(command), workdir)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'training experiments' not in second.stdout and 'nothing to train' in second.stdout
+  assert 'test @ 20: loss' in second.stdout
+  assert (workdir / 'pretrained' / 'metrics.jsonl').read_text() == pretraining
+
+
+# Covered by larger tests: distillation by test_distill_trains_the_teacher_once, transfer by the
+# README command above.
+COVERED_ELSEWHERE = ('distill_shakespeare', 'transfer_sentiment')
+
+
+@pytest.mark.parametrize('name', [pytest.param(e, marks=pytest.mark.slow)
+                                  if e in COVERED_ELSEWHERE else e for e in EXPERIMENTS])
 def test_every_experiment_runs_two_steps(name, tmp_path):
   config = load_experiment(name).get_config('smoke')
   config.train.steps, config.train.log_every, config.train.eval_every = 2, 1, 2
@@ -84,12 +111,62 @@ BAD_INPUT = [
     (['--config.train.stepz=3'], r'--config override .*Did you mean "steps"'),
     (['--config.train.steps=abc'], r'--config.train.steps=abc'),
     (['--config.train.nonfinite=ignore'], r"config.train.nonfinite='ignore' is unknown; choose raise or skip"),
+    (['--config.objective=distill'], r'config.objective_args.teacher needs a workdir of a finished run'),
+    (['--config.objective=ul2'], r"config.objective='ul2' does not work with config.model.name='decoder'; compatible models: encdec"),
 ]
+# (experiment, flags, message) for the objectives' own arguments.
+BAD_OBJECTIVE_ARGS = [
+    ('ul2_news', ['--config.objective_args.mixture.S=-1.0'], r'config.objective_args.mixture=.* must give a weight >= 0'),
+    ('distill_shakespeare', ['--config.objective_args.teacher.experiment=experiments/nope.py'],
+     r"config.objective_args.teacher.experiment='experiments/nope.py': no such experiment file"),
+    ('distill_shakespeare', ['--config.objective_args.teacher.experiment=', '--config.objective_args.teacher.workdir=/nonexistent'],
+     r"config.objective_args.teacher.workdir='/nonexistent' holds no checkpoint"),
+    ('distill_shakespeare', ['--config.objective_args.temperature=0'], r'config.objective_args.temperature=0.0 must be > 0'),
+]
+
+
+def test_distill_trains_the_teacher_once(tmp_path):
+  """The first run trains the teacher into WORKDIR/teacher; a later run reuses it."""
+  config = load_experiment('distill_shakespeare').get_config('smoke')
+  config.train.update(steps=2, log_every=1, eval_every=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  teacher = tmp_path / 'teacher'
+  assert checkpoint.latest_step(teacher) == 20
+  trained = (teacher / 'metrics.jsonl').read_text()
+  config.train.steps = 4
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert (teacher / 'metrics.jsonl').read_text() == trained  # Not trained again.
+  frozen = json.loads((tmp_path / 'config.json').read_text())['frozen']
+  assert frozen == {'teacher': str(teacher / 'checkpoints' / '20')}
+  assert 0 < metrics['teacher_loss'] and 0 <= metrics['kl']
+
+
+def test_teacher_with_another_tokenizer_is_refused():
+  meta = {'config': {'model': {'name': 'decoder'}}, 'tokenizer': {'kind': 'byte'},
+          'model': {'vocab_size': 384}}
+  _, student = train.model_config(load_experiment('distill_shakespeare').get_config('smoke'), 4096)
+  with pytest.raises(ConfigError, match=r'config.objective_args.teacher: /t was trained with '
+                                        r'tokenizer .* set config.data to the same'):
+    train._check_frozen('teacher', '/t', meta, registry.get('objectives', 'distill'), student,
+                        {'kind': 'sentencepiece'})
+  meta['config']['model']['name'] = 'encdec'
+  with pytest.raises(ConfigError, match=r"holds a 'encdec' model; fm.objectives.distill needs"):
+    train._check_frozen('teacher', '/t', meta, registry.get('objectives', 'distill'), student,
+                        {'kind': 'byte'})
 
 
 @pytest.mark.parametrize('flags,message', BAD_INPUT)
 def test_bad_input_is_one_line(flags, message, tmp_path):
-  result = run_main('--config', 'experiments/lm_shakespeare.py:smoke', '--workdir',
+  check_one_line_error('lm_shakespeare', flags, message, tmp_path)
+
+
+@pytest.mark.parametrize('experiment,flags,message', BAD_OBJECTIVE_ARGS)
+def test_bad_objective_args_are_one_line(experiment, flags, message, tmp_path):
+  check_one_line_error(experiment, flags, message, tmp_path)
+
+
+def check_one_line_error(experiment, flags, message, tmp_path):
+  result = run_main('--config', f'experiments/{experiment}.py:smoke', '--workdir',
                     str(tmp_path / 'w'), *flags)
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr

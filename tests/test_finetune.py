@@ -1,0 +1,245 @@
+"""Fine-tuning: classification heads, frozen params, LoRA merging, tasks x modes end to end."""
+import json
+import pathlib
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fm import ConfigError, checkpoint, finetune, registry, sharding, train
+from fm.models import decoder, encdec, layers
+from fm.tasks import _classification
+from workdirs import load_experiment
+
+TASKS = registry.choices('tasks')
+
+
+def tiny(module, **fields):
+  return module.Config(**{**module.VARIANTS['tiny'], 'vocab_size': 256, **fields})
+
+
+@pytest.mark.parametrize('module,scan', [(decoder, False), (decoder, True), (encdec, False)])
+def test_merged_lora_gives_the_same_outputs(module, scan):
+  cfg = tiny(module, lora_rank=4, num_classes=3, scan_layers=scan)
+  name = module.__name__.split('.')[-1]
+  tokens = jax.random.randint(jax.random.key(0), (2, 16), 4, 256)
+  seg = jnp.ones_like(tokens)
+  inputs = (tokens, None, seg) if name == 'encdec' else (tokens, seg, jnp.broadcast_to(
+      jnp.arange(16), tokens.shape))
+  params = nn.unbox(module.Model(cfg).init(jax.random.key(1), *inputs))
+  # Adapters start at B = 0; give them values so the merge has something to fold in.
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  noisy = {jax.tree_util.keystr(p): (jax.random.normal(jax.random.key(i), x.shape) * 0.1
+                                     if jax.tree_util.keystr(p).endswith("_lora_b']") else x)
+           for i, (p, x) in enumerate(leaves)}
+  params = jax.tree_util.tree_map_with_path(lambda p, _: noisy[jax.tree_util.keystr(p)], params)
+  merged = layers.merge_lora(params, cfg.lora, stacked=scan)
+  flat = lambda t: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
+  assert not any('lora' in k for k in flat(merged))
+  plain = module.Model(module.Config(**{**cfg.__dict__, 'lora_rank': 0}))
+  assert flat(merged) == flat(nn.unbox(plain.init(jax.random.key(1), *inputs)))
+  before = module.Model(cfg).apply(params, *inputs)
+  after = plain.apply(merged, *inputs)
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_default_lora_trains_under_5_percent_of_the_backbone():
+  cfg = decoder.Config(**{**decoder.VARIANTS['mini'], 'vocab_size': 4096, 'num_classes': 2,
+                          'lora_rank': 8})
+  sample = finetune.example_inputs('decoder', 1, 16)
+  abstract = sharding.unbox(jax.eval_shape(decoder.Model(cfg).init, jax.random.key(0), *sample))
+  mask = finetune.trainable_mask(abstract, 'lora')
+  sizes = [(int(np.prod(x.shape)), t) for x, t in zip(jax.tree.leaves(abstract),
+                                                        jax.tree.leaves(mask))]
+  trainable = sum(n for n, t in sizes if t)
+  backbone = sum(n for n, t in sizes if not t)
+  assert 0 < trainable <= 0.05 * backbone, (trainable, backbone)
+
+
+@pytest.mark.parametrize('mode', ['linear_probe', 'lora', 'full'])
+def test_frozen_params_stay_bitwise_unchanged(mode):
+  """Train a few steps on 8 devices; frozen params keep their bits, trainable ones move, and
+  frozen params hold no optimizer state."""
+  cfg = tiny(decoder, num_classes=2, lora_rank=4 if mode == 'lora' else 0)
+  model = decoder.Model(cfg)
+  config = ml_collections.ConfigDict(dict(finetune=dict(mode=mode), optim=dict(lr=1e-2)))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
+  rules = sharding.DEFAULT_RULES
+  sample = finetune.example_inputs('decoder', 8, 16)
+  rng = np.random.default_rng(0)
+  batch = {'tokens': rng.integers(4, 256, (8, 16)).astype(np.int32),
+           'segment_ids': np.ones((8, 16), np.int32),
+           'positions': np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy(),
+           'label': rng.integers(0, 2, 8).astype(np.int32), 'weight': np.ones(8, np.float32)}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = sharding.unbox(jax.eval_shape(model.init, jax.random.key(0), *sample))
+    mask = finetune.trainable_mask(abstract, mode)
+    tx = finetune.make_tx(config, mask, 10)
+    program = train.build(model, tx, _classification.make_loss_fn(2, 'decoder'), config, mesh,
+                          rules, sample, trainable=mask)
+    state = program.init(jax.random.key(0))
+    before = jax.device_get(state['params'])
+    for _ in range(3):
+      state, metrics = program.train_step(state, sharding.put_batch(batch, mesh, rules),
+                                          jax.random.key(1))
+    after = jax.device_get(state['params'])
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
+  for moved, trains in zip(jax.tree.leaves(changed), jax.tree.leaves(mask)):
+    assert moved == trains or (trains and mode == 'lora')  # lora_a may stay while B is 0.
+  assert any(jax.tree.leaves(changed))
+  state_size = sum(x.size for x in jax.tree.leaves(state['opt_state']))
+  trainable = sum(x.size for x, t in zip(jax.tree.leaves(after), jax.tree.leaves(mask)) if t)
+  assert state_size <= 2 * trainable + 10  # Adam's two moments (and counts) for trainables only.
+
+
+def test_macro_f1_and_accuracy():
+  confusion = np.array([[3, 1], [2, 4]])  # Rows: true labels.
+  s = _classification.scores(confusion)
+  f1_0, f1_1 = 2 * 3 / (2 * 3 + 1 + 2), 2 * 4 / (2 * 4 + 2 + 1)
+  assert s['accuracy'] == pytest.approx(0.7) and s['macro_f1'] == pytest.approx((f1_0 + f1_1) / 2)
+
+
+def test_last_token_pooling_reads_the_last_real_position():
+  x = jnp.arange(2 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 1)
+  seg = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(layers.pool(x, seg, 'last')[:, 0], [2.0, 9.0])
+  np.testing.assert_allclose(layers.pool(x, seg, 'mean')[:, 0], [1.0, 7.0])
+
+
+@pytest.mark.parametrize('task', TASKS)
+def test_task_splits_are_disjoint_and_deterministic(task):
+  module = registry.get('tasks', task)
+  splits = module.load(seed=0)
+  assert {len(v) > 0 for v in splits.values()} == {True}
+  assert module.load(seed=0)['test'][:5] == splits['test'][:5]
+  if module.KIND == 'classification':
+    texts = {k: {t for t, _ in v} for k, v in splits.items()}
+    assert not texts['train'] & texts['test'] and not texts['validation'] & texts['test']
+    assert {l for v in splits.values() for _, l in v} == set(range(len(module.LABELS)))
+  else:  # Non-empty sources and targets.
+    assert all(s and t for v in splits.values() for s, t in v)
+
+
+CLASSIFICATION = [t for t in TASKS if registry.get('tasks', t).KIND == 'classification']
+SEQ2SEQ = [t for t in TASKS if registry.get('tasks', t).KIND == 'seq2seq']
+DECODER, ENCODER, ENCDEC = (f'experiments/{e}.py:smoke' for e in ('lm_shakespeare',
+                                                                   'mlm_shakespeare', 't5_news'))
+# The default suite runs every mode on sentiment, each backbone family once, and seq2seq on
+# an encoder-decoder (experiments/transfer_headline.py:smoke in test_main); the rest of the
+# matrix is marked slow (seq2seq runs compile greedy and beam decoding, about 20 s each).
+DEFAULT = {('sentiment', m, DECODER) for m in finetune.MODES} | {
+    ('sentiment', 'lora', ENCODER), ('question_type', 'full', ENCDEC)}
+SMOKE = [(task, mode, DECODER) for task in CLASSIFICATION for mode in finetune.MODES] + [
+    ('sentiment', 'lora', ENCODER), ('question_type', 'full', ENCDEC)] + [
+    (task, mode, backbone) for task in SEQ2SEQ for mode in ('full', 'lora')
+    for backbone in (ENCDEC, DECODER)]
+SMOKE = [s if s in DEFAULT else pytest.param(*s, marks=pytest.mark.slow) for s in SMOKE]
+
+
+@pytest.mark.parametrize('task,mode,backbone', SMOKE)
+def test_task_and_mode_two_steps_on_8_devices(task, mode, backbone, tmp_path):
+  seq2seq = task in SEQ2SEQ
+  config = load_experiment('transfer_headline' if seq2seq else 'transfer_sentiment').get_config(
+      'smoke')
+  config.task, config.finetune.mode, config.finetune.init = task, mode, 'random'
+  config.pretrained.experiment = backbone
+  config.train.update(steps=2, log_every=1, eval_every=2, eval_batches=1)
+  if seq2seq:
+    config.task_args.eval_examples = 8
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  if seq2seq:  # Generated text is scored by greedy and beam search.
+    names = {'headline': ('rouge1', 'rouge2', 'rougeL'), 'translate': ('bleu', 'chrf')}[task]
+    assert {f'test/{d}_{n}' for d in ('greedy', 'beam4') for n in names} <= set(metrics)
+    assert (tmp_path / 'samples.txt').read_text().count('reference:') == 8
+  else:
+    assert 0 <= metrics['test/accuracy'] <= 1 and 0 <= metrics['macro_f1'] <= 1
+  resolved = json.loads((tmp_path / 'config.json').read_text())
+  assert resolved['mesh'] == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  trainable = resolved['params']['trainable']
+  assert (trainable == 0) == (mode in finetune.PROMPT_MODES)  # Nothing trains without training.
+  assert trainable <= resolved['params']['total']
+
+
+def test_lora_run_on_a_pretrained_backbone_merges(tmp_path):
+  """LoRA fine-tuning warm-started from a pretraining workdir; `fm.finetune merge` folds the
+  adapters in and the merged checkpoint loads without them."""
+  config = load_experiment('transfer_sentiment').get_config('smoke')
+  config.finetune.mode = 'lora'
+  config.train.update(steps=4, log_every=2, eval_every=4, eval_batches=1)
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  assert checkpoint.latest_step(tmp_path / 'a' / 'pretrained') == 20
+  out, diff = finetune.merge(str(tmp_path / 'a'))
+  assert out == tmp_path / 'a' / 'merged' and diff < 1e-4
+  assert checkpoint.param_metadata(out) and not any(
+      'lora' in k for k in checkpoint.param_metadata(out))
+  assert 'step merged' in checkpoint.inspect(str(out))
+
+
+BAD = [
+    (dict(finetune=dict(mode='adapter')), r"config.finetune.mode='adapter' is unknown for a classification task; choose one of: full, linear_probe, lora, zero_shot, few_shot"),
+    (dict(task='poetry'), r"config.task='poetry' is unknown; choose one of: headline, question_type, sentiment, translate"),
+    (dict(finetune=dict(pool='max')), r"config.finetune.pool='max' is unknown; choose one of: last, mean, first"),
+    (dict(pretrained=dict(experiment='', workdir='')), r'config.pretrained needs a workdir of a finished run'),
+    (dict(task_args=dict(train_fraction=0.0)), r'config.task_args.train_fraction=0.0 must lie in'),
+    (dict(finetune=dict(mode='zero_shot', init='random'),
+          pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke')),
+     r"config.finetune.mode='zero_shot' scores label words with a causal LM, but the backbone is an 'encoder' model"),
+    (dict(task='headline', finetune=dict(mode='linear_probe')),
+     r"config.finetune.mode='linear_probe' is unknown for a seq2seq task; choose one of: full, lora"),
+    (dict(task='headline', finetune=dict(init='random'),
+          pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke')),
+     r"config.task='headline' \(seq2seq\) cannot use a 'encoder' backbone; compatible: encdec, decoder"),
+]
+
+
+@pytest.mark.parametrize('override,message', BAD)
+def test_bad_finetune_config_is_one_sentence(override, message, tmp_path):
+  seq2seq = override.get('task') in SEQ2SEQ
+  config = load_experiment('transfer_headline' if seq2seq else 'transfer_sentiment').get_config(
+      'smoke')
+  for key, value in override.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  with pytest.raises(ConfigError, match=message):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / 'pretrained').exists()  # Nothing ran.
+
+
+def test_prompt_rows_score_only_the_label_words():
+  class Tok:  # Characters as ids, enough to check the layout.
+    bos_id = 1
+    def encode(self, text):
+      return [ord(ch) for ch in text]
+  class Task:
+    PROMPT, LABEL_WORDS = 'Q {text} A', (' no', ' yes!')
+  rows = _classification.encode_prompts([('hi', 1)], [('ok', 0)], Task, Tok(), 32)
+  for c, word in enumerate(Task.LABEL_WORDS):
+    tokens, weights = rows['tokens'][0, c], rows['target_weights'][0, c]
+    text = ''.join(map(chr, tokens[1:tokens.nonzero()[0][-1] + 1]))
+    assert text == 'Q ok A no\n\nQ hi A' + word
+    assert ''.join(map(chr, tokens[weights > 0])) == word
+  assert rows['label'].tolist() == [1]
+
+
+@pytest.mark.slow
+def test_label_efficiency_script_smoke(tmp_path):
+  """The README's smoke command of the label-efficiency study writes its table and plot."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  result = subprocess.run([sys.executable, 'experiments/label_efficiency.py', '--workdir',
+                           str(tmp_path), '--smoke'], cwd=root, capture_output=True, text=True,
+                          timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / 'label_efficiency.json').read_text())
+  assert {(r['model'], r['fraction']) for r in rows} == {
+      (m, f) for m in ('pretrained', 'random', 'bag_of_words') for f in (0.1, 1.0)}
+  assert all(0 <= r['accuracy'] <= 1 for r in rows)
+  table = (tmp_path / 'label_efficiency.md').read_text()
+  assert table.count("\n| ") == 4 and "10% labels" in table  # Header and three models.
+  assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000

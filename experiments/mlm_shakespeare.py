@@ -19,11 +19,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data = dict(dataset='shakespeare', seq_len=256, seed=0,
                 tokenizer=dict(kind='sentencepiece', vocab_size=4096))
   c.train = dict(steps=360, global_batch=16, log_every=20, eval_every=120, eval_batches=16,
-                 final_eval_batches=-1, nonfinite='raise')
+                 final_eval_batches=-1, nonfinite='raise', microbatches=1)
   c.optim = dict(lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
                  b1=0.9, b2=0.95)
   c.objective_args = dict(mask_rate=0.15)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=100, keep=3)
 
   if arg == 'smoke':

@@ -24,10 +24,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                     lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'))
   c.data = dict(source_len=192, target_len=32, seed=0)
   c.train = dict(steps=300, global_batch=16, log_every=20, eval_every=100, eval_batches=-1,
-                 nonfinite='raise')
+                 nonfinite='raise', microbatches=1)
   c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
                  b1=0.9, b2=0.999)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=100, keep=2)
 
   if arg == 'smoke':

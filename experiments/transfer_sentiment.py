@@ -24,10 +24,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                                                    'down'))
   c.data = dict(seq_len=64, seed=0)
   c.train = dict(steps=900, global_batch=32, log_every=50, eval_every=300, eval_batches=-1,
-                 nonfinite='raise')
+                 nonfinite='raise', microbatches=1)
   c.optim = dict(lr=3e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
                  b1=0.9, b2=0.999)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=100, keep=2)
 
   if arg == 'smoke':

@@ -19,7 +19,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data = dict(dataset='news', seq_len=256, seed=0,
                 tokenizer=dict(kind='sentencepiece', vocab_size=4096))
   c.train = dict(steps=300, global_batch=16, log_every=20, eval_every=100, eval_batches=16,
-                 final_eval_batches=-1, nonfinite='raise')
+                 final_eval_batches=-1, nonfinite='raise', microbatches=1)
   c.optim = dict(lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
                  b1=0.9, b2=0.95)
   # Probability of each denoiser; R and X draw one (mean span length, noise density) pair
@@ -27,7 +27,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.objective_args = dict(mixture=dict(R=0.4, S=0.2, X=0.4), r_spans=((3.0, 0.15), (8.0, 0.15)),
                           x_spans=((3.0, 0.5), (8.0, 0.5), (64.0, 0.15), (64.0, 0.5)),
                           s_density=0.25)
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=100, keep=3)
 
   if arg == 'smoke':

@@ -71,6 +71,7 @@ def validate(config, mesh_shape: dict[str, int], batch_ways: int):
     raise ConfigError(f'config.train.global_batch={batch} is not divisible by the {batch_ways} '
                       f'batch shards of the mesh ({mesh_shape}) and {jax.process_count()} '
                       f'process(es).')
+  train.check_microbatches(config, batch_ways)
   return task
 
 

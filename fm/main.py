@@ -13,7 +13,7 @@ config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally wit
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and the resolved config.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs '
-                    'outside TPU VMs and SLURM (where it is detected).')
+                    'outside TPU VMs and SLURM (where they are detected from the environment).')
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -48,12 +48,24 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def cluster() -> str | None:
+  """The multi-host environment JAX can configure itself from, if this process runs in one: a
+  SLURM step with several tasks, or a TPU slice with several workers."""
+  if int(os.environ.get('SLURM_STEP_NUM_TASKS', '1')) > 1:  # Inside srun, not the batch script.
+    return 'slurm'
+  if len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1:
+    return 'tpu'
+  return None
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax  # Imported here so flag errors do not pay for it.
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif cluster():
+    jax.distributed.initialize()  # Coordinator, process count and id from the environment.
   from fm import train
   try:
     workdir = prepare_workdir(FLAGS.workdir)

@@ -16,13 +16,13 @@ import numpy as np
 
 from fm import ConfigError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 
 # Logical name -> mesh axes. Params use the model's names; activations use `act_*` names so
 # that the batch can take (data, fsdp) while weights take fsdp on their embed dimension.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('act_batch', ('data', 'fsdp')),
-    ('act_length', None),
+    ('act_length', 'sequence'),  # Long sequences: activations split along their length.
     ('act_embed', None),
     ('act_heads', 'tensor'),
     ('act_kv_heads', 'tensor'),

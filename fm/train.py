@@ -76,7 +76,16 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
     raise ConfigError(f'config.train.global_batch={batch} is not divisible by the {batch_ways} '
                       f'batch shards of the mesh ({mesh_shape}) and {jax.process_count()} '
                       f'process(es); use a multiple of {math.lcm(batch_ways, jax.process_count())}.')
+  check_microbatches(config, batch_ways)
   return objective
+
+
+def check_microbatches(config, batch_ways: int) -> None:
+  k, batch = config.train.get('microbatches', 1), config.train.global_batch
+  if k < 1 or batch % (k * batch_ways):
+    raise ConfigError(f'config.train.microbatches={k} must be >= 1 and split '
+                      f'config.train.global_batch={batch} into slices that the {batch_ways} batch '
+                      f'shards divide; use a divisor of {batch // batch_ways}.')
 
 
 def example_inputs(objective, batch_size: int, seq_len: int,
@@ -142,16 +151,47 @@ def make_train_step(apply_fn, loss_fn, tx, config, frozen_apply=None, trainable=
   step's last argument; the loss receives each as a keyword (no gradient flows into them).
   `trainable` (a pytree of bools like the params) freezes the params marked False: their
   gradients are zero (so XLA drops the work that only they need) and they are never updated,
-  bit for bit."""
+  bit for bit.
+
+  `config.train.microbatches` = k > 1 accumulates gradients over k slices of the batch (row i
+  goes to slice i mod k, so every device keeps its share) in a `lax.scan`: activations of one
+  slice at a time. Losses and gradients are weighted by each slice's target count, so they equal
+  the whole batch's (objectives that draw randomness in the step draw it per slice)."""
   policy = config.get('train', {}).get('nonfinite', 'raise')
+  microbatches = config.get('train', {}).get('microbatches', 1)
   frozen_apply = frozen_apply or {}
+  grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
+
+  def loss_and_grads(params, batch, step_rng, frozen):
+    if microbatches == 1:
+      return grad_fn(apply_fn, params, batch, step_rng, config, **frozen)
+    split = lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                *x.shape[1:]).swapaxes(0, 1)
+
+    def one(carry, inputs):
+      i, micro = inputs
+      (loss, aux), grads = grad_fn(apply_fn, params, micro, jax.random.fold_in(step_rng, i),
+                                   config, **frozen)
+      weight = aux['count']
+      loss_sum, aux_sum, grad_sum = carry
+      return (loss_sum + loss * weight, jax.tree.map(jnp.add, aux_sum, aux),
+              jax.tree.map(lambda g, s: s + g * weight, grads, grad_sum)), None
+
+    first = jax.tree.map(lambda x: x[0], jax.tree.map(split, batch))
+    _, aux_shape = jax.eval_shape(lambda: loss_fn(apply_fn, params, first, step_rng, config,
+                                                  **frozen))
+    zeros = (jnp.zeros(()), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
+             jax.tree.map(jnp.zeros_like, params))
+    (loss_sum, aux, grad_sum), _ = jax.lax.scan(
+        one, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
+    total = jnp.maximum(aux['count'], 1.0)
+    return (loss_sum / total, aux), jax.tree.map(lambda g: (g / total).astype(g.dtype), grad_sum)
 
   def train_step(state: State, batch: dict, rng: jax.Array,
                  frozen_params: dict | None = None) -> tuple[State, dict]:
     step_rng = jax.random.fold_in(rng, state['step'])
-    grad_fn = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)
-    (loss, aux), grads = grad_fn(apply_fn, state['params'], batch, step_rng, config,
-                                 **_bind(frozen_apply, frozen_params or {}))
+    (loss, aux), grads = loss_and_grads(state['params'], batch, step_rng,
+                                        _bind(frozen_apply, frozen_params or {}))
     if trainable is not None:
       grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
     grad_norm = optax.tree.norm(grads)

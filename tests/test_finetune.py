@@ -159,7 +159,7 @@ def test_task_and_mode_two_steps_on_8_devices(task, mode, backbone, tmp_path):
   else:
     assert 0 <= metrics['test/accuracy'] <= 1 and 0 <= metrics['macro_f1'] <= 1
   resolved = json.loads((tmp_path / 'config.json').read_text())
-  assert resolved['mesh'] == {'data': 8, 'fsdp': 1, 'tensor': 1}
+  assert resolved['mesh'] == {'data': 8, 'fsdp': 1, 'sequence': 1, 'tensor': 1}
   trainable = resolved['params']['trainable']
   assert (trainable == 0) == (mode in finetune.PROMPT_MODES)  # Nothing trains without training.
   assert trainable <= resolved['params']['total']

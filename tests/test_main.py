@@ -61,7 +61,7 @@ def test_readme_smoke_commands(tmp_path):
   result = run_readme_command(fsdp, tmp_path / 'fsdp')
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads((tmp_path / 'fsdp' / 'config.json').read_text())['mesh'] == {
-      'data': 1, 'fsdp': 8, 'tensor': 1}
+      'data': 1, 'fsdp': 8, 'sequence': 1, 'tensor': 1}
   a, b = train_losses(tmp_path / 'w'), train_losses(tmp_path / 'fsdp')
   assert a.keys() == b.keys()
   for step in a:
@@ -104,7 +104,7 @@ def test_every_experiment_runs_two_steps(name, tmp_path):
 BAD_INPUT = [
     (['--config.model.name=gpt5'], r"config.model.name='gpt5' is unknown; choose one of: decoder"),
     (['--config.objective=telepathy'], r"config.objective='telepathy' is unknown; choose one of: .*causal_lm"),
-    (['--config.mesh.data=3'], r'config.mesh \(data=3,fsdp=1,tensor=1\) spans 3 devices but 8 are'),
+    (['--config.mesh.data=3'], r'config.mesh \(data=3,fsdp=1,sequence=1,tensor=1\) spans 3 devices but 8 are'),
     (['--config.train.global_batch=7'], r'config.train.global_batch=7 is not divisible by the 8'),
     (['--config.data.seq_len=4096'], r'config.data.seq_len=4096 exceeds the model max_len'),
     (['--config.data.dataset=wikipedia'], r"config.data.dataset='wikipedia' is unknown"),
@@ -112,6 +112,7 @@ BAD_INPUT = [
     (['--config.train.steps=abc'], r'--config.train.steps=abc'),
     (['--config.train.nonfinite=ignore'], r"config.train.nonfinite='ignore' is unknown; choose raise or skip"),
     (['--config.objective=distill'], r'config.objective_args.teacher needs a workdir of a finished run'),
+    (['--config.train.microbatches=3'], r'config.train.microbatches=3 must be >= 1 and split config.train.global_batch=8 into slices that the 8 batch shards divide'),
     (['--config.objective=ul2'], r"config.objective='ul2' does not work with config.model.name='decoder'; compatible models: encdec"),
 ]
 # (experiment, flags, message) for the objectives' own arguments.

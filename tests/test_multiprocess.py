@@ -1,8 +1,8 @@
-"""Two JAX processes on 127.0.0.1 (4 fake CPU devices each): save, resume, same data shards."""
+"""Two JAX processes on 127.0.0.1 (4 fake CPU devices each, started by launch/local.sh): save,
+resume, same data shards."""
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,24 +16,15 @@ FLAGS = ['--config', 'experiments/lm_shakespeare.py:smoke', '--config.train.step
          '--config.checkpoint.every_steps=4']
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def run_processes(workdir, num_processes=2, devices_each=4):
-  port = free_port()
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_each}'}
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'fm.main', *FLAGS, '--workdir', str(workdir),
-       f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={num_processes}',
-       f'--process_id={i}'], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      text=True) for i in range(num_processes)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  return [out for out, _ in outs]
+  """launch/local.sh: process 0's output comes back; the others log to files."""
+  result = subprocess.run(
+      ['bash', 'launch/local.sh', '--processes', str(num_processes), '--devices',
+       str(devices_each), '--', *FLAGS, '--workdir', str(workdir)],
+      cwd=ROOT, env={**os.environ, 'PYTHON': sys.executable, 'LOG_DIR': str(workdir.parent)},
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return [result.stdout]
 
 
 @pytest.mark.slow

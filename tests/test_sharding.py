@@ -61,6 +61,8 @@ EXPECTED_SHARDS = {
     'fsdp=8': ((8, 8, 8), (8, 4, 8), (8, 128), (384, 8)),
     'tensor=8': ((64, 1, 8), (64, 4, 8), (64, 16), (48, 64)),
     'data=2,fsdp=2,tensor=2': ((32, 4, 8), (32, 2, 8), (32, 64), (192, 32)),
+    # The sequence axis splits activations along their length; weights are as with data=2,tensor=2.
+    'data=2,sequence=2,tensor=2': ((64, 4, 8), (64, 2, 8), (64, 64), (192, 64)),
 }
 
 

@@ -288,14 +288,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flops_per_step = module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len * (
       {'full': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3))
 
-  resolved = json.loads(json.dumps({
-      'config': config.to_dict(), 'family': model_name, 'model': model_cfg.__dict__,
-      'tokenizer': tokenizer.identity,
-      'params': counts, 'pretrained': str(ckpt) if ckpt else None, 'backbone_config': run.to_dict(),
-      'mesh': dict(mesh.shape), 'devices': jax.device_count(),
-      'device_kind': jax.devices()[0].device_kind}, default=str))
-  if pidx == 0:
-    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
+  resolved = train.record(workdir, config, model_name, model_cfg, tokenizer, counts, mesh,
+                          pretrained=str(ckpt) if ckpt else None, backbone_config=run.to_dict())
   what = (f'{len(task.LABELS)} classes' if task.KIND == 'classification' else task.KIND)
   metrics_lib.log(f'task {config.task} ({what}; {len(named["train"])} train / '
                   f'{len(named["validation"])} validation / {len(named["test"])} test) on '
@@ -304,23 +298,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   f'({100 * counts["trainable"] / max(counts["backbone"], 1):.2f}% of the '
                   f'backbone)')
 
-  ckpt_manager = checkpoint.Checkpointer(workdir, config.get('checkpoint', {}), log=metrics_lib.log)
-  preemption = checkpoint.Preemption()
-  try:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      generation = None
-      if task.KIND == 'seq2seq':
-        examples = named['test'][:config.get('task_args', {}).get('eval_examples', 200)]
-        family = 'encdec' if model_name == 'encdec' else 'prefix_lm'
-        generation = _generation_eval(config, task, family, model_cfg, tokenizer, examples, mesh,
-                                      rules, workdir)
-      program = train.build(model, tx, loss_fn, config, mesh, rules, sample, trainable=mask)
-      return train._loop(config, workdir, task, ckpt_manager, preemption, resolved, mesh, rules,  # pylint: disable=protected-access
-                         program, iter(train_ds), eval_sets, flops_per_step, warm_start=ckpt,
-                         test_extra=generation)
-  finally:
-    preemption.restore_handlers()
-    ckpt_manager.close()
+  with train.session(workdir, config, mesh, rules) as (ckpt_manager, preemption):
+    generation = None
+    if task.KIND == 'seq2seq':
+      examples = named['test'][:config.get('task_args', {}).get('eval_examples', 200)]
+      family = 'encdec' if model_name == 'encdec' else 'prefix_lm'
+      generation = _generation_eval(config, task, family, model_cfg, tokenizer, examples, mesh,
+                                    rules, workdir)
+    program = train.build(model, tx, loss_fn, config, mesh, rules, sample, trainable=mask)
+    return train.loop(config, workdir, task, ckpt_manager, preemption, resolved, mesh, rules,
+                      program, iter(train_ds), eval_sets, flops_per_step, warm_start=ckpt,
+                      test_extra=generation)
 
 
 # ---------------------------------------------------------------------------------------------

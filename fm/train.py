@@ -3,6 +3,7 @@
 Sections: Config, Shard, Step (in `build`), then Mesh, Data, Model, Eval, Loop. The step is pure and jitted once
 with explicit shardings; logging and evals live only in the loop.
 """
+import contextlib
 import functools
 import importlib.util
 import json
@@ -422,39 +423,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   counts = model_module.param_count(model_cfg)
   flops_per_step = model_module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
 
-  # The resolved config, also stored in every checkpoint (JSON, no pickle).
-  resolved = json.loads(json.dumps({
-      'config': config.to_dict(), 'family': config.model.name, 'model': model_cfg.__dict__,
-      'tokenizer': data.tokenizer.identity,
-      'params': counts, 'mesh': dict(mesh.shape), 'devices': jax.device_count(),
-      'frozen': {k: str(v) for k, v in frozen_ckpts.items()},
-      'device_kind': jax.devices()[0].device_kind}, default=str))
-  if pidx == 0:
-    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
+  resolved = record(workdir, config, config.model.name, model_cfg, data.tokenizer, counts, mesh,
+                    frozen={k: str(v) for k, v in frozen_ckpts.items()})
   metrics_lib.log(f'model {config.model.name}/{config.model.get("variant")}: '
                   f'{counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding), '
                   f'vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)} on '
                   f'{jax.device_count()} {jax.devices()[0].platform} devices')
 
   # ===========================================================================================
-  # Shard, Step (in `build`), Checkpoint and Loop (in `_loop`)
+  # Shard, Step (in `build`), Checkpoint and Loop (in `loop`)
   # ===========================================================================================
+  with session(workdir, config, mesh, rules) as (ckpt, preemption):
+    frozen = {}
+    for name, path in frozen_ckpts.items():
+      frozen_model, params, meta = restore_model(path, mesh, rules)
+      _check_frozen(name, path, meta, objective, model_cfg, data.tokenizer.identity)
+      frozen[name] = (frozen_model.apply, params)
+      # Its forward pass (a third of a training step's FLOPs) counts towards MFU.
+      flops_per_step += (registry.get('models', family(meta)).flops_per_token(
+          frozen_model.cfg, seq_len) * global_batch * seq_len / 3)
+      metrics_lib.log(f'{name}: {meta["config"]["model"]} from {path}')
+    return loop(config, workdir, objective, ckpt, preemption, resolved, mesh, rules,
+                 build(model, tx, objective.loss_fn, config, mesh, rules, sample, frozen),
+                 iter(train_ds), eval_sets, flops_per_step)
+
+
+def record(workdir: pathlib.Path, config, family_name: str, model_cfg, tokenizer, counts: dict,
+           mesh, **extra) -> dict:
+  """The resolved config (also stored in every checkpoint; JSON, no pickle), written to
+  WORKDIR/config.json by process 0."""
+  resolved = json.loads(json.dumps({
+      'config': config.to_dict(), 'family': family_name, 'model': model_cfg.__dict__,
+      'tokenizer': tokenizer.identity, 'params': counts, 'mesh': dict(mesh.shape),
+      'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind, **extra},
+      default=str))
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
+  return resolved
+
+
+@contextlib.contextmanager
+def session(workdir: pathlib.Path, config, mesh, rules):
+  """(checkpointer, preemption handler) for a run, inside the mesh and the logical rules;
+  signal handlers are restored and pending saves finished on the way out."""
   ckpt = checkpoint.Checkpointer(workdir, config.get('checkpoint', {}), log=metrics_lib.log)
   preemption = checkpoint.Preemption()
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      frozen = {}
-      for name, path in frozen_ckpts.items():
-        frozen_model, params, meta = restore_model(path, mesh, rules)
-        _check_frozen(name, path, meta, objective, model_cfg, data.tokenizer.identity)
-        frozen[name] = (frozen_model.apply, params)
-        # Its forward pass (a third of a training step's FLOPs) counts towards MFU.
-        flops_per_step += (registry.get('models', family(meta)).flops_per_token(
-            frozen_model.cfg, seq_len) * global_batch * seq_len / 3)
-        metrics_lib.log(f'{name}: {meta["config"]["model"]} from {path}')
-      return _loop(config, workdir, objective, ckpt, preemption, resolved, mesh, rules,
-                   build(model, tx, objective.loss_fn, config, mesh, rules, sample, frozen),
-                   iter(train_ds), eval_sets, flops_per_step)
+      yield ckpt, preemption
   finally:
     preemption.restore_handlers()
     ckpt.close()
@@ -483,7 +499,7 @@ def _check_finite(config, state) -> int:
   return count
 
 
-def _loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, program,
+def loop(config, workdir, objective, ckpt, preemption, meta, mesh, rules, program,
           data_iter, eval_sets, flops_per_step, warm_start=None,
           test_extra=None) -> dict[str, float]:
   """Trains to config.train.steps. `eval_sets` has 'periodic' and 'final' batches, and

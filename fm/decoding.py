@@ -9,7 +9,6 @@ inputs once and starts its decoder from token 0 (targets are shifted right by on
 training). `*_uncached` recompute the whole sequence each step: the references of the tests.
 """
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +30,6 @@ def left_pad(prompts: list[list[int]], length: int | None = None) -> tuple[np.nd
 
 def _positions(segment_ids_BL):
   return jnp.maximum(jnp.cumsum(segment_ids_BL > 0, axis=1) - 1, 0).astype(jnp.int32)
-
-
-# A stepper: (cache, token_B) -> (next-token logits_BV, cache); `start` gives the first logits.
-Stepper = Callable
 
 
 def _decoder_start(cfg, params, tokens_BP, segment_ids_BP, max_new, prefix=False):

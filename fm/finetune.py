@@ -66,12 +66,7 @@ def validate(config, mesh_shape: dict[str, int], batch_ways: int):
   fraction = config.get('task_args', {}).get('train_fraction', 1.0)
   if not 0 < fraction <= 1:
     raise ConfigError(f'config.task_args.train_fraction={fraction} must lie in (0, 1].')
-  batch = config.train.global_batch
-  if batch % batch_ways or batch % jax.process_count():
-    raise ConfigError(f'config.train.global_batch={batch} is not divisible by the {batch_ways} '
-                      f'batch shards of the mesh ({mesh_shape}) and {jax.process_count()} '
-                      f'process(es).')
-  train.check_microbatches(config, batch_ways)
+  train.check_batch(config, mesh_shape, batch_ways)
   return task
 
 
@@ -111,22 +106,20 @@ def trainable_mask(params, mode: str):
 
 
 def make_tx(config, mask, total_steps: int) -> optax.GradientTransformation:
-  """AdamW on the trainable params (the head optionally at its own rate); frozen params get a
-  zero update and no optimizer state."""
+  """AdamW on the params `mask` marks trainable (the head optionally at its own rate); frozen
+  params get a zero update and no optimizer state."""
   head_lr = _ft(config).get('head_lr')
 
-  def labels(params):
-    def label(path, trains):
-      if not trains:
-        return 'frozen'
-      keys = [str(getattr(k, 'key', k)) for k in path]
-      return 'head' if head_lr and 'head' in keys else 'train'
-    return jax.tree_util.tree_map_with_path(label, trainable_mask(params, _ft(config).get('mode', 'full')))
+  def label(path, trains):
+    if not trains:
+      return 'frozen'
+    keys = [str(getattr(k, 'key', k)) for k in path]
+    return 'head' if head_lr and 'head' in keys else 'train'
+  labels = jax.tree_util.tree_map_with_path(label, mask)
   transforms = {'train': optim.make(config.optim, total_steps), 'frozen': optax.set_to_zero()}
   if head_lr:
     transforms['head'] = optim.make(ml_collections.ConfigDict({**config.optim.to_dict(),
                                                                'lr': head_lr}), total_steps)
-  del mask
   return optax.multi_transform(transforms, labels)
 
 

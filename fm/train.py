@@ -68,21 +68,23 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
   policy = config.train.get('nonfinite', 'raise')
   if policy not in NONFINITE_POLICIES:
     raise ConfigError(f'config.train.nonfinite={policy!r} is unknown; choose raise or skip.')
-  seq_len, batch = config.data.seq_len, config.train.global_batch
+  seq_len = config.data.seq_len
   if seq_len > model_cfg.max_len:
     raise ConfigError(f'config.data.seq_len={seq_len} exceeds the model max_len={model_cfg.max_len} '
                       f'of variant {config.model.get("variant")!r}; lower seq_len or set '
                       f'config.model.max_len.')
+  check_batch(config, mesh_shape, batch_ways)
+  return objective
+
+
+def check_batch(config, mesh_shape: dict[str, int], batch_ways: int) -> None:
+  """The global batch splits over the batch shards, the processes and the microbatches."""
+  batch = config.train.global_batch
   if batch % batch_ways or batch % jax.process_count():
     raise ConfigError(f'config.train.global_batch={batch} is not divisible by the {batch_ways} '
                       f'batch shards of the mesh ({mesh_shape}) and {jax.process_count()} '
                       f'process(es); use a multiple of {math.lcm(batch_ways, jax.process_count())}.')
-  check_microbatches(config, batch_ways)
-  return objective
-
-
-def check_microbatches(config, batch_ways: int) -> None:
-  k, batch = config.train.get('microbatches', 1), config.train.global_batch
+  k = config.train.get('microbatches', 1)
   if k < 1 or batch % (k * batch_ways):
     raise ConfigError(f'config.train.microbatches={k} must be >= 1 and split '
                       f'config.train.global_batch={batch} into slices that the {batch_ways} batch '

@@ -15,6 +15,8 @@ length and the configured denoisers. Drawn on the host per window (grain `random
 mixture is deterministic per seed and resumes with the iterator state. Evaluations report the
 loss of each denoiser as `loss_R`, `loss_S`, `loss_X`.
 """
+import functools
+
 import ml_collections
 import numpy as np
 
@@ -71,11 +73,12 @@ def _s_max_target(seq_len: int, density: float) -> int:
 def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
   probs, d = denoisers(cfg)
   mode_ids = vocab_size + span_corruption.EXTRA_TOKENS + np.arange(len(MODES))
+  shape = functools.lru_cache(lambda L: lengths(L, cfg))  # Per window length, not per window.
 
   def corrupt(window: dict, rng: np.random.Generator) -> dict:
     tokens = window['tokens']
     L = len(tokens)
-    input_len, target_len = lengths(L, cfg)
+    input_len, target_len = shape(L)
     if not (window['segment_ids'] > 0).any():  # A padding window (evaluation): all weight 0.
       z = lambda n: np.zeros(n, np.int32)
       return {'inputs': z(input_len), 'input_segment_ids': z(input_len), 'targets': z(target_len),

@@ -40,15 +40,20 @@ def make_loss_fn(num_classes: int, model_name: str):
     """Mean cross-entropy over real rows (weight 1); a confusion matrix for the metrics."""
     del rng, cfg
     logits_BC = class_logits(apply_fn, params, batch, model_name)
-    weight_B = batch.get('weight', jnp.ones(logits_BC.shape[0], jnp.float32))
-    loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, batch['label'])
-    count = jnp.sum(weight_B)
-    predicted_B = jnp.argmax(logits_BC, -1)
-    confusion_CC = jnp.zeros((num_classes, num_classes), jnp.float32).at[
-        batch['label'], predicted_B].add(weight_B)
-    metrics = {'loss_sum': jnp.sum(loss_B * weight_B), 'count': count, 'confusion': confusion_CC}
-    return metrics['loss_sum'] / jnp.maximum(count, 1.0), metrics
+    return _scored(logits_BC, batch, num_classes)
   return loss_fn
+
+
+def _scored(scores_BC, batch, num_classes: int):
+  """Mean cross-entropy of the labels under `scores_BC` over real rows (weight 1), with the
+  summable loss, count and confusion matrix (rows: true labels, columns: predictions)."""
+  weight_B = batch.get('weight', jnp.ones(scores_BC.shape[0], jnp.float32))
+  loss_B = optax.softmax_cross_entropy_with_integer_labels(scores_BC, batch['label'])
+  confusion_CC = jnp.zeros((num_classes, num_classes), jnp.float32).at[
+      batch['label'], jnp.argmax(scores_BC, -1)].add(weight_B)
+  metrics = {'loss_sum': jnp.sum(loss_B * weight_B), 'count': jnp.sum(weight_B),
+             'confusion': confusion_CC}
+  return metrics['loss_sum'] / jnp.maximum(metrics['count'], 1.0), metrics
 
 
 def scores(confusion: np.ndarray) -> dict[str, float]:
@@ -105,11 +110,5 @@ def make_scoring_fn(num_classes: int):
     log_p_RL = jnp.take_along_axis(jax.nn.log_softmax(logits_RLV[:, :-1]),
                                    flat(batch['tokens'])[:, 1:, None], axis=-1)[..., 0]
     scores_BC = jnp.sum(log_p_RL * flat(batch['target_weights'])[:, 1:], axis=-1).reshape(B, C)
-    weight_B = batch.get('weight', jnp.ones(B, jnp.float32))
-    loss_B = optax.softmax_cross_entropy_with_integer_labels(scores_BC, batch['label'])
-    confusion_CC = jnp.zeros((num_classes, num_classes), jnp.float32).at[
-        batch['label'], jnp.argmax(scores_BC, -1)].add(weight_B)
-    metrics = {'loss_sum': jnp.sum(loss_B * weight_B), 'count': jnp.sum(weight_B),
-               'confusion': confusion_CC}
-    return metrics['loss_sum'] / jnp.maximum(metrics['count'], 1.0), metrics
+    return _scored(scores_BC, batch, num_classes)
   return loss_fn

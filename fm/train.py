@@ -320,6 +320,22 @@ def check_pretrained_spec(spec, key: str) -> ml_collections.ConfigDict:
   return spec
 
 
+def _check_same_run(workdir: pathlib.Path, run_config, experiment: str, key: str) -> None:
+  """Refuses a workdir that holds another run than `experiment` would train (a fine-tuning run,
+  another model or dataset), so its checkpoints are never taken for broken ones."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    return
+  held = json.loads(path.read_text()).get('config', {})
+  wanted = json.loads(json.dumps(run_config.to_dict(), default=str))
+  differing = [k for k in ('task', 'objective', 'model', 'data')
+               if k in held or k in wanted if held.get(k) != wanted.get(k)]
+  if differing:
+    raise ConfigError(f'{key}.workdir {workdir} holds another run than {experiment} trains '
+                      f'(its config differs in {", ".join(differing)}); point {key}.workdir at '
+                      f'that experiment\'s own workdir or at an empty directory.')
+
+
 def pretrained(spec, key: str, default_workdir: pathlib.Path) -> pathlib.Path | None:
   """The checkpoint of the run given by the spec at config `key` (see check_pretrained_spec).
 
@@ -331,6 +347,7 @@ def pretrained(spec, key: str, default_workdir: pathlib.Path) -> pathlib.Path | 
   workdir = pathlib.Path(spec.get('workdir') or default_workdir)
   if spec.get('experiment'):
     run_config = load_config(spec.experiment, f'{key}.experiment')
+    _check_same_run(workdir, run_config, spec.experiment, key)
     if checkpoint.latest_step(workdir) < run_config.train.steps:
       metrics_lib.log(f'{key}: training {spec.experiment} in {workdir} first')
       train_and_evaluate(run_config, workdir)

@@ -212,6 +212,20 @@ def test_bad_finetune_config_is_one_sentence(override, message, tmp_path):
   assert not (tmp_path / 'pretrained').exists()  # Nothing ran.
 
 
+def test_pretrained_workdir_of_another_run_is_refused(tmp_path):
+  """A pretrained.workdir holding another run (here a fine-tuning run) is named, not retrained
+  over: its checkpoints stay where they are."""
+  other = tmp_path / 'finetuned'
+  (other / 'checkpoints' / '300').mkdir(parents=True)
+  (other / 'config.json').write_text(json.dumps({'config': {'task': 'sentiment'}}))
+  config = load_experiment('transfer_sentiment').get_config('smoke')
+  config.pretrained.workdir = str(other)
+  with pytest.raises(ConfigError, match=r'config.pretrained.workdir .* holds another run than '
+                     r'experiments/lm_shakespeare.py:smoke trains \(its config differs in task, '):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert [p.name for p in (other / 'checkpoints').iterdir()] == ['300']
+
+
 def test_prompt_rows_score_only_the_label_words():
   class Tok:  # Characters as ids, enough to check the layout.
     bos_id = 1

@@ -7,6 +7,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fm import ConfigError
+from fm.cli import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :variant.',
@@ -31,21 +32,6 @@ def prepare_workdir(path: str) -> pathlib.Path:
     raise ConfigError(f'--workdir={path} is not writable ({e.strerror}); choose a directory '
                       f'you can write to.') from None
   return workdir
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl parsing, with a bad `--config.*` override reported in one line instead of a traceback."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    detail = ' '.join(str(e).encode().decode('unicode_escape').replace("'", '').split())
-    overrides = ' '.join(a for a in argv if a.startswith('--config.'))
-    print(f'error: a --config override does not fit the experiment config ({detail}); check '
-          f'the key names and value types in: {overrides}', file=sys.stderr)
-    sys.exit(2)
 
 
 def cluster() -> str | None:

@@ -46,12 +46,20 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
                         f'valid keys: {", ".join(sorted(known))}.')
     fields[key] = value
   if vocab_size is not None:
-    fields['vocab_size'] = -(-vocab_size // 128) * 128  # Padded for even sharding.
+    needed = -(-vocab_size // 128) * 128  # Padded for even sharding.
+    if 'vocab_size' not in fields:
+      fields['vocab_size'] = needed
+    elif fields['vocab_size'] < vocab_size:  # A published shape (or an override) pins it.
+      raise ConfigError(f'config.model.vocab_size={fields["vocab_size"]} (of variant '
+                        f'{variant!r} or the config) is smaller than the {vocab_size} ids the '
+                        f'tokenizer and objective need; raise it or drop the override.')
   return module, module.Config(**fields)
 
 
-def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batch_ways: int):
-  """Checks that need no data or compilation, run identically on every host."""
+def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batch_ways: int,
+             processes: int | None = None):
+  """Checks that need no data or compilation, run identically on every host (`processes`:
+  how many hosts the batch is read by; default this job's)."""
   objective = registry.get('objectives', config.objective)
   _, model_cfg = model_config(config)
   if config.model.name not in objective.COMPATIBLE_MODELS:
@@ -73,17 +81,19 @@ def validate(config: ml_collections.ConfigDict, mesh_shape: dict[str, int], batc
     raise ConfigError(f'config.data.seq_len={seq_len} exceeds the model max_len={model_cfg.max_len} '
                       f'of variant {config.model.get("variant")!r}; lower seq_len or set '
                       f'config.model.max_len.')
-  check_batch(config, mesh_shape, batch_ways)
+  check_batch(config, mesh_shape, batch_ways, processes)
   return objective
 
 
-def check_batch(config, mesh_shape: dict[str, int], batch_ways: int) -> None:
+def check_batch(config, mesh_shape: dict[str, int], batch_ways: int,
+                processes: int | None = None) -> None:
   """The global batch splits over the batch shards, the processes and the microbatches."""
   batch = config.train.global_batch
-  if batch % batch_ways or batch % jax.process_count():
+  processes = processes or jax.process_count()
+  if batch % batch_ways or batch % processes:
     raise ConfigError(f'config.train.global_batch={batch} is not divisible by the {batch_ways} '
-                      f'batch shards of the mesh ({mesh_shape}) and {jax.process_count()} '
-                      f'process(es); use a multiple of {math.lcm(batch_ways, jax.process_count())}.')
+                      f'batch shards of the mesh ({mesh_shape}) and {processes} '
+                      f'process(es); use a multiple of {math.lcm(batch_ways, processes)}.')
   k = config.train.get('microbatches', 1)
   if k < 1 or batch % (k * batch_ways):
     raise ConfigError(f'config.train.microbatches={k} must be >= 1 and split '

@@ -76,6 +76,12 @@ class SentencePieceTokenizer:
     return out
 
 
+def declared_vocab_size(tok_cfg) -> int:
+  """The vocabulary size `config.data.tokenizer` promises, without loading any data."""
+  return ByteTokenizer().vocab_size if tok_cfg.get('kind') == 'bytes' else tok_cfg.get(
+      'vocab_size', 4096)
+
+
 def train_sentencepiece(docs: list[str], vocab_size: int, seed: int = 0) -> bytes:
   lines = [line for doc in docs for line in doc.split('\n') if line.strip()]
   model = io.BytesIO()

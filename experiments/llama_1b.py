@@ -26,6 +26,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
                  b1=0.9, b2=0.95)
   c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=500, keep=3)
-  if arg:
-    raise ValueError(f'Unknown variant {arg!r} of llama_1b; choose "".')
+  if arg == 'smoke':  # The same recipe at test size.
+    c.model.variant = 'tiny'
+    c.data.seq_len = 64
+    c.train.update(steps=20, global_batch=8, log_every=5, eval_every=20, eval_batches=2,
+                   final_eval_batches=4)
+    c.optim.warmup_steps = 5
+    c.checkpoint.every_steps = 10
+  elif arg:
+    raise ValueError(f'Unknown variant {arg!r} of llama_1b; choose "" or "smoke".')
   return c

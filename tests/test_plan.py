@@ -23,6 +23,8 @@ def smoke(**sections):
 def test_plan_command_on_host_devices(tmp_path):
   """The command as the README gives it, on 8 host devices: a verdict, the collectives of data
   parallelism, a roofline line and the per-param sharding table."""
+  command = 'python -m fm.plan --config experiments/lm_shakespeare.py:smoke --topology cpu:8'
+  assert command in (ROOT / 'README.md').read_text()
   out = subprocess.run(
       [sys.executable, '-m', 'fm.plan', '--config', 'experiments/lm_shakespeare.py:smoke',
        '--topology', 'cpu:8', '--json', str(tmp_path / 'plan.json')],

@@ -267,6 +267,13 @@ def _per_device_bytes(rows) -> int:
   return sum(math.prod(sh.shard_shape(shape)) * dtype.itemsize for _, shape, dtype, sh, _ in rows)
 
 
+def _hosts(topology: Topology, devices: list) -> int:
+  """Processes that read the batch: libtpu's hosts of the slice, or HOSTS of a GPU topology."""
+  if topology.chip.platform == 'tpu':
+    return len({d.process_index for d in devices})
+  return topology.hosts
+
+
 def recompute_factor(module, model_cfg, seq_len: int) -> float:
   """Training FLOPs with rematerialisation over those without: `full` recomputes the forward
   pass (8/6), `minimal` the attention einsums, which have batch dimensions (the share of FLOPs
@@ -288,9 +295,8 @@ def plan(config, topology: Topology, devices: list) -> dict:
 
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
-  hosts = len({d.process_index for d in devices}) if topology.chip.platform == 'tpu' else (
-      topology.hosts)
-  objective = train.validate(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules), hosts)
+  objective = train.validate(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules),
+                             _hosts(topology, devices))
   text_vocab = tokenizer.declared_vocab_size(config.data.tokenizer)
   module, model_cfg = train.model_config(config, text_vocab + getattr(objective, 'EXTRA_TOKENS', 0))
   model = module.Model(model_cfg)
@@ -469,8 +475,7 @@ def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict |
   from fm import sharding  # pylint: disable=import-outside-toplevel
   ways = sharding.batch_divisor(sharding.make_mesh(config.mesh, devices),
                                 sharding.rules_from_config(config))
-  k = max(1, config.train.get('microbatches', 1))
-  unit = math.lcm(ways * k, 1)
+  unit = math.lcm(ways * max(1, config.train.get('microbatches', 1)), _hosts(topology, devices))
 
   def attempt(n):
     p = plan(_with(config, train={'global_batch': n * unit}), topology, devices)

@@ -1,4 +1,5 @@
 """Metric writers (TensorBoard event files, metrics.jsonl), console progress, throughput and MFU."""
+import functools
 import json
 import math
 import pathlib
@@ -17,6 +18,7 @@ PEAK_FLOPS = (
 )
 
 
+@functools.cache
 def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
   """FLOP/s of a float32 matmul on this host (the best of a few), as the CPU's peak."""
   a = jnp.ones((n, n), jnp.float32)
@@ -38,10 +40,13 @@ def peak_flops() -> float:
   device = jax.devices()[0]
   if device.platform == 'cpu':
     return measure_cpu_peak()
-  for name, flops in PEAK_FLOPS:
-    if name in device.device_kind:
-      return flops * jax.device_count()
-  return math.nan  # Unknown accelerator: MFU is reported as nan rather than guessed.
+  return chip_peak_flops(device.device_kind) * jax.device_count()
+
+
+def chip_peak_flops(device_kind: str) -> float:
+  """Dense bf16 peak FLOP/s of one accelerator from PEAK_FLOPS; nan when unknown (MFU is then
+  reported as nan rather than guessed)."""
+  return next((flops for name, flops in PEAK_FLOPS if name in device_kind), math.nan)
 
 
 class Writer:

@@ -1,8 +1,8 @@
 """Compile-only planning: does this experiment fit that topology, and how fast could it run?
 
-  python -m fm.plan --config experiments/llama_8b.py --topology v5e:16x16
-  python -m fm.plan --config experiments/llama_8b.py --topology v5e:2x4 --sweep
-  python -m fm.plan --config experiments/llama_1b.py --topology h100:1 --max_batch
+  python -m fm.plan --config experiments/llama.py:8b --topology v5e:16x16
+  python -m fm.plan --config experiments/llama.py:8b --topology v5e:2x4 --sweep
+  python -m fm.plan --config experiments/llama.py:1b --topology h100:1 --max_batch
   python -m fm.plan --config experiments/lm_shakespeare.py:smoke --topology cpu:8
 
 The real train step (the experiment's model, objective, optimizer, mesh and logical rules) is
@@ -291,42 +291,42 @@ def plan(config, topology: Topology, devices: list) -> dict:
   import ml_collections  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from fm import metrics as metrics_lib, optim, sharding, train  # pylint: disable=import-outside-toplevel
-  from fm.data import tokenizer  # pylint: disable=import-outside-toplevel
+  from fm.data import pipeline, tokenizer  # pylint: disable=import-outside-toplevel
 
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   objective = train.validate(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules),
                              _hosts(topology, devices))
+  if getattr(objective, 'FROZEN', ()):
+    raise ConfigError(f'config.objective={config.objective!r} reads frozen models '
+                      f'({", ".join(objective.FROZEN)}), which fm.plan does not compile yet; plan '
+                      f'the same model with config.objective=causal_lm.')
   text_vocab = tokenizer.declared_vocab_size(config.data.tokenizer)
   module, model_cfg = train.model_config(config, text_vocab + getattr(objective, 'EXTRA_TOKENS', 0))
   model = module.Model(model_cfg)
   B, L = config.train.global_batch, config.data.seq_len
   args = config.get('objective_args', ml_collections.ConfigDict())
-  # One window as the data pipeline would hand it over, through the objective's corruption.
-  window = {'tokens': (np.arange(L) % (text_vocab - 3) + 3).astype(np.int32),
-            'segment_ids': np.ones(L, np.int32), 'positions': np.arange(L, dtype=np.int32),
-            'token_bytes': np.ones(L, np.int32)}
+  # One window's shapes as the data pipeline hands them over, after the objective's corruption.
+  window = pipeline.padding_window(L)
   if hasattr(objective, 'host_transform'):
     window = objective.host_transform(text_vocab, args)(window, np.random.default_rng(0))
   tx = optim.make(config.optim, config.train.steps)
   sample = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
                  for x in train.example_inputs(objective, B, L, args))
-  # Shapes first, outside the target's mesh (no array may land on its devices).
-  abstract, shardings = train.state_shardings(model, tx, sample, mesh, rules)
+  # The training run's own jitted step, built outside the target's mesh (no array may land on
+  # its devices) and lowered inside it. The second init trace names the params' logical axes.
+  program = train.build(model, tx, objective.loss_fn, config, mesh, rules, sample)
+  abstract, shardings = program.abstract, program.shardings
   boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
-  key = jax.eval_shape(lambda: jax.random.key(0))
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  batch = {k: jax.ShapeDtypeStruct((B, *v.shape), v.dtype, sharding=batch_sh)
+           for k, v in window.items()}
+  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                       abstract, shardings)
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch_sh = {k: sharding.batch_sharding(mesh, rules, v.ndim + 1) for k, v in window.items()}
-    batch = {k: jax.ShapeDtypeStruct((B, *v.shape), v.dtype, sharding=batch_sh[k])
-             for k, v in window.items()}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         abstract, shardings)
-    key = jax.ShapeDtypeStruct((), key.dtype, sharding=replicated)
-    step = jax.jit(train.make_train_step(model.apply, objective.loss_fn, tx, config),
-                   in_shardings=(shardings, batch_sh, replicated),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
-    lowered = step.lower(state, batch, key)
+    lowered = program.jitted_step.lower(state, batch, key, {})
   param_rows = _leaf_rows(abstract['params'], shardings['params'], boxed)
   opt_rows = _leaf_rows(abstract['opt_state'], shardings['opt_state'])
   chip = topology.chip
@@ -365,8 +365,8 @@ def plan(config, topology: Topology, devices: list) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   ops = collectives(compiled.as_text(), len(devices))
-  peak = next((f for k, f in metrics_lib.PEAK_FLOPS if k in chip.kind), 0.0) if (
-      chip.platform != 'cpu') else metrics_lib.measure_cpu_peak() / len(devices)
+  peak = metrics_lib.chip_peak_flops(chip.kind) if chip.platform != 'cpu' else (
+      metrics_lib.measure_cpu_peak() / len(devices))
   # Per device: the model's FLOPs plus what remat recomputes (XLA's own count takes a loop body
   # once), the bytes the compiler expects to move through memory, and the collectives.
   t_compute = (result['model_flops'] * recompute_factor(module, model_cfg, L) / len(devices) /
@@ -449,11 +449,8 @@ def sharding_table(p: dict) -> str:
 def sweep(config, topology, devices, log=print) -> tuple[list[dict], dict | None]:
   """Every remat policy x microbatch count (powers of two the per-shard batch divides); the
   fastest plan that fits (ties: least memory)."""
-  from fm import sharding  # pylint: disable=import-outside-toplevel
   from fm.models import layers  # pylint: disable=import-outside-toplevel
-  mesh = sharding.make_mesh(config.mesh, devices)
-  per_shard = config.train.global_batch // sharding.batch_divisor(
-      mesh, sharding.rules_from_config(config))
+  per_shard = config.train.global_batch // _batch_ways(config, devices)
   counts = [k for k in (1, 2, 4, 8, 16, 32) if per_shard % k == 0]
   plans = []
   for remat in layers.REMAT_POLICIES:
@@ -472,10 +469,7 @@ def sweep(config, topology, devices, log=print) -> tuple[list[dict], dict | None
 def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict | None]:
   """The largest global batch (a multiple of the batch shards) that fits: doubling, then
   bisection. Returns (largest plan that fits, smallest that does not)."""
-  from fm import sharding  # pylint: disable=import-outside-toplevel
-  ways = sharding.batch_divisor(sharding.make_mesh(config.mesh, devices),
-                                sharding.rules_from_config(config))
-  unit = math.lcm(ways * max(1, config.train.get('microbatches', 1)), _hosts(topology, devices))
+  unit = math.lcm(_batch_ways(config, devices) * max(1, config.train.get('microbatches', 1)), _hosts(topology, devices))
 
   def attempt(n):
     p = plan(_with(config, train={'global_batch': n * unit}), topology, devices)
@@ -500,6 +494,12 @@ def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict |
     else:
       bad, hi = p, mid
   return good, bad
+
+
+def _batch_ways(config, devices) -> int:
+  from fm import sharding  # pylint: disable=import-outside-toplevel
+  return sharding.batch_divisor(sharding.make_mesh(config.mesh, devices),
+                                sharding.rules_from_config(config))
 
 
 def _with(config, **sections):

@@ -252,6 +252,8 @@ class Program(NamedTuple):
   init: Callable         # rng -> sharded fresh state.
   train_step: Callable   # (state, batch, rng) -> (state, metrics), jitted and donating.
   eval_step: Callable    # (params, batch) -> summable metrics, jitted.
+  jitted_step: Any       # The jitted train step with the frozen params as its last argument,
+                         # for ahead-of-time lowering (fm.plan).
 
 
 def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample,
@@ -293,7 +295,7 @@ def build(model: nn.Module, tx, loss_fn, config, mesh, rules, sample,
                       out_shardings=replicated)
   return Program(abstract, state_sh, jax.jit(init, out_shardings=state_sh),
                  lambda state, batch, rng: train_step(state, batch, rng, frozen_params),
-                 lambda params, batch: eval_step(params, batch, frozen_params))
+                 lambda params, batch: eval_step(params, batch, frozen_params), train_step)
 
 
 # =============================================================================================
@@ -330,6 +332,11 @@ def check_pretrained_spec(spec, key: str) -> ml_collections.ConfigDict:
   return spec
 
 
+def _as_json(tree: Any) -> Any:
+  """`tree` as it reads back from config.json (tuples as lists, other objects as strings)."""
+  return json.loads(json.dumps(tree, default=str))
+
+
 def _check_same_run(workdir: pathlib.Path, run_config, experiment: str, key: str) -> None:
   """Refuses a workdir that holds another run than `experiment` would train (a fine-tuning run,
   another model or dataset), so its checkpoints are never taken for broken ones."""
@@ -337,7 +344,7 @@ def _check_same_run(workdir: pathlib.Path, run_config, experiment: str, key: str
   if not path.exists():
     return
   held = json.loads(path.read_text()).get('config', {})
-  wanted = json.loads(json.dumps(run_config.to_dict(), default=str))
+  wanted = _as_json(run_config.to_dict())
   differing = [k for k in ('task', 'objective', 'model', 'data')
                if k in held or k in wanted if held.get(k) != wanted.get(k)]
   if differing:
@@ -481,11 +488,10 @@ def record(workdir: pathlib.Path, config, family_name: str, model_cfg, tokenizer
            mesh, **extra) -> dict:
   """The resolved config (also stored in every checkpoint; JSON, no pickle), written to
   WORKDIR/config.json by process 0."""
-  resolved = json.loads(json.dumps({
+  resolved = _as_json({
       'config': config.to_dict(), 'family': family_name, 'model': model_cfg.__dict__,
       'tokenizer': tokenizer.identity, 'params': counts, 'mesh': dict(mesh.shape),
-      'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind, **extra},
-      default=str))
+      'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind, **extra})
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
   return resolved

@@ -97,6 +97,10 @@ def test_mesh_and_batch_that_do_not_fit_the_topology_are_one_sentence():
   with pytest.raises(ConfigError, match=r'config.train.global_batch=12 is not divisible by the '
                      r'8 batch shards'):
     plan.plan(smoke(train={'global_batch': 12}), topology, devices)
+  distill = train.load_config('experiments/distill_shakespeare.py:smoke', 'test')
+  with pytest.raises(ConfigError, match=r"config.objective='distill' reads frozen models "
+                     r'\(teacher\), which fm.plan does not compile yet'):
+    plan.plan(distill, topology, devices)
 
 
 def test_bad_topology_on_the_command_line_exits_with_one_line():

@@ -111,6 +111,12 @@ def train_dataset(stream: Stream, seq_len: int, global_batch: int, seed: int,
   return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
 
 
+def padding_window(seq_len: int) -> dict[str, np.ndarray]:
+  """A window of no document (segment ids 0, so weight 0), shaped like Stream.window's."""
+  return {k: np.zeros(seq_len, np.int32)
+          for k in ('tokens', 'segment_ids', 'positions', 'token_bytes')}
+
+
 def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: int,
                  process_index: int = 0, process_count: int = 1,
                  transform: Transform | None = None):
@@ -121,8 +127,7 @@ def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: i
   if max_batches > 0:
     num_batches = min(num_batches, max_batches)
   per_process = global_batch // process_count
-  pad = {'tokens': np.zeros(seq_len, np.int32), 'segment_ids': np.zeros(seq_len, np.int32),
-         'positions': np.zeros(seq_len, np.int32), 'token_bytes': np.zeros(seq_len, np.int32)}
+  pad = padding_window(seq_len)
   ds = grain.MapDataset.range(num_batches * global_batch)
   ds = ds.map(lambda i: stream.window(int(i), seq_len) if i < n else pad)
   if transform is not None:

@@ -105,7 +105,7 @@ def build(tok_cfg: ml_collections.ConfigDict, train_docs: list[str], dataset: st
     return ByteTokenizer()
   if kind != 'sentencepiece':
     raise ConfigError(f'config.data.tokenizer.kind={kind!r} is unknown; choose sentencepiece or bytes.')
-  vocab_size = tok_cfg.get('vocab_size', 4096)
+  vocab_size = declared_vocab_size(tok_cfg)
   path = sources.cache_dir() / 'tokenizers' / f'{dataset}-sp{vocab_size}-{corpus_digest[:16]}.model'
   if not path.exists():
     proto = train_sentencepiece(train_docs, vocab_size)

@@ -37,7 +37,7 @@ from fm.cli import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :variant.',
-                                lock_config=False)
+                                lock_config=True)
 flags.DEFINE_string('topology', None, 'Target: v5e:16x16, v5p:4x4x4, v4:2x2x1, v6e:4x4, '
                     'h100:8x8 (hosts x GPUs), h100:1, cpu:8.')
 flags.DEFINE_bool('sweep', False, 'Try remat policies x microbatch counts; report the fastest '

@@ -125,6 +125,15 @@ def test_task_splits_are_disjoint_and_deterministic(task):
     assert all(s and t for v in splits.values() for s, t in v)
 
 
+def test_translation_pairs_are_verses_without_markup():
+  splits = registry.get('tasks', 'translate').load(seed=0)
+  pairs = [p for v in splits.values() for p in v]
+  assert not [p for p in pairs if any(c in s for s in p for c in '<>\\')]
+  assert ('The First Book of Moses, called Genesis', 'Génesis') not in pairs  # Book titles.
+  assert ('In the beginning God created the heaven and the earth.',
+          'EN el principio crió Dios los cielos y la tierra.') in pairs
+
+
 CLASSIFICATION = [t for t in TASKS if registry.get('tasks', t).KIND == 'classification']
 SEQ2SEQ = [t for t in TASKS if registry.get('tasks', t).KIND == 'seq2seq']
 DECODER, ENCODER, ENCDEC = (f'experiments/{e}.py:smoke' for e in ('lm_shakespeare',

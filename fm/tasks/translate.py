@@ -3,8 +3,9 @@
 Data: the SWORD zText modules in Debian's sword-text-kjv (engKJV2006eb) and sword-text-sparv
 (spaRV1909eb), fetched with `apt-get download`, checked by sha256, read without installing.
 Both use the KJV versification, so verse i of one is verse i of the other; markup (Strong's
-numbers, notes) is stripped and pairs where either side is empty are dropped. Split 80/10/10 in
-blocks of 100 consecutive verses (fixed seed), so neighbouring verses rarely straddle splits.
+numbers, notes, stray USFM markers) and book introductions are stripped, and pairs where either
+side is empty are dropped. Split 80/10/10 in blocks of 100 consecutive verses (fixed seed), so
+neighbouring verses rarely straddle splits.
 Metrics: BLEU and chrF (sacrebleu) of generated translations.
 """
 import io
@@ -55,7 +56,10 @@ def verses(package: sources.DebPackage, module: str) -> list[str]:
         start, length, _ = struct.unpack('<III', bzs[12 * block:12 * block + 12])
         blocks[block] = zlib.decompress(bzz[start:start + length])
       text = blocks[block][offset:offset + size].decode('utf-8', 'replace')
+      if re.search(r'<div\b[^>]*type="book', text):  # A book's introduction: titles, no verse.
+        text = ''
       text = re.sub(r'<note\b.*?</note>', '', text, flags=re.S)
+      text = re.sub(r'\\[a-z]+\*?', '', text)  # Stray USFM character markers ("\nd LORD").
       out.append(' '.join(re.sub(r'<[^>]*>', '', text).split()))
   return out
 

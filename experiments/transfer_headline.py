@@ -1,15 +1,16 @@
-"""Transfer to generation: a T5-style encoder-decoder pretrained on news (span corruption),
-fine-tuned to write an article's headline.
+"""Transfer to generation: a decoder pretrained on news (causal LM), fine-tuned as a prefix LM to
+write an article's headline.
 
   python -m fm.main --config experiments/transfer_headline.py --workdir /tmp/headline
   python -m fm.main --config experiments/transfer_headline.py:smoke --workdir /tmp/smoke
 
-The backbone is trained first by experiments/t5_news.py into WORKDIR/pretrained unless that run
-is there already (or --config.pretrained.workdir=DIR). Test articles are those held out from
-pretraining. After fine-tuning, titles are generated for `task_args.eval_examples` test
-articles with greedy and beam search (KV cache) and scored with ROUGE-1/2/L; WORKDIR/samples.txt
-shows some. --config.task=translate turns the same recipe into English -> Spanish verses (BLEU,
-chrF); --config.pretrained.experiment=experiments/lm_news.py uses a decoder as a prefix LM.
+The backbone is trained first by experiments/lm_news.py into WORKDIR/pretrained unless that run
+is there already (or --config.pretrained.workdir=DIR: transfer_sentiment's WORKDIR/pretrained is
+the same run). The article's first 128 tokens are read bidirectionally as the prefix and the
+title is predicted after it. Test articles are those held out from pretraining. After
+fine-tuning, titles are generated for the first `task_args.eval_examples` test articles with
+greedy and beam search (KV cache) and scored with ROUGE-1/2/L; WORKDIR/samples.txt shows some.
+--config.pretrained.experiment=experiments/t5_news.py uses a T5-style encoder-decoder instead.
 """
 import ml_collections
 
@@ -19,19 +20,19 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.seed = 0
   c.task = 'headline'
   c.task_args = dict(train_fraction=1.0, split_seed=0, eval_examples=192)
-  c.pretrained = dict(experiment='experiments/t5_news.py', workdir='')  # '': WORKDIR/pretrained
+  c.pretrained = dict(experiment='experiments/lm_news.py', workdir='')  # '': WORKDIR/pretrained
   c.finetune = dict(init='pretrained', mode='full', beams=4, lora_rank=8, lora_alpha=16.0,
                     lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'))
-  c.data = dict(source_len=192, target_len=32, seed=0)
-  c.train = dict(steps=300, global_batch=16, log_every=20, eval_every=100, eval_batches=-1,
+  c.data = dict(source_len=128, target_len=32, seed=0)
+  c.train = dict(steps=600, global_batch=16, log_every=50, eval_every=200, eval_batches=-1,
                  nonfinite='raise', microbatches=1)
   c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
                  b1=0.9, b2=0.999)
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
-  c.checkpoint = dict(every_steps=100, keep=2)
+  c.checkpoint = dict(every_steps=200, keep=2)
 
   if arg == 'smoke':
-    c.pretrained.experiment = 'experiments/t5_news.py:smoke'
+    c.pretrained.experiment = 'experiments/lm_shakespeare.py:smoke'
     c.task_args.eval_examples = 16
     c.data.update(source_len=48, target_len=16)
     c.train.update(steps=20, global_batch=8, log_every=5, eval_every=20, eval_batches=2)

@@ -171,10 +171,7 @@ def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, ru
       rows = sharding.put_batch(rows, mesh, rules)
       generated = multihost_utils.process_allgather(
           fn(params, rows['tokens'], rows['segment_ids']), tiled=True)
-      for row in np.asarray(generated)[:real]:
-        ids = row.tolist()
-        out.append(tokenizer.decode(ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids
-                                    else ids))
+      out += [task.target_text(tokenizer, row) for row in np.asarray(generated)[:real]]
     return out
 
   def run(params):

@@ -13,7 +13,7 @@ import pytest
 
 from fm import ConfigError, checkpoint, finetune, registry, sharding, train
 from fm.models import decoder, encdec, layers
-from fm.tasks import _classification
+from fm.tasks import _classification, _seq2seq
 from workdirs import load_experiment
 
 TASKS = registry.choices('tasks')
@@ -138,11 +138,12 @@ CLASSIFICATION = [t for t in TASKS if registry.get('tasks', t).KIND == 'classifi
 SEQ2SEQ = [t for t in TASKS if registry.get('tasks', t).KIND == 'seq2seq']
 DECODER, ENCODER, ENCDEC = (f'experiments/{e}.py:smoke' for e in ('lm_shakespeare',
                                                                    'mlm_shakespeare', 't5_news'))
-# The default suite runs full, lora and zero_shot on a decoder, lora on an encoder, and seq2seq
-# on an encoder-decoder (experiments/transfer_headline.py:smoke in test_main); the rest of the
-# matrix is marked slow (seq2seq runs compile greedy and beam decoding, about 20 s each).
+# The default suite runs full, lora and zero_shot on a decoder, lora on an encoder, and
+# translation on an encoder-decoder (both seq2seq tasks on a decoder: the transfer_headline and
+# transfer_translate smoke runs in test_main); the rest of the matrix is marked slow (seq2seq
+# runs compile greedy and beam decoding, about 20 s each).
 DEFAULT = {('sentiment', m, DECODER) for m in ('full', 'lora', 'zero_shot')} | {
-    ('sentiment', 'lora', ENCODER)}
+    ('sentiment', 'lora', ENCODER), ('translate', 'full', ENCDEC)}
 SMOKE = [(task, mode, DECODER) for task in CLASSIFICATION for mode in finetune.MODES] + [
     ('sentiment', 'lora', ENCODER), ('question_type', 'full', ENCDEC)] + [
     (task, mode, backbone) for task in SEQ2SEQ for mode in ('full', 'lora')
@@ -249,6 +250,25 @@ def test_prompt_rows_score_only_the_label_words():
     assert text == 'Q ok A no\n\nQ hi A' + word
     assert ''.join(map(chr, tokens[weights > 0])) == word
   assert rows['label'].tolist() == [1]
+
+
+@pytest.mark.parametrize('model_name', ['encdec', 'decoder'])
+def test_seq2seq_targets_start_like_a_word_inside_a_document(model_name):
+  """A target is encoded after a space (the tokenizers have no dummy prefix), and generated
+  ids turn back into the target text without it."""
+  class Tok:  # Characters as ids.
+    bos_id, eos_id = 1, 3
+    encode = lambda self, text: [ord(ch) for ch in text]
+    decode = lambda self, ids: ''.join(map(chr, ids))
+  tok, pair = Tok(), ('Some article.', 'Its title')
+  rows = _seq2seq.encode([pair], tok, model_name, 24, 16)
+  if model_name == 'encdec':
+    target = rows['targets'][0][rows['target_segment_ids'][0] > 0]
+    assert tok.decode(rows['inputs'][0][rows['input_segment_ids'][0] > 0]) == 'Some article.\x03'
+  else:
+    target = np.roll(rows['tokens'][0], -1)[rows['target_weights'][0] > 0]
+  assert tok.decode(target) == ' Its title\x03'
+  assert _seq2seq.target_text(tok, list(target) + [0, 0]) == 'Its title'
 
 
 @pytest.mark.slow

@@ -87,9 +87,11 @@ def test_readme_transfer_command_reuses_the_backbone(tmp_path):
   assert (workdir / 'pretrained' / 'metrics.jsonl').read_text() == pretraining
 
 
-# Covered by larger tests: distillation by test_distill_trains_the_teacher_once, transfer by the
-# README command above.
-COVERED_ELSEWHERE = ('distill_shakespeare', 'transfer_sentiment')
+# In the slow set: distillation and transfer_sentiment (covered by larger tests here:
+# test_distill_trains_the_teacher_once and the README command above) and llama (the 8b recipe at
+# test size: fsdp, bf16, scanned and rematerialised layers, each also tested in test_models and
+# test_sharding).
+COVERED_ELSEWHERE = ('distill_shakespeare', 'llama', 'transfer_sentiment')
 
 
 @pytest.mark.parametrize('name', [pytest.param(e, marks=pytest.mark.slow)

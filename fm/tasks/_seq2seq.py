@@ -4,6 +4,10 @@ A task module provides `load(seed) -> {'train', 'validation', 'test'}` of (sourc
 pairs and `generation_metrics(predictions, references) -> {name: value}`. An encoder-decoder
 reads the source and predicts the target (shifted right, starting from token 0); a decoder reads
 BOS + source + EOS as a bidirectional prefix and predicts the target after it (prefix LM).
+
+Targets are encoded with a leading space, as a word inside a pretraining document is: the
+tokenizers keep whitespace (no dummy prefix), so a title's first word would otherwise become rare
+word-start pieces ("W", "ill" instead of " Will"). `target_text` removes it from generated ids.
 """
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +19,22 @@ KIND = 'seq2seq'
 COMPATIBLE_MODELS = ('encdec', 'decoder')
 MODES = ('full', 'lora')
 __all__ = ['COMPATIBLE_MODELS', 'KIND', 'MODES', 'encode', 'make_loss_fn', 'prompts',
-           'summarize']
+           'summarize', 'target_text']
 
 
 def _ids(tokenizer, text: str, limit: int) -> list[int]:
   return tokenizer.encode(text)[:limit]
+
+
+def _target_ids(tokenizer, text: str, limit: int) -> list[int]:
+  return _ids(tokenizer, ' ' + text, limit)
+
+
+def target_text(tokenizer, ids) -> str:
+  """The text of generated target ids, up to the first EOS."""
+  ids = [int(i) for i in ids]
+  ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
+  return tokenizer.decode(ids).strip()
 
 
 def encode(pairs, tokenizer, model_name: str, source_len: int, target_len: int):
@@ -32,7 +47,7 @@ def encode(pairs, tokenizer, model_name: str, source_len: int, target_len: int):
                  for k in ('targets', 'target_segment_ids', 'decoder_in')})
     for i, (source, target) in enumerate(pairs):
       src = _ids(tokenizer, source, source_len - 1) + [eos]
-      tgt = _ids(tokenizer, target, target_len - 1) + [eos]
+      tgt = _target_ids(tokenizer, target, target_len - 1) + [eos]
       rows['inputs'][i, :len(src)], rows['input_segment_ids'][i, :len(src)] = src, 1
       rows['targets'][i, :len(tgt)], rows['target_segment_ids'][i, :len(tgt)] = tgt, 1
       rows['decoder_in'][i, 1:len(tgt)] = tgt[:-1]
@@ -43,7 +58,7 @@ def encode(pairs, tokenizer, model_name: str, source_len: int, target_len: int):
   rows['target_weights'] = np.zeros((n, L), np.float32)
   for i, (source, target) in enumerate(pairs):
     prompt = [tokenizer.bos_id] + _ids(tokenizer, source, source_len - 2) + [eos]
-    tgt = _ids(tokenizer, target, target_len - 1) + [eos]
+    tgt = _target_ids(tokenizer, target, target_len - 1) + [eos]
     seq = prompt + tgt
     rows['tokens'][i, :len(seq)], rows['segment_ids'][i, :len(seq)] = seq, 1
     rows['prefix'][i, :len(prompt)] = True

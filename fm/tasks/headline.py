@@ -9,10 +9,10 @@ import random
 
 from fm.data import sources
 from fm.tasks._seq2seq import (COMPATIBLE_MODELS, KIND, MODES, encode, make_loss_fn,
-                               prompts, summarize)
+                               prompts, summarize, target_text)
 
 __all__ = ['COMPATIBLE_MODELS', 'KIND', 'MODES', 'encode', 'generation_metrics', 'load',
-           'make_loss_fn', 'prompts', 'summarize']
+           'make_loss_fn', 'prompts', 'summarize', 'target_text']
 
 
 def load(seed: int = 0) -> dict[str, list[tuple[str, str]]]:

@@ -17,10 +17,10 @@ import zlib
 
 from fm.data import sources
 from fm.tasks._seq2seq import (COMPATIBLE_MODELS, KIND, MODES, encode, make_loss_fn,
-                               prompts, summarize)
+                               prompts, summarize, target_text)
 
 __all__ = ['COMPATIBLE_MODELS', 'KIND', 'MODES', 'encode', 'generation_metrics', 'load',
-           'make_loss_fn', 'prompts', 'summarize', 'verses']
+           'make_loss_fn', 'prompts', 'summarize', 'target_text', 'verses']
 
 KJV = sources.DebPackage('sword-text-kjv', '14.3-1', 'sword-text-kjv_14.3-1_all.deb',
                          '9f463f28ce665f6f528fc723179722bced880a4c5485f7a41bf742838315de57')

@@ -22,8 +22,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.task = 'translate'
   c.task_args = dict(train_fraction=1.0, split_seed=0, eval_examples=192)
   c.pretrained = dict(experiment='experiments/lm_news.py', workdir='')  # '': WORKDIR/pretrained
-  c.finetune = dict(init='pretrained', mode='full', beams=4, lora_rank=8, lora_alpha=16.0,
-                    lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'))
+  c.finetune = dict(init='pretrained', mode='full', beams=4, no_repeat_ngram=0, lora_rank=8,
+                    lora_alpha=16.0, lora_targets=('query', 'key', 'value', 'out', 'gate', 'up',
+                                                   'down'))
   c.data = dict(source_len=96, target_len=160, seed=0)
   c.train = dict(steps=600, global_batch=16, log_every=50, eval_every=200, eval_batches=16,
                  nonfinite='raise', microbatches=1)

@@ -83,6 +83,24 @@ def _start(family: str, vocab_limit: int | None = None):
   return limited
 
 
+def repeated_ngram_tokens(seqs_RT, t, n: int, vocab: int):
+  """(R, V) True for each token that, generated at position `t`, would repeat an n-gram of
+  `seqs_RT[:, :t]` (the tokens generated so far; the prompt does not count, so a source may be
+  copied). No token is banned before n - 1 tokens exist."""
+  R, T = seqs_RT.shape
+  if n < 1 or T < n:
+    return jnp.zeros((R, vocab), bool)
+  if n == 1:
+    seen_RT = jnp.arange(T) < t
+    return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], seqs_RT].max(seen_RT)
+  last_RN = jax.lax.dynamic_slice_in_dim(seqs_RT, jnp.maximum(t - (n - 1), 0), n - 1, axis=1)
+  windows_RJN = jnp.stack([seqs_RT[:, k:T - n + 1 + k] for k in range(n - 1)], axis=-1)
+  following_RJ = seqs_RT[:, n - 1:]
+  ended_J = jnp.arange(T - n + 1) <= t - n  # The whole n-gram lies before position t.
+  match_RJ = jnp.all(windows_RJN == last_RN[:, None, :], axis=-1) & ended_J & (t >= n - 1)
+  return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], following_RJ].max(match_RJ)
+
+
 def _full_decoder_logits(family, cfg, params, tokens_BP, segment_ids_BP, continuation_BT):
   """Logits at every position of prompt + continuation, without a cache."""
   B, T = continuation_BT.shape
@@ -94,21 +112,30 @@ def _full_decoder_logits(family, cfg, params, tokens_BP, segment_ids_BP, continu
   return decoder.Model(cfg).apply(params, seq, seg, _positions(seg), prefix)
 
 
-@functools.partial(jax.jit, static_argnames=('family', 'cfg', 'max_new', 'vocab_limit'))
+@functools.partial(jax.jit, static_argnames=('family', 'cfg', 'max_new', 'vocab_limit',
+                                             'no_repeat_ngram'))
 def greedy(family: str, cfg, params, tokens, segment_ids, max_new: int,
-           vocab_limit: int | None = None):
-  """(B, max_new) greedy continuations (decoder: of left-padded prompts; encdec: of inputs)."""
+           vocab_limit: int | None = None, no_repeat_ngram: int = 0):
+  """(B, max_new) greedy continuations (decoder: of left-padded prompts; encdec: of inputs).
+  With `no_repeat_ngram` = n > 0, no n-gram of the continuation occurs twice."""
   logits_BV, carry, step = _start(family, vocab_limit)(cfg, params, tokens, segment_ids, max_new)
-  first_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
+  seqs_BT = jnp.zeros((tokens.shape[0], max_new), jnp.int32)
 
-  def body(state, _):
-    carry, token_B = state
+  def pick(logits_BV, seqs_BT, t):
+    banned_BV = repeated_ngram_tokens(seqs_BT, t, no_repeat_ngram, logits_BV.shape[-1])
+    next_B = jnp.argmax(jnp.where(banned_BV, -jnp.inf, logits_BV), -1).astype(jnp.int32)
+    return next_B, seqs_BT.at[:, t].set(next_B)
+
+  first_B, seqs_BT = pick(logits_BV, seqs_BT, 0)
+
+  def body(state, t):
+    carry, token_B, seqs_BT = state
     logits_BV, carry = step(carry, token_B)
-    next_B = jnp.argmax(logits_BV, -1).astype(jnp.int32)
-    return (carry, next_B), next_B
+    next_B, seqs_BT = pick(logits_BV, seqs_BT, t)
+    return (carry, next_B, seqs_BT), None
 
-  _, rest = jax.lax.scan(body, (carry, first_B), None, length=max_new - 1)
-  return jnp.concatenate([first_B[:, None], rest.T], axis=1)
+  (_, _, seqs_BT), _ = jax.lax.scan(body, (carry, first_B, seqs_BT), jnp.arange(1, max_new))
+  return seqs_BT
 
 
 def _reorder(cache, rows_R):
@@ -120,11 +147,13 @@ def _reorder(cache, rows_R):
 
 
 @functools.partial(jax.jit, static_argnames=('family', 'cfg', 'max_new', 'beams', 'eos_id',
-                                             'vocab_limit'))
+                                             'vocab_limit', 'no_repeat_ngram'))
 def beam_search(family: str, cfg, params, tokens, segment_ids, max_new: int, beams: int,
-                eos_id: int, length_penalty: float = 0.6, vocab_limit: int | None = None):
+                eos_id: int, length_penalty: float = 0.6, vocab_limit: int | None = None,
+                no_repeat_ngram: int = 0):
   """(B, max_new) best of `beams` hypotheses per row by log-probability / ((5 + length) / 6)
-  ** length_penalty (GNMT). A hypothesis ends at `eos_id`; later slots hold `eos_id`."""
+  ** length_penalty (GNMT). A hypothesis ends at `eos_id`; later slots hold `eos_id`. With
+  `no_repeat_ngram` = n > 0, no hypothesis extends into an n-gram it holds already."""
   B, K = tokens.shape[0], beams
   repeat = lambda x: jnp.repeat(x, K, axis=0)
   logits_RV, carry, step = _start(family, vocab_limit)(cfg, params, repeat(tokens),
@@ -139,6 +168,9 @@ def beam_search(family: str, cfg, params, tokens, segment_ids, max_new: int, bea
   def extend(state, t):
     carry, logits_RV, scores_BK, done_BK, lengths_BK, seqs_BKT = state
     log_p_BKV = jax.nn.log_softmax(logits_RV).reshape(B, K, V)
+    banned_BKV = repeated_ngram_tokens(seqs_BKT.reshape(B * K, -1), t, no_repeat_ngram,
+                                       V).reshape(B, K, V)
+    log_p_BKV = jnp.where(banned_BKV, -jnp.inf, log_p_BKV)
     # A finished hypothesis only extends with EOS, at no cost.
     eos_only_V = jnp.where(jnp.arange(V) == eos_id, 0.0, -jnp.inf)
     log_p_BKV = jnp.where(done_BK[..., None], eos_only_V, log_p_BKV)

@@ -11,6 +11,8 @@ Config keys (see experiments/transfer_sentiment.py):
   finetune.pool        how the head pools the backbone's states (default: last token for a decoder,
                        mean for an encoder or an encoder-decoder's encoder)
   finetune.head_lr     optional learning rate of the head (default: optim.lr)
+  finetune.beams       seq2seq: the beam width of the beam-search scores (greedy is scored too)
+  finetune.no_repeat_ngram  seq2seq: n > 0 keeps decoding from repeating an n-gram it generated
   finetune.mode        also `zero_shot` / `few_shot` (decoder backbones, no training): the label whose
                        word the LM finds most likely after the task's prompt, with `finetune.shots`
                        demonstrations drawn from the training split (default 4) for few_shot
@@ -176,9 +178,11 @@ def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, ru
 
   def run(params):
     limit = tokenizer.vocab_size  # Never padding ids of the vocabulary or sentinels.
-    greedy = lambda p, t, s: decoding.greedy(family, model_cfg, p, t, s, max_new, limit)
+    ngram = ft.get('no_repeat_ngram', 0)
+    greedy = lambda p, t, s: decoding.greedy(family, model_cfg, p, t, s, max_new, limit, ngram)
     beam = lambda p, t, s: decoding.beam_search(family, model_cfg, p, t, s, max_new, beams,
-                                                tokenizer.eos_id, vocab_limit=limit)
+                                                tokenizer.eos_id, vocab_limit=limit,
+                                                no_repeat_ngram=ngram)
     metrics, samples = {}, {}
     for name, fn in (('greedy', greedy), (f'beam{beams}', beam)):
       samples[name] = decode_all(params, fn)

@@ -83,3 +83,30 @@ def test_prefix_prompt_is_read_bidirectionally():
                                                                continuation, -1))
   differs = ~np.isclose(score('decoder'), score('prefix_lm'), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(differs, [len(p) > 1 for p in PROMPTS])
+
+
+def test_repeated_ngram_tokens():
+  seqs = jnp.asarray([[1, 2, 3, 1, 2, 0, 0], [4, 4, 4, 0, 0, 0, 0]])
+  banned = lambda t, n: [set(np.flatnonzero(r)) for r in
+                         np.asarray(decoding.repeated_ngram_tokens(seqs, t, n, 8))]
+  assert banned(5, 3) == [{3}, set()]  # "1 2" was followed by 3.
+  assert banned(5, 2) == [{3}, {0}]  # "2" was followed by 3; row 2 by "0 0" at positions 3-4.
+  assert banned(4, 2) == [{2}, set()] and banned(3, 2) == [set(), {4}]
+  assert banned(3, 1) == [{1, 2, 3}, {4}]
+  assert banned(1, 3) == [set(), set()] and banned(5, 0) == [set(), set()]
+
+
+@pytest.mark.parametrize('family', ['prefix_lm', 'encdec'])
+def test_no_repeat_ngram(family):
+  """A random model loops; with no_repeat_ngram=2 no bigram comes twice, in greedy or beam
+  search, and an n longer than the output changes nothing."""
+  cfg, params, tokens, seg = setup(family)
+  plain = np.asarray(decoding.greedy(family, cfg, params, tokens, seg, max_new=24))
+  bigrams = lambda row: list(zip(row[:-1], row[1:]))
+  assert any(len(set(bigrams(r))) < len(bigrams(r)) for r in plain)  # It does loop.
+  for out in (decoding.greedy(family, cfg, params, tokens, seg, max_new=24, no_repeat_ngram=2),
+              decoding.beam_search(family, cfg, params, tokens, seg, max_new=24, beams=3,
+                                   eos_id=-1, no_repeat_ngram=2)):
+    assert all(len(set(bigrams(r))) == len(bigrams(r)) for r in np.asarray(out))
+  long = decoding.greedy(family, cfg, params, tokens, seg, max_new=24, no_repeat_ngram=25)
+  np.testing.assert_array_equal(np.asarray(long), plain)

@@ -97,7 +97,7 @@ def repeated_ngram_tokens(seqs_RT, t, n: int, vocab: int):
   windows_RJN = jnp.stack([seqs_RT[:, k:T - n + 1 + k] for k in range(n - 1)], axis=-1)
   following_RJ = seqs_RT[:, n - 1:]
   ended_J = jnp.arange(T - n + 1) <= t - n  # The whole n-gram lies before position t.
-  match_RJ = jnp.all(windows_RJN == last_RN[:, None, :], axis=-1) & ended_J & (t >= n - 1)
+  match_RJ = jnp.all(windows_RJN == last_RN[:, None, :], axis=-1) & ended_J
   return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], following_RJ].max(match_RJ)
 
 

@@ -160,6 +160,7 @@ def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, ru
   ft, model_name = _ft(config), 'encdec' if family == 'encdec' else 'decoder'
   tokens, seg = task.prompts(pairs, tokenizer, model_name, config.data.source_len)
   batch, max_new, beams = config.train.global_batch, config.data.target_len, ft.get('beams', 4)
+  ngram = ft.get('no_repeat_ngram', 0)
   pidx, pcount = jax.process_index(), jax.process_count()
   references = [t for _, t in pairs]
 
@@ -178,7 +179,6 @@ def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, ru
 
   def run(params):
     limit = tokenizer.vocab_size  # Never padding ids of the vocabulary or sentinels.
-    ngram = ft.get('no_repeat_ngram', 0)
     greedy = lambda p, t, s: decoding.greedy(family, model_cfg, p, t, s, max_new, limit, ngram)
     beam = lambda p, t, s: decoding.beam_search(family, model_cfg, p, t, s, max_new, beams,
                                                 tokenizer.eos_id, vocab_limit=limit,

@@ -469,7 +469,8 @@ def sweep(config, topology, devices, log=print) -> tuple[list[dict], dict | None
 def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict | None]:
   """The largest global batch (a multiple of the batch shards) that fits: doubling, then
   bisection. Returns (largest plan that fits, smallest that does not)."""
-  unit = math.lcm(_batch_ways(config, devices) * max(1, config.train.get('microbatches', 1)), _hosts(topology, devices))
+  unit = math.lcm(_batch_ways(config, devices) * max(1, config.train.get('microbatches', 1)),
+                  _hosts(topology, devices))
 
   def attempt(n):
     p = plan(_with(config, train={'global_batch': n * unit}), topology, devices)

@@ -13,6 +13,7 @@ once into WORKDIR/pretrained (or --pretrained DIR, a finished lm_news run). Writ
 WORKDIR/label_efficiency.{md,json,png}, the table and JSON after every run; rerunning the
 command skips finished runs (their final checkpoints are only re-evaluated).
 """
+
 import argparse
 import json
 import pathlib
@@ -29,27 +30,33 @@ MODELS = ('pretrained', 'random', 'bag_of_words')
 
 
 def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
-  from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=import-outside-toplevel
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
-  from sklearn.metrics import accuracy_score, f1_score  # pylint: disable=import-outside-toplevel
+  from sklearn.feature_extraction.text import TfidfVectorizer
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.metrics import accuracy_score, f1_score
+
   vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
   x = vectorizer.fit_transform([t for t, _ in train_examples])
   model = LogisticRegression(C=4.0, max_iter=2000, random_state=seed)
-  model.fit(x, [l for _, l in train_examples])
+  model.fit(x, [label for _, label in train_examples])
   predicted = model.predict(vectorizer.transform([t for t, _ in test_examples]))
-  truth = [l for _, l in test_examples]
-  return {'accuracy': accuracy_score(truth, predicted),
-          'macro_f1': f1_score(truth, predicted, average='macro')}
+  truth = [label for _, label in test_examples]
+  return {
+    'accuracy': accuracy_score(truth, predicted),
+    'macro_f1': f1_score(truth, predicted, average='macro'),
+  }
 
 
 def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each."""
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  from fm import finetune, train  # pylint: disable=import-outside-toplevel
-  from fm.tasks import sentiment  # pylint: disable=import-outside-toplevel
+  import ml_collections
+
+  from fm import finetune, train
+  from fm.tasks import sentiment
+
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
-  base = train.load_config('experiments/transfer_sentiment.py' + (':smoke' if smoke else ''),
-                           'label_efficiency')
+  base = train.load_config(
+    'experiments/transfer_sentiment.py' + (':smoke' if smoke else ''), 'label_efficiency'
+  )
   base.pretrained.workdir = pretrained or str(workdir / 'pretrained')
   splits = sentiment.load(seed=base.task_args.split_seed)
   results = []
@@ -62,12 +69,25 @@ def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
         config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 3, 1))
         config.optim.warmup_steps = max(steps // 10, 1)
         metrics = train.train_and_evaluate(config, str(workdir / f'{init}-{fraction}-{seed}'))
-        results.append({'model': init, 'fraction': fraction, 'seed': seed,
-                        'accuracy': metrics['test/accuracy'], 'macro_f1': metrics['test/macro_f1']})
+        results.append(
+          {
+            'model': init,
+            'fraction': fraction,
+            'seed': seed,
+            'accuracy': metrics['test/accuracy'],
+            'macro_f1': metrics['test/macro_f1'],
+          }
+        )
         write(workdir, results)
       subset = finetune.subset(splits['train'], fraction, seed)
-      results.append({'model': 'bag_of_words', 'fraction': fraction, 'seed': seed,
-                      **bag_of_words(subset, splits['test'], seed)})
+      results.append(
+        {
+          'model': 'bag_of_words',
+          'fraction': fraction,
+          'seed': seed,
+          **bag_of_words(subset, splits['test'], seed),
+        }
+      )
       write(workdir, results)
   return results
 
@@ -81,8 +101,10 @@ def write(workdir: pathlib.Path, results: list[dict]) -> str:
 
 def table(results: list[dict]) -> str:
   fractions = sorted({r['fraction'] for r in results})
-  lines = ['| model | ' + ' | '.join(f'{f:.0%} labels' for f in fractions) + ' |',
-           '|---|' + '---|' * len(fractions)]
+  lines = [
+    '| model | ' + ' | '.join(f'{f:.0%} labels' for f in fractions) + ' |',
+    '|---|' + '---|' * len(fractions),
+  ]
   for model in MODELS:
     cells = []
     for f in fractions:
@@ -94,17 +116,26 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
+  import matplotlib
+
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt
+
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for model in MODELS:
     fractions = sorted({r['fraction'] for r in results if r['model'] == model})
-    acc = [[100 * r['accuracy'] for r in results if r['model'] == model and r['fraction'] == f]
-           for f in fractions]
-    ax.errorbar([100 * f for f in fractions], [statistics.mean(a) for a in acc],
-                yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in acc], marker='o',
-                capsize=3, label=model.replace('_', ' '))
+    acc = [
+      [100 * r['accuracy'] for r in results if r['model'] == model and r['fraction'] == f]
+      for f in fractions
+    ]
+    ax.errorbar(
+      [100 * f for f in fractions],
+      [statistics.mean(a) for a in acc],
+      yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in acc],
+      marker='o',
+      capsize=3,
+      label=model.replace('_', ' '),
+    )
   ax.set_xscale('log')
   ax.set_xlabel('training labels used (%)')
   ax.set_ylabel('test accuracy (%)')
@@ -122,7 +153,8 @@ def main() -> int:
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
-  from fm import ConfigError  # pylint: disable=import-outside-toplevel
+  from fm import ConfigError
+
   try:
     results = run(workdir, args.smoke, args.pretrained)
   except ConfigError as e:

@@ -9,10 +9,13 @@ layers scanned and rematerialised, 4,096-token sequences: 256 per step (1M token
 for 1b (fm.plan --max_batch finds the largest that fits). Plan it before renting the pod
 (fm.plan compiles this step for the topology on a laptop). `smoke`: the 8b recipe at test size.
 """
+
 import ml_collections
 
-SIZES = {'8b': dict(variant='llama-8b', global_batch=256),
-         '1b': dict(variant='llama-1b', global_batch=16)}
+SIZES = {
+  '8b': dict(variant='llama-8b', global_batch=256),
+  '1b': dict(variant='llama-1b', global_batch=16),
+}
 
 
 def get_config(arg: str = '8b') -> ml_collections.ConfigDict:
@@ -22,21 +25,39 @@ def get_config(arg: str = '8b') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.objective = 'causal_lm'
-  c.model = dict(name='decoder', variant=size['variant'], dtype='bfloat16',
-                 param_dtype='float32', scan_layers=True, remat='full', attention_impl='xla')
-  c.data = dict(dataset='news', seq_len=4096, seed=0,
-                tokenizer=dict(kind='sentencepiece', vocab_size=4096))
-  c.train = dict(steps=10_000, global_batch=size['global_batch'], log_every=10, eval_every=1000,
-                 eval_batches=16, final_eval_batches=64, nonfinite='raise', microbatches=1)
-  c.optim = dict(lr=3e-4, warmup_steps=500, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
-                 b1=0.9, b2=0.95)
+  c.model = dict(
+    name='decoder',
+    variant=size['variant'],
+    dtype='bfloat16',
+    param_dtype='float32',
+    scan_layers=True,
+    remat='full',
+    attention_impl='xla',
+  )
+  c.data = dict(
+    dataset='news', seq_len=4096, seed=0, tokenizer=dict(kind='sentencepiece', vocab_size=4096)
+  )
+  c.train = dict(
+    steps=10_000,
+    global_batch=size['global_batch'],
+    log_every=10,
+    eval_every=1000,
+    eval_batches=16,
+    final_eval_batches=64,
+    nonfinite='raise',
+    microbatches=1,
+  )
+  c.optim = dict(
+    lr=3e-4, warmup_steps=500, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95
+  )
   c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=500, keep=3)
   if arg == 'smoke':  # The same recipe at test size.
     c.model.variant = 'tiny'
     c.data.seq_len = 64
-    c.train.update(steps=20, global_batch=8, log_every=5, eval_every=20, eval_batches=2,
-                   final_eval_batches=4)
+    c.train.update(
+      steps=20, global_batch=8, log_every=5, eval_every=20, eval_batches=2, final_eval_batches=4
+    )
     c.optim.warmup_steps = 5
     c.checkpoint.every_steps = 10
   return c

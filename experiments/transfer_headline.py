@@ -12,6 +12,7 @@ fine-tuning, titles are generated for the first `task_args.eval_examples` test a
 greedy and beam search (KV cache) and scored with ROUGE-1/2/L; WORKDIR/samples.txt shows some.
 --config.pretrained.experiment=experiments/t5_news.py uses a T5-style encoder-decoder instead.
 """
+
 import ml_collections
 
 
@@ -21,14 +22,28 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.task = 'headline'
   c.task_args = dict(train_fraction=1.0, split_seed=0, eval_examples=192)
   c.pretrained = dict(experiment='experiments/lm_news.py', workdir='')  # '': WORKDIR/pretrained
-  c.finetune = dict(init='pretrained', mode='full', beams=4, no_repeat_ngram=0, lora_rank=8,
-                    lora_alpha=16.0, lora_targets=('query', 'key', 'value', 'out', 'gate', 'up',
-                                                   'down'))
+  c.finetune = dict(
+    init='pretrained',
+    mode='full',
+    beams=4,
+    no_repeat_ngram=0,
+    lora_rank=8,
+    lora_alpha=16.0,
+    lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'),
+  )
   c.data = dict(source_len=128, target_len=32, seed=0)
-  c.train = dict(steps=600, global_batch=16, log_every=50, eval_every=200, eval_batches=-1,
-                 nonfinite='raise', microbatches=1)
-  c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
-                 b1=0.9, b2=0.999)
+  c.train = dict(
+    steps=600,
+    global_batch=16,
+    log_every=50,
+    eval_every=200,
+    eval_batches=-1,
+    nonfinite='raise',
+    microbatches=1,
+  )
+  c.optim = dict(
+    lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.999
+  )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=200, keep=2)
 

@@ -10,6 +10,7 @@ network (finetune.mode=full; also linear_probe or lora) on Rotten Tomatoes revie
 movie. Reports validation and test accuracy and macro-F1. --config.finetune.init=random trains
 the same architecture and tokenizer from scratch instead, for comparison.
 """
+
 import ml_collections
 
 
@@ -19,14 +20,28 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.task = 'sentiment'
   c.task_args = dict(train_fraction=1.0, split_seed=0)
   c.pretrained = dict(experiment='experiments/lm_news.py', workdir='')  # '': WORKDIR/pretrained
-  c.finetune = dict(init='pretrained', mode='full', pool='', head_lr=3e-3, lora_rank=8,
-                    lora_alpha=16.0, lora_targets=('query', 'key', 'value', 'out', 'gate', 'up',
-                                                   'down'))
+  c.finetune = dict(
+    init='pretrained',
+    mode='full',
+    pool='',
+    head_lr=3e-3,
+    lora_rank=8,
+    lora_alpha=16.0,
+    lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'),
+  )
   c.data = dict(seq_len=64, seed=0)
-  c.train = dict(steps=900, global_batch=32, log_every=50, eval_every=300, eval_batches=-1,
-                 nonfinite='raise', microbatches=1)
-  c.optim = dict(lr=3e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
-                 b1=0.9, b2=0.999)
+  c.train = dict(
+    steps=900,
+    global_batch=32,
+    log_every=50,
+    eval_every=300,
+    eval_batches=-1,
+    nonfinite='raise',
+    microbatches=1,
+  )
+  c.optim = dict(
+    lr=3e-4, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.999
+  )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=100, keep=2)
 

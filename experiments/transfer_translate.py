@@ -13,6 +13,7 @@ after it. Rows hold 96 source and 160 target tokens: the news tokenizer splits S
 scored with BLEU and chrF; WORKDIR/samples.txt shows some.
 --config.pretrained.experiment=experiments/t5_news.py uses an encoder-decoder instead.
 """
+
 import ml_collections
 
 
@@ -22,14 +23,28 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.task = 'translate'
   c.task_args = dict(train_fraction=1.0, split_seed=0, eval_examples=192)
   c.pretrained = dict(experiment='experiments/lm_news.py', workdir='')  # '': WORKDIR/pretrained
-  c.finetune = dict(init='pretrained', mode='full', beams=4, no_repeat_ngram=0, lora_rank=8,
-                    lora_alpha=16.0, lora_targets=('query', 'key', 'value', 'out', 'gate', 'up',
-                                                   'down'))
+  c.finetune = dict(
+    init='pretrained',
+    mode='full',
+    beams=4,
+    no_repeat_ngram=0,
+    lora_rank=8,
+    lora_alpha=16.0,
+    lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'),
+  )
   c.data = dict(source_len=96, target_len=160, seed=0)
-  c.train = dict(steps=600, global_batch=16, log_every=50, eval_every=200, eval_batches=16,
-                 nonfinite='raise', microbatches=1)
-  c.optim = dict(lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0,
-                 b1=0.9, b2=0.999)
+  c.train = dict(
+    steps=600,
+    global_batch=16,
+    log_every=50,
+    eval_every=200,
+    eval_batches=16,
+    nonfinite='raise',
+    microbatches=1,
+  )
+  c.optim = dict(
+    lr=1e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.999
+  )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=200, keep=2)
 

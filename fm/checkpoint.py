@@ -8,6 +8,7 @@ half checkpoint that looks whole. No pickle anywhere.
 
   python -m fm.checkpoint inspect PATH   # step, config summary, params, without loading arrays
 """
+
 import json
 import pathlib
 import shutil
@@ -26,13 +27,15 @@ from fm import ConfigError
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 def _restore_args(target: Any) -> Any:
-  return jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                                     dtype=a.dtype), target)
+  return jax.tree.map(
+    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), target
+  )
 
 
 class Checkpointer:
@@ -43,8 +46,11 @@ class Checkpointer:
     self.every = cfg.get('every_steps', 0)
     self.log = log
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.get('keep', 3), enable_async_checkpointing=cfg.get('async', True),
-        create=True, cleanup_tmp_directories=True)
+      max_to_keep=cfg.get('keep', 3),
+      enable_async_checkpointing=cfg.get('async', True),
+      create=True,
+      cleanup_tmp_directories=True,
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def should_save(self, step: int) -> bool:
@@ -54,9 +60,14 @@ class Checkpointer:
     """Starts an asynchronous save; the data iterator's state is captured before returning."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)))
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta),
+      ),
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -69,15 +80,21 @@ class Checkpointer:
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
+        restored = self.manager.restore(
+          step,
+          args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
-            data=grain.checkpoint.CheckpointRestore(data_iter)))
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+          ),
+        )
         return restored['state'], step
-      except Exception as e:  # pylint: disable=broad-except  # Any unreadable file.
+      except Exception as e:  # Any unreadable file.
         path = self.directory / str(step)
-        self.log(f'warning: checkpoint {path} is unreadable ({type(e).__name__}: '
-                 f'{str(e).splitlines()[0][:200] if str(e) else ""}); moving it to '
-                 f'{self.directory.parent / "checkpoints-corrupt"} and trying the previous one.')
+        self.log(
+          f'warning: checkpoint {path} is unreadable ({type(e).__name__}: '
+          f'{str(e).splitlines()[0][:200] if str(e) else ""}); moving it to '
+          f'{self.directory.parent / "checkpoints-corrupt"} and trying the previous one.'
+        )
         multihost_utils.sync_global_devices(f'fm-corrupt-{step}')
         if jax.process_index() == 0:
           aside = self.directory.parent / 'checkpoints-corrupt' / str(step)
@@ -143,8 +160,10 @@ def resolve(path: str | pathlib.Path, key: str = 'config.init.from_checkpoint') 
     return path
   steps = _steps(path)
   if not steps:
-    raise ConfigError(f'{key}={str(path)!r} holds no checkpoint; give a workdir of a finished '
-                      f'run or a checkpoint directory like WORKDIR/checkpoints/N.')
+    raise ConfigError(
+      f'{key}={str(path)!r} holds no checkpoint; give a workdir of a finished '
+      f'run or a checkpoint directory like WORKDIR/checkpoints/N.'
+    )
   root = path / 'checkpoints' if (path / 'checkpoints').is_dir() else path
   return root / str(steps[-1])
 
@@ -158,14 +177,19 @@ def read_meta(ckpt: pathlib.Path) -> dict[str, Any]:
 def restore_params(ckpt: pathlib.Path, target: Any) -> Any:
   """The checkpoint's params named in `target` (the rest of the state is not read), each
   restored onto its sharding in `target`."""
-  return ocp.PyTreeCheckpointer().restore(ckpt / 'state', args=ocp.args.PyTreeRestore(
-      item={'params': target}, restore_args={'params': _restore_args(target)},
-      partial_restore=True))['params']
+  return ocp.PyTreeCheckpointer().restore(
+    ckpt / 'state',
+    args=ocp.args.PyTreeRestore(
+      item={'params': target}, restore_args={'params': _restore_args(target)}, partial_restore=True
+    ),
+  )['params']
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-  return {'/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    '/'.join(str(getattr(k, 'key', k)) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def param_metadata(ckpt: pathlib.Path) -> dict[str, Any]:
@@ -187,26 +211,33 @@ def load_backbone(path: str, params: Any, log=print) -> Any:
   ours = _flat(params)
   shared = [k for k in ours if k in saved]
   if not shared:
-    raise ConfigError(f'config.init.from_checkpoint={path!r}: no param names in common with this '
-                      f'model (checkpoint has e.g. {next(iter(saved), None)!r}, model has '
-                      f'{next(iter(ours), None)!r}); point it at a run of the same model family.')
+    raise ConfigError(
+      f'config.init.from_checkpoint={path!r}: no param names in common with this '
+      f'model (checkpoint has e.g. {next(iter(saved), None)!r}, model has '
+      f'{next(iter(ours), None)!r}); point it at a run of the same model family.'
+    )
   for k in shared:
     if tuple(saved[k].shape) != tuple(ours[k].shape):
-      raise ConfigError(f'config.init.from_checkpoint={path!r}: param {k} has shape '
-                        f'{tuple(saved[k].shape)} in the checkpoint but {tuple(ours[k].shape)} in '
-                        f'this model; use the same model variant and vocabulary.')
+      raise ConfigError(
+        f'config.init.from_checkpoint={path!r}: param {k} has shape '
+        f'{tuple(saved[k].shape)} in the checkpoint but {tuple(ours[k].shape)} in '
+        f'this model; use the same model variant and vocabulary.'
+      )
   # Partial restore of just the shared params, each onto the sharding of its new home.
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   keys = ['/'.join(str(getattr(k, 'key', k)) for k in p) for p, _ in leaves]
-  target = jax.tree_util.tree_unflatten(treedef, [
-      jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves])
+  target = jax.tree_util.tree_unflatten(
+    treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves]
+  )
   target = _prune(target, set(shared))
   restored = restore_params(ckpt, target)
   got = _flat(restored)
   out = [got.get(k, x) for k, (_, x) in zip(keys, leaves)]
   fresh = [k for k in keys if k not in got]
-  log(f'warm start: {len(shared)} params from {ckpt}'
-      + (f'; freshly initialised: {", ".join(fresh)}' if fresh else ''))
+  log(
+    f'warm start: {len(shared)} params from {ckpt}'
+    + (f'; freshly initialised: {", ".join(fresh)}' if fresh else '')
+  )
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -233,10 +264,14 @@ def inspect(path: str) -> str:
   params = param_metadata(ckpt)
   total = sum(int(np.prod(v.shape)) for v in params.values())
   cfg = meta.get('config', {})
-  lines = [f'checkpoint {ckpt}', f'step {ckpt.name}',
-           f'model {cfg.get("model", {})}', f'objective {cfg.get("objective")}',
-           f'data {cfg.get("data", {}).get("dataset")}  tokenizer {meta.get("tokenizer")}',
-           f'params {total:,} in {len(params)} arrays']
+  lines = [
+    f'checkpoint {ckpt}',
+    f'step {ckpt.name}',
+    f'model {cfg.get("model", {})}',
+    f'objective {cfg.get("objective")}',
+    f'data {cfg.get("data", {}).get("dataset")}  tokenizer {meta.get("tokenizer")}',
+    f'params {total:,} in {len(params)} arrays',
+  ]
   width = max(map(len, params), default=0)
   lines += [f'  {k:<{width}}  {str(tuple(v.shape)):<20} {v.dtype}' for k, v in params.items()]
   return '\n'.join(lines)
@@ -245,8 +280,10 @@ def inspect(path: str) -> str:
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.ERROR)
   if len(argv) != 3 or argv[1] != 'inspect':
-    print('usage: python -m fm.checkpoint inspect PATH (a workdir or a checkpoint directory)',
-          file=sys.stderr)
+    print(
+      'usage: python -m fm.checkpoint inspect PATH (a workdir or a checkpoint directory)',
+      file=sys.stderr,
+    )
     return 2
   try:
     print(inspect(argv[2]))

@@ -1,4 +1,5 @@
 """Command-line parsing shared by fm.main and fm.plan."""
+
 import sys
 
 from absl import flags
@@ -15,6 +16,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError, TypeError, ValueError) as e:
     detail = ' '.join(str(e).encode().decode('unicode_escape').replace("'", '').split())
     overrides = ' '.join(a for a in argv if a.startswith('--config.'))
-    print(f'error: a --config override does not fit the experiment config ({detail}); check '
-          f'the key names and value types in: {overrides}', file=sys.stderr)
+    print(
+      f'error: a --config override does not fit the experiment config ({detail}); check '
+      f'the key names and value types in: {overrides}',
+      file=sys.stderr,
+    )
     sys.exit(2)

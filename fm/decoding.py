@@ -8,6 +8,7 @@ token per step is appended inside `lax.scan`. An encoder-decoder encodes its (ri
 inputs once and starts its decoder from token 0 (targets are shifted right by one, as in
 training). `*_uncached` recompute the whole sequence each step: the references of the tests.
 """
+
 import functools
 
 import jax
@@ -24,7 +25,7 @@ def left_pad(prompts: list[list[int]], length: int | None = None) -> tuple[np.nd
   segment_ids = np.zeros((len(prompts), length), np.int32)
   for i, p in enumerate(prompts):
     p = p[-length:]
-    tokens[i, length - len(p):], segment_ids[i, length - len(p):] = p, 1
+    tokens[i, length - len(p) :], segment_ids[i, length - len(p) :] = p, 1
   return tokens, segment_ids
 
 
@@ -37,14 +38,26 @@ def _decoder_start(cfg, params, tokens_BP, segment_ids_BP, max_new, prefix=False
   B, P = tokens_BP.shape
   cache = model.apply(params, jnp.zeros((B, P + max_new), jnp.int32), mutable=['cache'])[1]
   positions_BP = _positions(segment_ids_BP)
-  logits, cache = model.apply({**params, **cache}, tokens_BP, segment_ids_BP, positions_BP,
-                              segment_ids_BP > 0 if prefix else None, mutable=['cache'])
+  logits, cache = model.apply(
+    {**params, **cache},
+    tokens_BP,
+    segment_ids_BP,
+    positions_BP,
+    segment_ids_BP > 0 if prefix else None,
+    mutable=['cache'],
+  )
 
   def step(carry, token_B):
     cache, position_B = carry
-    logits, cache = model.apply({**params, **cache}, token_B[:, None], jnp.ones_like(token_B)[:, None],
-                                position_B[:, None], mutable=['cache'])
+    logits, cache = model.apply(
+      {**params, **cache},
+      token_B[:, None],
+      jnp.ones_like(token_B)[:, None],
+      position_B[:, None],
+      mutable=['cache'],
+    )
     return logits[:, -1], (cache, position_B + 1)
+
   return logits[:, -1], (cache, positions_BP[:, -1] + 1), step
 
 
@@ -53,14 +66,21 @@ def _encdec_start(cfg, params, inputs_BS, input_seg_BS, max_new):
   model = encdec.Model(cfg, decode=True)
   B = inputs_BS.shape[0]
   run = lambda variables, tokens_BL: model.apply(
-      variables, inputs_BS, tokens_BL, input_seg_BS, jnp.ones_like(tokens_BL),
-      encoded_BSD=encoded, mutable=['cache'])
+    variables,
+    inputs_BS,
+    tokens_BL,
+    input_seg_BS,
+    jnp.ones_like(tokens_BL),
+    encoded_BSD=encoded,
+    mutable=['cache'],
+  )
   cache = run(params, jnp.zeros((B, max_new), jnp.int32))[1]
   logits, cache = run({**params, **cache}, jnp.zeros((B, 1), jnp.int32))  # The start token.
 
   def step(cache, token_B):
     logits, cache = run({**params, **cache}, token_B[:, None])
     return logits[:, -1], cache
+
   return logits[:, -1], cache, step
 
 
@@ -70,16 +90,21 @@ FAMILIES = ('decoder', 'prefix_lm', 'encdec')
 def _start(family: str, vocab_limit: int | None = None):
   """The family's start function; with `vocab_limit`, ids from it on (padding of the vocabulary,
   sentinels, mode tokens) are never generated."""
-  start = {'decoder': _decoder_start, 'prefix_lm': functools.partial(_decoder_start, prefix=True),
-           'encdec': _encdec_start}[family]
+  start = {
+    'decoder': _decoder_start,
+    'prefix_lm': functools.partial(_decoder_start, prefix=True),
+    'encdec': _encdec_start,
+  }[family]
   if vocab_limit is None:
     return start
-  limit = lambda logits_BV: jnp.where(jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV,
-                                      -jnp.inf)
+  limit = lambda logits_BV: jnp.where(
+    jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, -jnp.inf
+  )
 
   def limited(*args):
     logits_BV, carry, step = start(*args)
     return limit(logits_BV), carry, lambda c, t: (lambda out: (limit(out[0]), out[1]))(step(c, t))
+
   return limited
 
 
@@ -94,8 +119,8 @@ def repeated_ngram_tokens(seqs_RT, t, n: int, vocab: int):
     seen_RT = jnp.arange(T) < t
     return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], seqs_RT].max(seen_RT)
   last_RN = jax.lax.dynamic_slice_in_dim(seqs_RT, jnp.maximum(t - (n - 1), 0), n - 1, axis=1)
-  windows_RJN = jnp.stack([seqs_RT[:, k:T - n + 1 + k] for k in range(n - 1)], axis=-1)
-  following_RJ = seqs_RT[:, n - 1:]
+  windows_RJN = jnp.stack([seqs_RT[:, k : T - n + 1 + k] for k in range(n - 1)], axis=-1)
+  following_RJ = seqs_RT[:, n - 1 :]
   ended_J = jnp.arange(T - n + 1) <= t - n  # The whole n-gram lies before position t.
   match_RJ = jnp.all(windows_RJN == last_RN[:, None, :], axis=-1) & ended_J
   return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], following_RJ].max(match_RJ)
@@ -112,10 +137,19 @@ def _full_decoder_logits(family, cfg, params, tokens_BP, segment_ids_BP, continu
   return decoder.Model(cfg).apply(params, seq, seg, _positions(seg), prefix)
 
 
-@functools.partial(jax.jit, static_argnames=('family', 'cfg', 'max_new', 'vocab_limit',
-                                             'no_repeat_ngram'))
-def greedy(family: str, cfg, params, tokens, segment_ids, max_new: int,
-           vocab_limit: int | None = None, no_repeat_ngram: int = 0):
+@functools.partial(
+  jax.jit, static_argnames=('family', 'cfg', 'max_new', 'vocab_limit', 'no_repeat_ngram')
+)
+def greedy(
+  family: str,
+  cfg,
+  params,
+  tokens,
+  segment_ids,
+  max_new: int,
+  vocab_limit: int | None = None,
+  no_repeat_ngram: int = 0,
+):
   """(B, max_new) greedy continuations (decoder: of left-padded prompts; encdec: of inputs).
   With `no_repeat_ngram` = n > 0, no n-gram of the continuation occurs twice."""
   logits_BV, carry, step = _start(family, vocab_limit)(cfg, params, tokens, segment_ids, max_new)
@@ -140,24 +174,39 @@ def greedy(family: str, cfg, params, tokens, segment_ids, max_new: int,
 
 def _reorder(cache, rows_R):
   """Cache rows gathered by `rows_R` (beam reordering); scanned layers keep batch on axis 1."""
+
   def gather(path, x):
     axis = 1 if any(getattr(k, 'key', None) == 'layers' for k in path) else 0
     return jnp.take(x, rows_R, axis=axis) if x.ndim > axis else x
+
   return jax.tree_util.tree_map_with_path(gather, cache)
 
 
-@functools.partial(jax.jit, static_argnames=('family', 'cfg', 'max_new', 'beams', 'eos_id',
-                                             'vocab_limit', 'no_repeat_ngram'))
-def beam_search(family: str, cfg, params, tokens, segment_ids, max_new: int, beams: int,
-                eos_id: int, length_penalty: float = 0.6, vocab_limit: int | None = None,
-                no_repeat_ngram: int = 0):
+@functools.partial(
+  jax.jit,
+  static_argnames=('family', 'cfg', 'max_new', 'beams', 'eos_id', 'vocab_limit', 'no_repeat_ngram'),
+)
+def beam_search(
+  family: str,
+  cfg,
+  params,
+  tokens,
+  segment_ids,
+  max_new: int,
+  beams: int,
+  eos_id: int,
+  length_penalty: float = 0.6,
+  vocab_limit: int | None = None,
+  no_repeat_ngram: int = 0,
+):
   """(B, max_new) best of `beams` hypotheses per row by log-probability / ((5 + length) / 6)
   ** length_penalty (GNMT). A hypothesis ends at `eos_id`; later slots hold `eos_id`. With
   `no_repeat_ngram` = n > 0, no hypothesis extends into an n-gram it holds already."""
   B, K = tokens.shape[0], beams
   repeat = lambda x: jnp.repeat(x, K, axis=0)
-  logits_RV, carry, step = _start(family, vocab_limit)(cfg, params, repeat(tokens),
-                                                       repeat(segment_ids), max_new)
+  logits_RV, carry, step = _start(family, vocab_limit)(
+    cfg, params, repeat(tokens), repeat(segment_ids), max_new
+  )
   V = logits_RV.shape[-1]
   # Only the first of the K identical beams starts alive, so the first step picks K tokens.
   scores_BK = jnp.tile(jnp.r_[0.0, jnp.full(K - 1, -jnp.inf)], (B, 1))
@@ -168,8 +217,9 @@ def beam_search(family: str, cfg, params, tokens, segment_ids, max_new: int, bea
   def extend(state, t):
     carry, logits_RV, scores_BK, done_BK, lengths_BK, seqs_BKT = state
     log_p_BKV = jax.nn.log_softmax(logits_RV).reshape(B, K, V)
-    banned_BKV = repeated_ngram_tokens(seqs_BKT.reshape(B * K, -1), t, no_repeat_ngram,
-                                       V).reshape(B, K, V)
+    banned_BKV = repeated_ngram_tokens(seqs_BKT.reshape(B * K, -1), t, no_repeat_ngram, V).reshape(
+      B, K, V
+    )
     log_p_BKV = jnp.where(banned_BKV, -jnp.inf, log_p_BKV)
     # A finished hypothesis only extends with EOS, at no cost.
     eos_only_V = jnp.where(jnp.arange(V) == eos_id, 0.0, -jnp.inf)
@@ -200,8 +250,9 @@ def greedy_uncached(family: str, cfg, params, tokens, segment_ids, max_new: int)
   if family != 'encdec':
     P = tokens.shape[1]
     seq = jnp.concatenate([tokens, jnp.zeros((B, max_new), jnp.int32)], axis=1)
-    logits_at = lambda seq, t: _full_decoder_logits(family, cfg, params, tokens, segment_ids,
-                                                    seq[:, P:])[:, P + t - 1]
+    logits_at = lambda seq, t: _full_decoder_logits(
+      family, cfg, params, tokens, segment_ids, seq[:, P:]
+    )[:, P + t - 1]
   else:
     P = 1  # The decoder input starts with token 0.
     seq = jnp.zeros((B, max_new + 1), jnp.int32)
@@ -220,8 +271,9 @@ def sequence_log_prob(family: str, cfg, params, tokens, segment_ids, continuatio
   B, T = continuation_BT.shape
   if family != 'encdec':
     P = tokens.shape[1]
-    logits = _full_decoder_logits(family, cfg, params, tokens, segment_ids,
-                                  continuation_BT)[:, P - 1:P + T - 1]
+    logits = _full_decoder_logits(family, cfg, params, tokens, segment_ids, continuation_BT)[
+      :, P - 1 : P + T - 1
+    ]
   else:
     decoder_in = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), continuation_BT[:, :-1]], axis=1)
     logits = encdec.Model(cfg).apply(params, tokens, decoder_in, segment_ids)

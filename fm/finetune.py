@@ -19,6 +19,7 @@ Config keys (see experiments/transfer_sentiment.py):
 
   python -m fm.finetune merge WORKDIR    # folds LoRA adapters into the weights: WORKDIR/merged
 """
+
 import json
 import pathlib
 import sys
@@ -32,7 +33,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from fm import ConfigError, checkpoint, metrics as metrics_lib, optim, registry, sharding, train
+from fm import ConfigError, checkpoint, optim, registry, sharding, train
+from fm import metrics as metrics_lib
 from fm.data import pipeline
 from fm.models import layers
 from fm.tasks import _classification
@@ -52,17 +54,24 @@ def validate(config, mesh_shape: dict[str, int], batch_ways: int):
   ft = _ft(config)
   mode, init = ft.get('mode', 'full'), ft.get('init', 'pretrained')
   if mode not in task.MODES:
-    raise ConfigError(f'config.finetune.mode={mode!r} is unknown for a {task.KIND} task; choose '
-                      f'one of: {", ".join(task.MODES)}.')
+    raise ConfigError(
+      f'config.finetune.mode={mode!r} is unknown for a {task.KIND} task; choose '
+      f'one of: {", ".join(task.MODES)}.'
+    )
   if init not in INITS:
-    raise ConfigError(f'config.finetune.init={init!r} is unknown; choose one of: {", ".join(INITS)}.')
+    raise ConfigError(
+      f'config.finetune.init={init!r} is unknown; choose one of: {", ".join(INITS)}.'
+    )
   spec = train.check_pretrained_spec(config.get('pretrained'), 'config.pretrained')
   if init == 'random' and not spec.get('experiment'):
-    raise ConfigError('config.finetune.init=random needs config.pretrained.experiment: its model '
-                      'and tokenizer define the backbone that starts from scratch.')
+    raise ConfigError(
+      'config.finetune.init=random needs config.pretrained.experiment: its model '
+      'and tokenizer define the backbone that starts from scratch.'
+    )
   if ft.get('pool') and ft.pool not in layers.POOLS:
-    raise ConfigError(f'config.finetune.pool={ft.pool!r} is unknown; choose one of: '
-                      f'{", ".join(layers.POOLS)}.')
+    raise ConfigError(
+      f'config.finetune.pool={ft.pool!r} is unknown; choose one of: {", ".join(layers.POOLS)}.'
+    )
   if mode == 'lora' and ft.get('lora_rank', 8) < 1:
     raise ConfigError(f'config.finetune.lora_rank={ft.lora_rank} must be >= 1 for mode lora.')
   fraction = config.get('task_args', {}).get('train_fraction', 1.0)
@@ -94,16 +103,21 @@ def subset(examples: list, fraction: float, seed: int) -> list:
   if fraction >= 1:
     return list(examples)
   keep = np.random.default_rng(seed).permutation(len(examples))
-  return [examples[i] for i in np.sort(keep[:max(1, round(fraction * len(keep)))])]
+  return [examples[i] for i in np.sort(keep[: max(1, round(fraction * len(keep)))])]
 
 
 def trainable_mask(params, mode: str):
   """True for the params a mode trains: all (full), the head (linear_probe), head and adapters
   (lora)."""
+
   def trains(path, _):
     keys = [str(getattr(k, 'key', k)) for k in path]
-    return mode == 'full' or 'head' in keys or (
-        mode == 'lora' and keys[-1].endswith(layers.LORA_SUFFIXES))
+    return (
+      mode == 'full'
+      or 'head' in keys
+      or (mode == 'lora' and keys[-1].endswith(layers.LORA_SUFFIXES))
+    )
+
   return jax.tree_util.tree_map_with_path(trains, params)
 
 
@@ -117,11 +131,13 @@ def make_tx(config, mask, total_steps: int) -> optax.GradientTransformation:
       return 'frozen'
     keys = [str(getattr(k, 'key', k)) for k in path]
     return 'head' if head_lr and 'head' in keys else 'train'
+
   labels = jax.tree_util.tree_map_with_path(label, mask)
   transforms = {'train': optim.make(config.optim, total_steps), 'frozen': optax.set_to_zero()}
   if head_lr:
-    transforms['head'] = optim.make(ml_collections.ConfigDict({**config.optim.to_dict(),
-                                                               'lr': head_lr}), total_steps)
+    transforms['head'] = optim.make(
+      ml_collections.ConfigDict({**config.optim.to_dict(), 'lr': head_lr}), total_steps
+    )
   return optax.multi_transform(transforms, labels)
 
 
@@ -145,8 +161,10 @@ def _classification_data(config, task, mode, tokenizer, named):
     train_examples = named['train']
     order = np.random.default_rng(config.get('seed', 0)).permutation(len(train_examples))
     demos = [train_examples[i] for i in order[:shots]]
-    arrays = {k: _classification.encode_prompts(named[k], demos, task, tokenizer, seq_len)
-              for k in ('validation', 'test')}
+    arrays = {
+      k: _classification.encode_prompts(named[k], demos, task, tokenizer, seq_len)
+      for k in ('validation', 'test')
+    }
     arrays['train'] = arrays['validation']  # Never read: nothing trains.
     return arrays, _classification.make_scoring_fn(len(task.LABELS))
   arrays = {k: task.encode(v, tokenizer, seq_len) for k, v in named.items()}
@@ -156,7 +174,8 @@ def _classification_data(config, task, mode, tokenizer, named):
 def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, rules, workdir):
   """params -> generation metrics (greedy_* and beam_*) on `pairs`, decoded with the KV cache
   on the training mesh; the first predictions are written to WORKDIR/samples.txt."""
-  from fm import decoding  # pylint: disable=import-outside-toplevel
+  from fm import decoding
+
   ft, model_name = _ft(config), 'encdec' if family == 'encdec' else 'decoder'
   tokens, seg = task.prompts(pairs, tokenizer, model_name, config.data.source_len)
   batch, max_new, beams = config.train.global_batch, config.data.target_len, ft.get('beams', 4)
@@ -167,22 +186,36 @@ def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, ru
   def decode_all(params, fn):
     out = []
     for i in range(0, len(pairs), batch):
-      rows = {'tokens': tokens[i:i + batch], 'segment_ids': seg[i:i + batch]}
+      rows = {'tokens': tokens[i : i + batch], 'segment_ids': seg[i : i + batch]}
       real = len(rows['tokens'])
-      rows = {k: np.concatenate([v, np.zeros((batch - real, v.shape[1]), v.dtype)])
-              [pidx * batch // pcount:(pidx + 1) * batch // pcount] for k, v in rows.items()}
+      rows = {
+        k: np.concatenate([v, np.zeros((batch - real, v.shape[1]), v.dtype)])[
+          pidx * batch // pcount : (pidx + 1) * batch // pcount
+        ]
+        for k, v in rows.items()
+      }
       rows = sharding.put_batch(rows, mesh, rules)
       generated = multihost_utils.process_allgather(
-          fn(params, rows['tokens'], rows['segment_ids']), tiled=True)
+        fn(params, rows['tokens'], rows['segment_ids']), tiled=True
+      )
       out += [task.target_text(tokenizer, row) for row in np.asarray(generated)[:real]]
     return out
 
   def run(params):
     limit = tokenizer.vocab_size  # Never padding ids of the vocabulary or sentinels.
     greedy = lambda p, t, s: decoding.greedy(family, model_cfg, p, t, s, max_new, limit, ngram)
-    beam = lambda p, t, s: decoding.beam_search(family, model_cfg, p, t, s, max_new, beams,
-                                                tokenizer.eos_id, vocab_limit=limit,
-                                                no_repeat_ngram=ngram)
+    beam = lambda p, t, s: decoding.beam_search(
+      family,
+      model_cfg,
+      p,
+      t,
+      s,
+      max_new,
+      beams,
+      tokenizer.eos_id,
+      vocab_limit=limit,
+      no_repeat_ngram=ngram,
+    )
     metrics, samples = {}, {}
     for name, fn in (('greedy', greedy), (f'beam{beams}', beam)):
       samples[name] = decode_all(params, fn)
@@ -191,10 +224,14 @@ def _generation_eval(config, task, family, model_cfg, tokenizer, pairs, mesh, ru
     if pidx == 0:
       lines = []
       for i in range(min(20, len(pairs))):
-        lines += [f'source:    {pairs[i][0][:300]}', f'reference: {references[i]}'] + [
-            f'{name + ":":<10} {samples[name][i]}' for name in samples] + ['']
+        lines += (
+          [f'source:    {pairs[i][0][:300]}', f'reference: {references[i]}']
+          + [f'{name + ":":<10} {samples[name][i]}' for name in samples]
+          + ['']
+        )
       (workdir / 'samples.txt').write_text('\n'.join(lines))
     return metrics
+
   return run
 
 
@@ -214,52 +251,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ft = _ft(config)
   mode, model_name = ft.get('mode', 'full'), run.model.name
   if model_name not in task.COMPATIBLE_MODELS:
-    raise ConfigError(f'config.task={config.task!r} ({task.KIND}) cannot use a {model_name!r} '
-                      f'backbone; compatible: {", ".join(task.COMPATIBLE_MODELS)}.')
+    raise ConfigError(
+      f'config.task={config.task!r} ({task.KIND}) cannot use a {model_name!r} '
+      f'backbone; compatible: {", ".join(task.COMPATIBLE_MODELS)}.'
+    )
   if mode in PROMPT_MODES and model_name != 'decoder':
-    raise ConfigError(f'config.finetune.mode={mode!r} scores label words with a causal LM, but the '
-                      f'backbone is an {model_name!r} model; use a decoder backbone or one of: '
-                      f'full, linear_probe, lora.')
+    raise ConfigError(
+      f'config.finetune.mode={mode!r} scores label words with a causal LM, but the '
+      f'backbone is an {model_name!r} model; use a decoder backbone or one of: '
+      f'full, linear_probe, lora.'
+    )
   if mode in PROMPT_MODES:  # Nothing trains.
     config = ml_collections.ConfigDict(config.to_dict())
     config.train.steps = 0
   global_batch, steps = config.train.global_batch, config.train.steps
   seq_len, source_len = _lengths(config, task)
   if seq_len > fields['max_len']:
-    raise ConfigError(f'config.data: rows of {seq_len} tokens exceed the backbone max_len='
-                      f'{fields["max_len"]}; shorten them.')
+    raise ConfigError(
+      f'config.data: rows of {seq_len} tokens exceed the backbone max_len='
+      f'{fields["max_len"]}; shorten them.'
+    )
 
   # Data: the task's splits, encoded with the backbone's tokenizer.
   tokenizer = pipeline.load_tokenizer(run.data)
   splits = task.load(seed=config.get('task_args', {}).get('split_seed', 0))
   fraction = config.get('task_args', {}).get('train_fraction', 1.0)
-  named = {'train': subset(splits['train'], fraction, config.get('seed', 0)),
-           'validation': splits['validation'], 'test': splits['test']}
+  named = {
+    'train': subset(splits['train'], fraction, config.get('seed', 0)),
+    'validation': splits['validation'],
+    'test': splits['test'],
+  }
   if len(named['train']) < global_batch:
-    raise ConfigError(f'config.task_args.train_fraction={fraction} leaves {len(named["train"])} '
-                      f'training examples, fewer than config.train.global_batch={global_batch}.')
+    raise ConfigError(
+      f'config.task_args.train_fraction={fraction} leaves {len(named["train"])} '
+      f'training examples, fewer than config.train.global_batch={global_batch}.'
+    )
   if task.KIND == 'seq2seq':
-    arrays = {k: task.encode(v, tokenizer, model_name, source_len, config.data.target_len)
-              for k, v in named.items()}
+    arrays = {
+      k: task.encode(v, tokenizer, model_name, source_len, config.data.target_len)
+      for k, v in named.items()
+    }
     loss_fn = task.make_loss_fn(model_name)
     fields.update(lora_rank=ft.get('lora_rank', 8) if mode == 'lora' else 0)
   else:
     arrays, loss_fn = _classification_data(config, task, mode, tokenizer, named)
     loss_fn = loss_fn or task.make_loss_fn(len(task.LABELS), model_name)
-    fields.update(num_classes=0 if mode in PROMPT_MODES else len(task.LABELS),
-                  pool=ft.get('pool') or task.DEFAULT_POOL[model_name],
-                  lora_rank=ft.get('lora_rank', 8) if mode == 'lora' else 0)
-  fields.update(lora_alpha=ft.get('lora_alpha', 16.0),
-                lora_targets=tuple(ft.get('lora_targets', layers.LoRA.targets)))
+    fields.update(
+      num_classes=0 if mode in PROMPT_MODES else len(task.LABELS),
+      pool=ft.get('pool') or task.DEFAULT_POOL[model_name],
+      lora_rank=ft.get('lora_rank', 8) if mode == 'lora' else 0,
+    )
+  fields.update(
+    lora_alpha=ft.get('lora_alpha', 16.0),
+    lora_targets=tuple(ft.get('lora_targets', layers.LoRA.targets)),
+  )
   pidx, pcount = jax.process_index(), jax.process_count()
-  train_ds = pipeline.example_dataset(arrays['train'], global_batch, config.data.get('seed', 0),
-                                      pidx, pcount)
-  eval_sets = {'periodic': pipeline.example_batches(arrays['validation'], global_batch,
-                                                    config.train.get('eval_batches', -1), pidx,
-                                                    pcount),
-               'final': pipeline.example_batches(arrays['validation'], global_batch, -1, pidx,
-                                                 pcount),
-               'test': pipeline.example_batches(arrays['test'], global_batch, -1, pidx, pcount)}
+  train_ds = pipeline.example_dataset(
+    arrays['train'], global_batch, config.data.get('seed', 0), pidx, pcount
+  )
+  eval_sets = {
+    'periodic': pipeline.example_batches(
+      arrays['validation'], global_batch, config.train.get('eval_batches', -1), pidx, pcount
+    ),
+    'final': pipeline.example_batches(arrays['validation'], global_batch, -1, pidx, pcount),
+    'test': pipeline.example_batches(arrays['test'], global_batch, -1, pidx, pcount),
+  }
 
   # Model: the backbone's fields with a classification head or the LM head (and adapters).
   module = registry.get('models', model_name)
@@ -267,42 +323,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = module.Model(model_cfg)
   sample = example_inputs(model_name, global_batch, seq_len)
   if task.KIND == 'seq2seq' and model_name == 'encdec':
-    sample = tuple(jnp.zeros((global_batch, n), jnp.int32)
-                   for n in (source_len, config.data.target_len, source_len,
-                             config.data.target_len))
+    sample = tuple(
+      jnp.zeros((global_batch, n), jnp.int32)
+      for n in (source_len, config.data.target_len, source_len, config.data.target_len)
+    )
   abstract = sharding.unbox(jax.eval_shape(model.init, jax.random.key(0), *sample))
   mask = trainable_mask(abstract, mode)
-  sizes = [(int(np.prod(x.shape)), t, b) for x, t, b in zip(
-      jax.tree.leaves(abstract), jax.tree.leaves(mask),
-      jax.tree.leaves(trainable_mask(abstract, 'lora')))]
-  counts = {'total': sum(n for n, _, _ in sizes), 'trainable': sum(n for n, t, _ in sizes if t),
-            'backbone': sum(n for n, _, b in sizes if not b)}
+  sizes = [
+    (int(np.prod(x.shape)), t, b)
+    for x, t, b in zip(
+      jax.tree.leaves(abstract),
+      jax.tree.leaves(mask),
+      jax.tree.leaves(trainable_mask(abstract, 'lora')),
+    )
+  ]
+  counts = {
+    'total': sum(n for n, _, _ in sizes),
+    'trainable': sum(n for n, t, _ in sizes if t),
+    'backbone': sum(n for n, _, b in sizes if not b),
+  }
   tx = optax.set_to_zero() if mode in PROMPT_MODES else make_tx(config, mask, steps)
   # Frozen parts skip their weight gradients (a linear probe skips the backbone's backward).
-  flops_per_step = module.flops_per_token(model_cfg, seq_len) * global_batch * seq_len * (
-      {'full': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3))
+  flops_per_step = (
+    module.flops_per_token(model_cfg, seq_len)
+    * global_batch
+    * seq_len
+    * ({'full': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3))
+  )
 
-  resolved = train.record(workdir, config, model_name, model_cfg, tokenizer, counts, mesh,
-                          pretrained=str(ckpt) if ckpt else None, backbone_config=run.to_dict())
-  what = (f'{len(task.LABELS)} classes' if task.KIND == 'classification' else task.KIND)
-  metrics_lib.log(f'task {config.task} ({what}; {len(named["train"])} train / '
-                  f'{len(named["validation"])} validation / {len(named["test"])} test) on '
-                  f'{model_name} backbone ({"from " + str(ckpt) if ckpt else "random init"}), '
-                  f'mode {mode}: {counts["trainable"]:,} of {counts["total"]:,} params train '
-                  f'({100 * counts["trainable"] / max(counts["backbone"], 1):.2f}% of the '
-                  f'backbone)')
+  resolved = train.record(
+    workdir,
+    config,
+    model_name,
+    model_cfg,
+    tokenizer,
+    counts,
+    mesh,
+    pretrained=str(ckpt) if ckpt else None,
+    backbone_config=run.to_dict(),
+  )
+  what = f'{len(task.LABELS)} classes' if task.KIND == 'classification' else task.KIND
+  metrics_lib.log(
+    f'task {config.task} ({what}; {len(named["train"])} train / '
+    f'{len(named["validation"])} validation / {len(named["test"])} test) on '
+    f'{model_name} backbone ({"from " + str(ckpt) if ckpt else "random init"}), '
+    f'mode {mode}: {counts["trainable"]:,} of {counts["total"]:,} params train '
+    f'({100 * counts["trainable"] / max(counts["backbone"], 1):.2f}% of the '
+    f'backbone)'
+  )
 
   with train.session(workdir, config, mesh, rules) as (ckpt_manager, preemption):
     generation = None
     if task.KIND == 'seq2seq':
-      examples = named['test'][:config.get('task_args', {}).get('eval_examples', 200)]
+      examples = named['test'][: config.get('task_args', {}).get('eval_examples', 200)]
       family = 'encdec' if model_name == 'encdec' else 'prefix_lm'
-      generation = _generation_eval(config, task, family, model_cfg, tokenizer, examples, mesh,
-                                    rules, workdir)
+      generation = _generation_eval(
+        config, task, family, model_cfg, tokenizer, examples, mesh, rules, workdir
+      )
     program = train.build(model, tx, loss_fn, config, mesh, rules, sample, trainable=mask)
-    return train.loop(config, workdir, task, ckpt_manager, preemption, resolved, mesh, rules,
-                      program, iter(train_ds), eval_sets, flops_per_step, warm_start=ckpt,
-                      test_extra=generation)
+    return train.loop(
+      config,
+      workdir,
+      task,
+      ckpt_manager,
+      preemption,
+      resolved,
+      mesh,
+      rules,
+      program,
+      iter(train_ds),
+      eval_sets,
+      flops_per_step,
+      warm_start=ckpt,
+      test_extra=generation,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,19 +410,24 @@ def merge(path: str) -> tuple[pathlib.Path, float]:
   fields = meta['model']
   if not fields.get('lora_rank'):
     raise ConfigError(f'{ckpt} has no LoRA adapters (model.lora_rank is 0); nothing to merge.')
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)),
-                            jax.devices()[:1])
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
+  )
   rules = sharding.DEFAULT_RULES
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model, params, _ = train.restore_model(ckpt, mesh, rules,
-                                           example_inputs(train.family(meta), 1, 16))
+    model, params, _ = train.restore_model(
+      ckpt, mesh, rules, example_inputs(train.family(meta), 1, 16)
+    )
     cfg = model.cfg
     merged = layers.merge_lora(params, cfg.lora, stacked=cfg.scan_layers)
     merged_cfg = type(cfg)(**{**cfg.__dict__, 'lora_rank': 0})
     tokens = jax.random.randint(jax.random.key(0), (4, 32), 4, cfg.vocab_size)
     seg = jnp.ones_like(tokens)
-    inputs = (tokens, None, seg) if train.family(meta) == 'encdec' else (
-        tokens, seg, jnp.broadcast_to(jnp.arange(32), tokens.shape))
+    inputs = (
+      (tokens, None, seg)
+      if train.family(meta) == 'encdec'
+      else (tokens, seg, jnp.broadcast_to(jnp.arange(32), tokens.shape))
+    )
     before = model.apply(params, *inputs)
     after = type(model)(merged_cfg).apply(merged, *inputs)
     diff = float(jnp.max(jnp.abs(before - after)))
@@ -337,8 +436,9 @@ def merge(path: str) -> tuple[pathlib.Path, float]:
     raise ConfigError(f'{out} exists already; move it away to merge again.')
   ocp.PyTreeCheckpointer().save(out / 'state', {'params': merged})
   (out / 'meta').mkdir()
-  (out / 'meta' / 'metadata').write_text(json.dumps({**meta, 'model': merged_cfg.__dict__},
-                                                    default=str))
+  (out / 'meta' / 'metadata').write_text(
+    json.dumps({**meta, 'model': merged_cfg.__dict__}, default=str)
+  )
   return out, diff
 
 

@@ -1,4 +1,5 @@
 """Entry point: python -m fm.main --config experiments/X.py[:variant] --workdir DIR [--config.a.b=v]."""
+
 import os
 import pathlib
 import sys
@@ -10,11 +11,16 @@ from fm import ConfigError
 from fm.cli import parse_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :variant.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment file, optionally with :variant.', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and the resolved config.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process runs '
-                    'outside TPU VMs and SLURM (where they are detected from the environment).')
+flags.DEFINE_string(
+  'coordinator_address',
+  None,
+  'host:port of process 0, for multi-process runs '
+  'outside TPU VMs and SLURM (where they are detected from the environment).',
+)
 flags.DEFINE_integer('num_processes', None, 'Number of JAX processes (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_address).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -29,8 +35,9 @@ def prepare_workdir(path: str) -> pathlib.Path:
     probe.write_text('')
     probe.unlink()
   except OSError as e:
-    raise ConfigError(f'--workdir={path} is not writable ({e.strerror}); choose a directory '
-                      f'you can write to.') from None
+    raise ConfigError(
+      f'--workdir={path} is not writable ({e.strerror}); choose a directory you can write to.'
+    ) from None
   return workdir
 
 
@@ -48,11 +55,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax  # Imported here so flag errors do not pay for it.
+
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif cluster():
     jax.distributed.initialize()  # Coordinator, process count and id from the environment.
   from fm import train
+
   try:
     workdir = prepare_workdir(FLAGS.workdir)
     train.train_and_evaluate(FLAGS.config, str(workdir))

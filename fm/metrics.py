@@ -1,4 +1,5 @@
 """Metric writers (TensorBoard event files, metrics.jsonl), console progress, throughput and MFU."""
+
 import functools
 import json
 import math
@@ -13,8 +14,15 @@ from tensorboardX import SummaryWriter
 
 # Dense bf16 peak FLOP/s per chip, from vendor datasheets, keyed by a substring of device_kind.
 PEAK_FLOPS = (
-    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12), ('A10G', 70e12),
-    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5', 197e12), ('TPU v4', 275e12),
+  ('H200', 989e12),
+  ('H100', 989e12),
+  ('A100', 312e12),
+  ('L4', 121e12),
+  ('A10G', 70e12),
+  ('TPU v6', 918e12),
+  ('TPU v5p', 459e12),
+  ('TPU v5', 197e12),
+  ('TPU v4', 275e12),
 )
 
 
@@ -29,7 +37,7 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
     start = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n ** 3 / best
+  return 2 * n**3 / best
 
 
 def peak_flops() -> float:
@@ -82,7 +90,12 @@ class Progress:
   """Steps/s, tokens/s, MFU and ETA over the steps since the last report."""
 
   def __init__(self, total_steps: int, tokens_per_step: int, flops_per_step: float, peak: float):
-    self.total, self.tokens, self.flops, self.peak = total_steps, tokens_per_step, flops_per_step, peak
+    self.total, self.tokens, self.flops, self.peak = (
+      total_steps,
+      tokens_per_step,
+      flops_per_step,
+      peak,
+    )
     self.reset(0)
 
   def reset(self, step: int) -> None:
@@ -96,13 +109,19 @@ class Progress:
     if steps <= 0 or seconds <= 0:
       return {}
     sps = steps / seconds
-    return {'steps_per_sec': sps, 'tokens_per_sec': sps * self.tokens,
-            'mfu': sps * self.flops / self.peak, 'eta_sec': (self.total - step) / sps}
+    return {
+      'steps_per_sec': sps,
+      'tokens_per_sec': sps * self.tokens,
+      'mfu': sps * self.flops / self.peak,
+      'eta_sec': (self.total - step) / sps,
+    }
 
 
 def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
   eta = scalars.get('eta_sec', np.nan)
   eta_text = '?' if not np.isfinite(eta) else f'{int(eta // 60)}m{int(eta % 60):02d}s'
-  return (f'step {step}/{total} | loss {scalars.get("train/loss", np.nan):.4f} | '
-          f'{scalars.get("tokens_per_sec", np.nan):,.0f} tok/s | '
-          f'MFU {100 * scalars.get("mfu", np.nan):.1f}% | ETA {eta_text}')
+  return (
+    f'step {step}/{total} | loss {scalars.get("train/loss", np.nan):.4f} | '
+    f'{scalars.get("tokens_per_sec", np.nan):,.0f} tok/s | '
+    f'MFU {100 * scalars.get("mfu", np.nan):.1f}% | ETA {eta_text}'
+  )

@@ -22,6 +22,7 @@ FLOP/s, memory bandwidth and interconnect bandwidth. Then the per-param sharding
 `--sweep` compiles every remat policy x microbatch count and reports the fastest that fits;
 `--max_batch` finds the largest global batch that fits (a multiple of the batch shards).
 """
+
 import dataclasses
 import json
 import math
@@ -36,40 +37,45 @@ from fm import ConfigError
 from fm.cli import parse_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Experiment file, optionally with :variant.',
-                                lock_config=True)
-flags.DEFINE_string('topology', None, 'Target: v5e:16x16, v5p:4x4x4, v4:2x2x1, v6e:4x4, '
-                    'h100:8x8 (hosts x GPUs), h100:1, cpu:8.')
-flags.DEFINE_bool('sweep', False, 'Try remat policies x microbatch counts; report the fastest '
-                  'that fits.')
+config_flags.DEFINE_config_file(
+  'config', None, 'Experiment file, optionally with :variant.', lock_config=True
+)
+flags.DEFINE_string(
+  'topology',
+  None,
+  'Target: v5e:16x16, v5p:4x4x4, v4:2x2x1, v6e:4x4, h100:8x8 (hosts x GPUs), h100:1, cpu:8.',
+)
+flags.DEFINE_bool(
+  'sweep', False, 'Try remat policies x microbatch counts; report the fastest that fits.'
+)
 flags.DEFINE_bool('max_batch', False, 'Find the largest global batch that fits.')
 flags.DEFINE_string('json', None, 'Also write the plan(s) to this JSON file.')
 flags.mark_flags_as_required(['config', 'topology'])
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  platform: str        # tpu, gpu or cpu
-  kind: str            # Substring of jax's device_kind, for metrics.PEAK_FLOPS.
-  memory: float        # Bytes of device memory.
-  hbm_bw: float        # Bytes/s of device memory bandwidth.
-  link_bw: float       # Bytes/s of interconnect per device (TPU ICI; GPU NVLink in a host).
+  platform: str  # tpu, gpu or cpu
+  kind: str  # Substring of jax's device_kind, for metrics.PEAK_FLOPS.
+  memory: float  # Bytes of device memory.
+  hbm_bw: float  # Bytes/s of device memory bandwidth.
+  link_bw: float  # Bytes/s of interconnect per device (TPU ICI; GPU NVLink in a host).
   network_bw: float = 0.0  # Bytes/s per GPU between hosts (InfiniBand / RoCE).
-  per_host: int = 0    # GPUs per host.
+  per_host: int = 0  # GPUs per host.
 
 
 # Vendor datasheets: HBM capacity and bandwidth, ICI / NVLink / per-GPU network bandwidth.
 CHIPS = {
-    'v4': Chip('tpu', 'TPU v4', 32 * GIB, 1228e9, 300e9),
-    'v5e': Chip('tpu', 'TPU v5', 16 * GIB, 819e9, 200e9),
-    'v5p': Chip('tpu', 'TPU v5p', 95 * GIB, 2765e9, 600e9),
-    'v6e': Chip('tpu', 'TPU v6', 32 * GIB, 1640e9, 448e9),
-    'a100': Chip('gpu', 'A100', 80e9, 2039e9, 600e9, 25e9, 8),
-    'h100': Chip('gpu', 'H100', 80 * GIB, 3350e9, 900e9, 50e9, 8),
-    'h200': Chip('gpu', 'H200', 141e9, 4800e9, 900e9, 50e9, 8),
-    'cpu': Chip('cpu', 'cpu', 0.0, 0.0, 0.0),
+  'v4': Chip('tpu', 'TPU v4', 32 * GIB, 1228e9, 300e9),
+  'v5e': Chip('tpu', 'TPU v5', 16 * GIB, 819e9, 200e9),
+  'v5p': Chip('tpu', 'TPU v5p', 95 * GIB, 2765e9, 600e9),
+  'v6e': Chip('tpu', 'TPU v6', 32 * GIB, 1640e9, 448e9),
+  'a100': Chip('gpu', 'A100', 80e9, 2039e9, 600e9, 25e9, 8),
+  'h100': Chip('gpu', 'H100', 80 * GIB, 3350e9, 900e9, 50e9, 8),
+  'h200': Chip('gpu', 'H200', 141e9, 4800e9, 900e9, 50e9, 8),
+  'cpu': Chip('cpu', 'cpu', 0.0, 0.0, 0.0),
 }
 
 
@@ -92,9 +98,10 @@ def parse_topology(name: str) -> Topology:
   chip, _, shape = (name or '').partition(':')
   if chip not in CHIPS or not re.fullmatch(r'[1-9][0-9]*(x[1-9][0-9]*)*', shape):
     raise ConfigError(
-        f'--topology={name!r} is unknown; use CHIP:SHAPE with CHIP one of {", ".join(CHIPS)} '
-        f'(TPU slice shape like v5e:16x16 or v5p:4x4x4; GPUs as h100:8 or HOSTSxGPUS h100:8x8; '
-        f'cpu:8).')
+      f'--topology={name!r} is unknown; use CHIP:SHAPE with CHIP one of {", ".join(CHIPS)} '
+      f'(TPU slice shape like v5e:16x16 or v5p:4x4x4; GPUs as h100:8 or HOSTSxGPUS h100:8x8; '
+      f'cpu:8).'
+    )
   dims = tuple(int(d) for d in shape.split('x'))
   if CHIPS[chip].platform != 'tpu' and len(dims) > 2:
     raise ConfigError(f'--topology={name!r}: {chip} takes GPUS or HOSTSxGPUS, e.g. {chip}:8x8.')
@@ -103,41 +110,66 @@ def parse_topology(name: str) -> Topology:
 
 def topology_devices(topology: Topology) -> list:
   """The devices to compile for: libtpu's description of the slice, or host CPU devices."""
-  import jax  # pylint: disable=import-outside-toplevel
+  import jax
+
   if topology.chip.platform == 'tpu':
-    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    from jax.experimental import topologies
+
     try:
-      return list(topologies.get_topology_desc(platform='tpu',
-                                               topology_name=topology.name).devices)
+      return list(topologies.get_topology_desc(platform='tpu', topology_name=topology.name).devices)
     except RuntimeError as e:
       if 'not installed' in str(e):
-        raise ConfigError(f'--topology={topology.name} needs libtpu; install it with '
-                          f'`pip install -r requirements-plan.txt`.') from None
-      raise ConfigError(f'libtpu cannot describe --topology={topology.name} '
-                        f'({str(e).splitlines()[0]}); check the slice shape.') from None
+        raise ConfigError(
+          f'--topology={topology.name} needs libtpu; install it with '
+          f'`pip install -r requirements-plan.txt`.'
+        ) from None
+      raise ConfigError(
+        f'libtpu cannot describe --topology={topology.name} '
+        f'({str(e).splitlines()[0]}); check the slice shape.'
+      ) from None
   n = math.prod(topology.dims)
   devices = jax.devices('cpu')
   if len(devices) < n:
-    raise ConfigError(f'--topology={topology.name} needs {n} host devices but jax was started '
-                      f'with {len(devices)}; run fm.plan as a command (it sets XLA_FLAGS) or set '
-                      f'XLA_FLAGS=--xla_force_host_platform_device_count={n}.')
+    raise ConfigError(
+      f'--topology={topology.name} needs {n} host devices but jax was started '
+      f'with {len(devices)}; run fm.plan as a command (it sets XLA_FLAGS) or set '
+      f'XLA_FLAGS=--xla_force_host_platform_device_count={n}.'
+    )
   return devices[:n]
 
 
 # =============================================================================================
 # Reading the compiled program
 # =============================================================================================
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
-               'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'f8e4m3fn': 1, 'f8e5m2': 1}
+DTYPE_BYTES = {
+  'pred': 1,
+  's8': 1,
+  'u8': 1,
+  's16': 2,
+  'u16': 2,
+  'f16': 2,
+  'bf16': 2,
+  's32': 4,
+  'u32': 4,
+  'f32': 4,
+  's64': 8,
+  'u64': 8,
+  'f64': 8,
+  'f8e4m3fn': 1,
+  'f8e5m2': 1,
+}
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _SHAPE = re.compile(r'\b(' + '|'.join(DTYPE_BYTES) + r')\[([0-9,]*)\]')
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(' + '|'.join(COLLECTIVES) +
-                    r')(-start)?\(')
+_INSTR = re.compile(
+  r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(' + '|'.join(COLLECTIVES) + r')(-start)?\('
+)
 
 
 def shape_bytes(text: str) -> int:
-  return sum(DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
-             for d, dims in _SHAPE.findall(text))
+  return sum(
+    DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(',') if x)
+    for d, dims in _SHAPE.findall(text)
+  )
 
 
 def _group_size(line: str, num_devices: int) -> int:
@@ -148,7 +180,7 @@ def _group_size(line: str, num_devices: int) -> int:
   m = re.search(r'replica_groups=\{\{([0-9,]*)\}', line)
   if m:
     return len(m.group(1).split(','))
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+  m = re.search(r'replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}', line)
   if m:
     sizes = {k.strip("'"): int(v) for k, v in re.findall(r"('?\w+'?)=(\d+)", m.group(1))}
     return math.prod(sizes.get(a.strip().strip("'"), 1) for a in m.group(2).split(',') if a)
@@ -180,8 +212,11 @@ def _trip_counts(comps: dict[str, list[str]]) -> dict[str, int]:
       if re.search(r'\swhile\(', line):
         m = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
         trips = int(m.group(1)) if m else 1
-      for key, callee in re.findall(r'\b(body|condition|to_apply|calls|branch_computations)='
-                                    r'\{?%?([\w.\-]+)', line):
+      for key, callee in re.findall(
+        r'\b(body|condition|to_apply|calls|branch_computations)='
+        r'\{?%?([\w.\-]+)',
+        line,
+      ):
         n = runs[name] * (trips if key in ('body', 'condition') else 1)
         if runs.get(callee, 0) < n:
           runs[callee] = n
@@ -203,7 +238,7 @@ def collectives(hlo: str, num_devices: int) -> dict[str, dict]:
       result, op = m.group(1), m.group(2)
       shapes = [f'{d}[{dims}]' for d, dims in _SHAPE.findall(result)]
       if m.group(3) and len(shapes) > 1:  # An async start's tuple holds (inputs, outputs).
-        shapes = shapes[len(shapes) // 2:]
+        shapes = shapes[len(shapes) // 2 :]
       nbytes = shape_bytes(' '.join(shapes))
       entry = out.setdefault(op, {'count': 0, 'bytes': 0, 'group': 1})
       entry['count'] += runs.get(name, 1)
@@ -222,19 +257,30 @@ def comm_seconds(ops: dict[str, dict], topology: Topology) -> float:
   total = 0.0
   for op, e in ops.items():
     n = max(e['group'], 1)
-    bw = chip.network_bw if chip.per_host and n > min(chip.per_host, topology.dims[-1]) else (
-        chip.link_bw)
-    factor = {'all-reduce': 2 * (n - 1) / n, 'all-gather': (n - 1) / n,
-              'all-to-all': (n - 1) / n, 'reduce-scatter': n - 1,
-              'collective-permute': 1.0}[op]
+    bw = (
+      chip.network_bw
+      if chip.per_host and n > min(chip.per_host, topology.dims[-1])
+      else (chip.link_bw)
+    )
+    factor = {
+      'all-reduce': 2 * (n - 1) / n,
+      'all-gather': (n - 1) / n,
+      'all-to-all': (n - 1) / n,
+      'reduce-scatter': n - 1,
+      'collective-permute': 1.0,
+    }[op]
     total += e['bytes'] * factor / bw
   return total
 
 
 # libtpu's two ways of saying that a program does not fit: (needed, available).
-_OOM = (re.compile(r'Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm'),
-        re.compile(r'required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM '
-                   r'\(([0-9.]+)([KMGT]?)\)'))
+_OOM = (
+  re.compile(r'Used ([0-9.]+)([KMGT]?) of ([0-9.]+)([KMGT]?) hbm'),
+  re.compile(
+    r'required for HLO temporaries \(([0-9.]+)([KMGT]?)\) exceeds available HBM '
+    r'\(([0-9.]+)([KMGT]?)\)'
+  ),
+)
 
 
 def _bytes(value: str, unit: str) -> float:
@@ -246,17 +292,20 @@ def _bytes(value: str, unit: str) -> float:
 # =============================================================================================
 def _leaf_rows(abstract, shardings, boxed=None):
   """(path, shape, dtype, sharding, logical axes) of every leaf."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
+  import jax
+
   logical = {}
   if boxed is not None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(
-        boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]:
+      boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
+    )[0]:
       if isinstance(leaf, nn.Partitioned):
         logical[jax.tree_util.keystr(path)] = tuple(leaf.names)
   rows = []
-  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
-                              jax.tree.leaves(shardings)):
+  for (path, leaf), sh in zip(
+    jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)
+  ):
     key = jax.tree_util.keystr(path)
     name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
     rows.append((name.removeprefix('params/'), leaf.shape, leaf.dtype, sh, logical.get(key)))
@@ -281,26 +330,32 @@ def recompute_factor(module, model_cfg, seq_len: int) -> float:
   work is redone)."""
   share = 1 - module.flops_per_token(model_cfg, 0) / module.flops_per_token(model_cfg, seq_len)
   return {'none': 1.0, 'dots_saveable': 1.0, 'minimal': 1 + share / 3, 'full': 4 / 3}[
-      model_cfg.remat]
+    model_cfg.remat
+  ]
 
 
 def plan(config, topology: Topology, devices: list) -> dict:
   """Compiles the train step of `config` for `devices`; returns the plan's figures."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import ml_collections  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from fm import metrics as metrics_lib, optim, sharding, train  # pylint: disable=import-outside-toplevel
-  from fm.data import pipeline, tokenizer  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from fm import metrics as metrics_lib
+  from fm import optim, sharding, train
+  from fm.data import pipeline, tokenizer
 
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
-  objective = train.validate(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules),
-                             _hosts(topology, devices))
+  objective = train.validate(
+    config, dict(mesh.shape), sharding.batch_divisor(mesh, rules), _hosts(topology, devices)
+  )
   if getattr(objective, 'FROZEN', ()):
-    raise ConfigError(f'config.objective={config.objective!r} reads frozen models '
-                      f'({", ".join(objective.FROZEN)}), which fm.plan does not compile yet; plan '
-                      f'the same model with config.objective=causal_lm.')
+    raise ConfigError(
+      f'config.objective={config.objective!r} reads frozen models '
+      f'({", ".join(objective.FROZEN)}), which fm.plan does not compile yet; plan '
+      f'the same model with config.objective=causal_lm.'
+    )
   text_vocab = tokenizer.declared_vocab_size(config.data.tokenizer)
   module, model_cfg = train.model_config(config, text_vocab + getattr(objective, 'EXTRA_TOKENS', 0))
   model = module.Model(model_cfg)
@@ -311,20 +366,26 @@ def plan(config, topology: Topology, devices: list) -> dict:
   if hasattr(objective, 'host_transform'):
     window = objective.host_transform(text_vocab, args)(window, np.random.default_rng(0))
   tx = optim.make(config.optim, config.train.steps)
-  sample = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype)
-                 for x in train.example_inputs(objective, B, L, args))
+  sample = tuple(
+    jax.ShapeDtypeStruct(x.shape, x.dtype) for x in train.example_inputs(objective, B, L, args)
+  )
   # The training run's own jitted step, built outside the target's mesh (no array may land on
   # its devices) and lowered inside it. The second init trace names the params' logical axes.
   program = train.build(model, tx, objective.loss_fn, config, mesh, rules, sample)
   abstract, shardings = program.abstract, program.shardings
   boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
   batch_sh = sharding.batch_sharding(mesh, rules)
-  batch = {k: jax.ShapeDtypeStruct((B, *v.shape), v.dtype, sharding=batch_sh)
-           for k, v in window.items()}
-  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                       abstract, shardings)
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  batch = {
+    k: jax.ShapeDtypeStruct((B, *v.shape), v.dtype, sharding=batch_sh) for k, v in window.items()
+  }
+  state = jax.tree.map(
+    lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings
+  )
+  key = jax.ShapeDtypeStruct(
+    (),
+    jax.eval_shape(lambda: jax.random.key(0)).dtype,
+    sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+  )
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = program.jitted_step.lower(state, batch, key, {})
   param_rows = _leaf_rows(abstract['params'], shardings['params'], boxed)
@@ -332,61 +393,101 @@ def plan(config, topology: Topology, devices: list) -> dict:
   chip = topology.chip
   capacity = chip.memory or float(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
   result = {
-      'topology': topology.name, 'devices': len(devices),
-      'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape),
-      'model': f'{config.model.name}/{config.model.get("variant")}',
-      'params': module.param_count(model_cfg)['total'], 'global_batch': B, 'seq_len': L,
-      'remat': model_cfg.remat, 'scan_layers': model_cfg.scan_layers,
-      'microbatches': config.train.get('microbatches', 1), 'dtype': model_cfg.dtype,
-      'param_dtype': model_cfg.param_dtype,
-      'param_bytes': _per_device_bytes(param_rows), 'opt_bytes': _per_device_bytes(opt_rows),
-      'capacity': capacity, 'compiler': 'libtpu' if chip.platform == 'tpu' else 'host CPU',
-      'model_flops': module.flops_per_token(model_cfg, L) * B * L,
-      'sharding': [{'name': n, 'shape': list(s), 'logical': list(lg) if lg else None,
-                    'mesh': str(tuple(sh.spec)), 'bytes_per_device':
-                        math.prod(sh.shard_shape(s)) * d.itemsize}
-                   for n, s, d, sh, lg in param_rows],
+    'topology': topology.name,
+    'devices': len(devices),
+    'device_kind': devices[0].device_kind,
+    'mesh': dict(mesh.shape),
+    'model': f'{config.model.name}/{config.model.get("variant")}',
+    'params': module.param_count(model_cfg)['total'],
+    'global_batch': B,
+    'seq_len': L,
+    'remat': model_cfg.remat,
+    'scan_layers': model_cfg.scan_layers,
+    'microbatches': config.train.get('microbatches', 1),
+    'dtype': model_cfg.dtype,
+    'param_dtype': model_cfg.param_dtype,
+    'param_bytes': _per_device_bytes(param_rows),
+    'opt_bytes': _per_device_bytes(opt_rows),
+    'capacity': capacity,
+    'compiler': 'libtpu' if chip.platform == 'tpu' else 'host CPU',
+    'model_flops': module.flops_per_token(model_cfg, L) * B * L,
+    'sharding': [
+      {
+        'name': n,
+        'shape': list(s),
+        'logical': list(lg) if lg else None,
+        'mesh': str(tuple(sh.spec)),
+        'bytes_per_device': math.prod(sh.shard_shape(s)) * d.itemsize,
+      }
+      for n, s, d, sh, lg in param_rows
+    ],
   }
   try:
     compiled = lowered.compile()
-  except Exception as e:  # pylint: disable=broad-except  # XLA's error type is not public.
+  except Exception as e:  # XLA's error type is not public.
     m = next(filter(None, (pattern.search(str(e)) for pattern in _OOM)), None)
     if not m:
       raise
     used, cap = _bytes(*m.group(1, 2)), _bytes(*m.group(3, 4))
     if 'temporaries' in m.group(0):  # The state comes on top of the temporaries.
       used += result['param_bytes'] + result['opt_bytes']
-    result.update(fits=False, total_bytes=used, capacity=cap, over_by=used - cap,
-                  oom=str(e).splitlines()[0].split(': ', 1)[-1][:300])
+    result.update(
+      fits=False,
+      total_bytes=used,
+      capacity=cap,
+      over_by=used - cap,
+      oom=str(e).splitlines()[0].split(': ', 1)[-1][:300],
+    )
     return result
   mem = compiled.memory_analysis()
-  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
-           mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  total = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+    + mem.generated_code_size_in_bytes
+  )
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   ops = collectives(compiled.as_text(), len(devices))
-  peak = metrics_lib.chip_peak_flops(chip.kind) if chip.platform != 'cpu' else (
-      metrics_lib.measure_cpu_peak() / len(devices))
+  peak = (
+    metrics_lib.chip_peak_flops(chip.kind)
+    if chip.platform != 'cpu'
+    else (metrics_lib.measure_cpu_peak() / len(devices))
+  )
   # Per device: the model's FLOPs plus what remat recomputes (XLA's own count takes a loop body
   # once), the bytes the compiler expects to move through memory, and the collectives.
-  t_compute = (result['model_flops'] * recompute_factor(module, model_cfg, L) / len(devices) /
-               peak) if peak else math.nan
+  t_compute = (
+    (result['model_flops'] * recompute_factor(module, model_cfg, L) / len(devices) / peak)
+    if peak
+    else math.nan
+  )
   t_memory = float(cost.get('bytes accessed', 0.0)) / chip.hbm_bw if chip.hbm_bw else 0.0
   t_comm = comm_seconds(ops, topology)
   step_time = max(t_compute, t_memory, t_comm)
   result.update(
-      fits=total <= capacity, total_bytes=total, over_by=max(0.0, total - capacity),
-      argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
-      alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
-      code_bytes=mem.generated_code_size_in_bytes,
-      compiled_flops=float(cost.get('flops', 0.0)), bytes_accessed=float(cost.get(
-          'bytes accessed', 0.0)),
-      collectives=ops, peak_flops=peak, t_compute=t_compute, t_memory=t_memory, t_comm=t_comm,
-      step_time=step_time, bound=('compute', 'memory', 'communication')[
-          int(np.argmax([t_compute, t_memory, t_comm]))],
-      mfu=(result['model_flops'] / (len(devices) * peak * step_time)) if peak and step_time
-      else math.nan,
-      tokens_per_sec=B * L / step_time if step_time else math.nan)
+    fits=total <= capacity,
+    total_bytes=total,
+    over_by=max(0.0, total - capacity),
+    argument_bytes=mem.argument_size_in_bytes,
+    output_bytes=mem.output_size_in_bytes,
+    alias_bytes=mem.alias_size_in_bytes,
+    temp_bytes=mem.temp_size_in_bytes,
+    code_bytes=mem.generated_code_size_in_bytes,
+    compiled_flops=float(cost.get('flops', 0.0)),
+    bytes_accessed=float(cost.get('bytes accessed', 0.0)),
+    collectives=ops,
+    peak_flops=peak,
+    t_compute=t_compute,
+    t_memory=t_memory,
+    t_comm=t_comm,
+    step_time=step_time,
+    bound=('compute', 'memory', 'communication')[int(np.argmax([t_compute, t_memory, t_comm]))],
+    mfu=(result['model_flops'] / (len(devices) * peak * step_time))
+    if peak and step_time
+    else math.nan,
+    tokens_per_sec=B * L / step_time if step_time else math.nan,
+  )
   return result
 
 
@@ -402,31 +503,46 @@ def _seconds(x: float) -> str:
 
 
 def summary(p: dict) -> str:
-  lines = [f'{p["model"]} ({p["params"] / 1e9:.2f}B params) on {p["topology"]}: {p["devices"]} x '
-           f'{p["device_kind"]}, mesh {p["mesh"]}, compiled by {p["compiler"]}',
-           f'global batch {p["global_batch"]} x {p["seq_len"]} tokens, microbatches '
-           f'{p["microbatches"]}, remat {p["remat"]}, scan_layers {p["scan_layers"]}, compute '
-           f'{p["dtype"]}, params {p["param_dtype"]}', '']
-  rows = [('params per device', _gib(p['param_bytes'])),
-          ('optimizer state per device', _gib(p['opt_bytes']))]
+  lines = [
+    f'{p["model"]} ({p["params"] / 1e9:.2f}B params) on {p["topology"]}: {p["devices"]} x '
+    f'{p["device_kind"]}, mesh {p["mesh"]}, compiled by {p["compiler"]}',
+    f'global batch {p["global_batch"]} x {p["seq_len"]} tokens, microbatches '
+    f'{p["microbatches"]}, remat {p["remat"]}, scan_layers {p["scan_layers"]}, compute '
+    f'{p["dtype"]}, params {p["param_dtype"]}',
+    '',
+  ]
+  rows = [
+    ('params per device', _gib(p['param_bytes'])),
+    ('optimizer state per device', _gib(p['opt_bytes'])),
+  ]
   if 'temp_bytes' in p:
-    rows += [('arguments (state + batch)', _gib(p['argument_bytes'])),
-             ('temporaries (activations, gradients)', _gib(p['temp_bytes'])),
-             ('outputs not aliased to inputs',
-              _gib(p['output_bytes'] - p['alias_bytes'])),
-             ('generated code', _gib(p['code_bytes']))]
+    rows += [
+      ('arguments (state + batch)', _gib(p['argument_bytes'])),
+      ('temporaries (activations, gradients)', _gib(p['temp_bytes'])),
+      ('outputs not aliased to inputs', _gib(p['output_bytes'] - p['alias_bytes'])),
+      ('generated code', _gib(p['code_bytes'])),
+    ]
   verdict = 'fits' if p['fits'] else f'DOES NOT FIT, over by {_gib(p["over_by"])}'
   rows += [('total per device', f'{_gib(p["total_bytes"])} of {_gib(p["capacity"])}: {verdict}')]
   if 'temp_bytes' in p:
-    rows += [('model FLOPs per step', f'{p["model_flops"]:.3e}'),
-             ('compiled FLOPs per device (loops once)', f'{p["compiled_flops"]:.3e}'),
-             ('HBM bytes accessed per device', _gib(p['bytes_accessed']))]
+    rows += [
+      ('model FLOPs per step', f'{p["model_flops"]:.3e}'),
+      ('compiled FLOPs per device (loops once)', f'{p["compiled_flops"]:.3e}'),
+      ('HBM bytes accessed per device', _gib(p['bytes_accessed'])),
+    ]
     for op, e in sorted(p['collectives'].items()):
       rows.append((f'{op} (x{e["count"]}, groups of {e["group"]})', _gib(e['bytes'])))
-    rows += [('roofline: compute / memory / comm',
-              ' / '.join(_seconds(t) for t in (p['t_compute'], p['t_memory'], p['t_comm']))),
-             ('roofline step time', f'{_seconds(p["step_time"])} ({p["bound"]}-bound), '
-              f'MFU {100 * p["mfu"]:.1f}%, {p["tokens_per_sec"]:,.0f} tokens/s')]
+    rows += [
+      (
+        'roofline: compute / memory / comm',
+        ' / '.join(_seconds(t) for t in (p['t_compute'], p['t_memory'], p['t_comm'])),
+      ),
+      (
+        'roofline step time',
+        f'{_seconds(p["step_time"])} ({p["bound"]}-bound), '
+        f'MFU {100 * p["mfu"]:.1f}%, {p["tokens_per_sec"]:,.0f} tokens/s',
+      ),
+    ]
   elif p.get('oom'):
     rows.append(('compiler', p['oom']))
   width = max(len(k) for k, _ in rows)
@@ -435,9 +551,16 @@ def summary(p: dict) -> str:
 
 def sharding_table(p: dict) -> str:
   header = ('param', 'shape', 'logical axes', 'mesh axes', 'per device')
-  rows = [(r['name'], 'x'.join(map(str, r['shape'])), ','.join(str(a) for a in r['logical'] or
-                                                                ()), r['mesh'],
-           f'{r["bytes_per_device"] / 2**20:.2f} MiB') for r in p['sharding']]
+  rows = [
+    (
+      r['name'],
+      'x'.join(map(str, r['shape'])),
+      ','.join(str(a) for a in r['logical'] or ()),
+      r['mesh'],
+      f'{r["bytes_per_device"] / 2**20:.2f} MiB',
+    )
+    for r in p['sharding']
+  ]
   widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
   fmt = lambda row: '  '.join(f'{x:<{w}}' for x, w in zip(row, widths))
   return '\n'.join([fmt(header)] + [fmt(r) for r in rows])
@@ -449,7 +572,8 @@ def sharding_table(p: dict) -> str:
 def sweep(config, topology, devices, log=print) -> tuple[list[dict], dict | None]:
   """Every remat policy x microbatch count (powers of two the per-shard batch divides); the
   fastest plan that fits (ties: least memory)."""
-  from fm.models import layers  # pylint: disable=import-outside-toplevel
+  from fm.models import layers
+
   per_shard = config.train.global_batch // _batch_ways(config, devices)
   counts = [k for k in (1, 2, 4, 8, 16, 32) if per_shard % k == 0]
   plans = []
@@ -458,25 +582,34 @@ def sweep(config, topology, devices, log=print) -> tuple[list[dict], dict | None
       trial = _with(config, model={'remat': remat}, train={'microbatches': k})
       p = plan(trial, topology, devices)
       plans.append(p)
-      log(f'remat {remat:<13} microbatches {k:<3} {_gib(p["total_bytes"]):>11} '
-          f'{"fits" if p["fits"] else "does not fit"}' +
-          (f', roofline {_seconds(p["step_time"])}' if 'step_time' in p else ''))
+      log(
+        f'remat {remat:<13} microbatches {k:<3} {_gib(p["total_bytes"]):>11} '
+        f'{"fits" if p["fits"] else "does not fit"}'
+        + (f', roofline {_seconds(p["step_time"])}' if 'step_time' in p else '')
+      )
   fitting = [p for p in plans if p['fits']]
-  best = min(fitting, key=lambda p: (round(p['step_time'], 4), p['total_bytes'])) if fitting else None
+  best = (
+    min(fitting, key=lambda p: (round(p['step_time'], 4), p['total_bytes'])) if fitting else None
+  )
   return plans, best
 
 
 def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict | None]:
   """The largest global batch (a multiple of the batch shards) that fits: doubling, then
   bisection. Returns (largest plan that fits, smallest that does not)."""
-  unit = math.lcm(_batch_ways(config, devices) * max(1, config.train.get('microbatches', 1)),
-                  _hosts(topology, devices))
+  unit = math.lcm(
+    _batch_ways(config, devices) * max(1, config.train.get('microbatches', 1)),
+    _hosts(topology, devices),
+  )
 
   def attempt(n):
     p = plan(_with(config, train={'global_batch': n * unit}), topology, devices)
-    log(f'global batch {n * unit:>6}: {_gib(p["total_bytes"]):>11} '
-        f'{"fits" if p["fits"] else "does not fit"}')
+    log(
+      f'global batch {n * unit:>6}: {_gib(p["total_bytes"]):>11} '
+      f'{"fits" if p["fits"] else "does not fit"}'
+    )
     return p
+
   good, bad, n = None, None, 1
   while True:
     p = attempt(n)
@@ -498,13 +631,16 @@ def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict |
 
 
 def _batch_ways(config, devices) -> int:
-  from fm import sharding  # pylint: disable=import-outside-toplevel
-  return sharding.batch_divisor(sharding.make_mesh(config.mesh, devices),
-                                sharding.rules_from_config(config))
+  from fm import sharding
+
+  return sharding.batch_divisor(
+    sharding.make_mesh(config.mesh, devices), sharding.rules_from_config(config)
+  )
 
 
 def _with(config, **sections):
-  import ml_collections  # pylint: disable=import-outside-toplevel
+  import ml_collections
+
   out = ml_collections.ConfigDict(config.to_dict())
   for section, values in sections.items():
     out[section].update(values)
@@ -527,8 +663,10 @@ def _set_host_devices(argv: list[str]) -> None:
   if topology.chip.platform != 'tpu':
     flags_now = os.environ.get('XLA_FLAGS', '')
     n = math.prod(topology.dims)
-    os.environ['XLA_FLAGS'] = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
-                                     flags_now) + f' --xla_force_host_platform_device_count={n}'
+    os.environ['XLA_FLAGS'] = (
+      re.sub(r'--xla_force_host_platform_device_count=\d+', '', flags_now)
+      + f' --xla_force_host_platform_device_count={n}'
+    )
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # libtpu only describes the slice, so several
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # plans may run at once.
 
@@ -544,8 +682,10 @@ def main(argv):
       plans, best = sweep(config, topology, devices)
       out['sweep'] = plans
       if best is None:
-        print('\nno remat policy x microbatch count fits; shard wider (config.mesh) or lower '
-              'config.train.global_batch.')
+        print(
+          '\nno remat policy x microbatch count fits; shard wider (config.mesh) or lower '
+          'config.train.global_batch.'
+        )
       else:
         print(f'\nfastest that fits: remat {best["remat"]}, microbatches {best["microbatches"]}\n')
         print(summary(best))
@@ -556,9 +696,11 @@ def main(argv):
       if good is None:
         print(f'\nnot even the smallest global batch fits:\n\n{summary(bad)}')
       else:
-        print(f'\nlargest global batch that fits: {good["global_batch"]}' +
-              (f' ({bad["global_batch"]} needs {_gib(bad["total_bytes"])})' if bad else '') +
-              f'\n\n{summary(good)}')
+        print(
+          f'\nlargest global batch that fits: {good["global_batch"]}'
+          + (f' ({bad["global_batch"]} needs {_gib(bad["total_bytes"])})' if bad else '')
+          + f'\n\n{summary(good)}'
+        )
       p = good
     else:
       p = out['plan'] = plan(config, topology, devices)

@@ -1,4 +1,5 @@
 """Components are looked up by module name: `get('models', 'decoder')` imports fm.models.decoder."""
+
 import importlib
 import pkgutil
 from types import ModuleType
@@ -11,8 +12,11 @@ _PRIVATE = {'layers'}  # Shared building blocks, not selectable components.
 
 def choices(kind: str) -> list[str]:
   package = importlib.import_module(f'fm.{kind}')
-  return sorted(m.name for m in pkgutil.iter_modules(package.__path__)
-                if not m.name.startswith('_') and m.name not in _PRIVATE)
+  return sorted(
+    m.name
+    for m in pkgutil.iter_modules(package.__path__)
+    if not m.name.startswith('_') and m.name not in _PRIVATE
+  )
 
 
 def get(kind: str, name: str) -> ModuleType:

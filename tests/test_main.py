@@ -1,4 +1,5 @@
 """End to end: the README's smoke command, a 2-step run of every experiment, and bad input."""
+
 import json
 import os
 import pathlib
@@ -8,26 +9,32 @@ import subprocess
 import sys
 
 import pytest
+from workdirs import load_experiment, train_losses
 
 from fm import ConfigError, checkpoint, registry, train
-from workdirs import load_experiment, train_losses
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Experiment files (configs); scripts such as label_efficiency.py are run by their own tests.
-EXPERIMENTS = sorted(p.stem for p in (ROOT / 'experiments').glob('*.py')
-                     if 'def get_config' in p.read_text())
+EXPERIMENTS = sorted(
+  p.stem for p in (ROOT / 'experiments').glob('*.py') if 'def get_config' in p.read_text()
+)
 
 
 def run_main(*args, timeout=300):
   # conftest's XLA_FLAGS are inherited: the subprocess sees the same 8 fake devices.
-  return subprocess.run([sys.executable, '-m', 'fm.main', *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'fm.main', *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 def readme_commands() -> list[list[str]]:
   """The README's smoke-sized `python -m fm.main` commands, as argument lists."""
-  lines = [l.strip() for l in (ROOT / 'README.md').read_text().splitlines()]
-  return [shlex.split(l) for l in lines if 'python -m fm.main' in l and ':smoke' in l]
+  lines = [line.strip() for line in (ROOT / 'README.md').read_text().splitlines()]
+  return [shlex.split(line) for line in lines if 'python -m fm.main' in line and ':smoke' in line]
 
 
 def run_readme_command(cmd: list[str], workdir: pathlib.Path) -> subprocess.CompletedProcess:
@@ -37,8 +44,9 @@ def run_readme_command(cmd: list[str], workdir: pathlib.Path) -> subprocess.Comp
     env[key] = value
   cmd[cmd.index('--workdir') + 1] = str(workdir)
   assert cmd[:3] == ['python', '-m', 'fm.main']
-  return subprocess.run([sys.executable] + cmd[1:], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable] + cmd[1:], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def test_readme_smoke_commands(tmp_path):
@@ -51,7 +59,7 @@ def test_readme_smoke_commands(tmp_path):
   assert re.search(r'step \d+/\d+ \| loss .* tok/s \| MFU .* ETA', result.stdout)
   workdir = tmp_path / 'w'
   assert list(workdir.glob('events.out.tfevents.*'))
-  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   final = [r for r in records if 'eval/bits_per_byte' in r][-1]
   assert 0 < final['eval/bits_per_byte'] < 8
   resolved = json.loads((workdir / 'config.json').read_text())
@@ -61,7 +69,11 @@ def test_readme_smoke_commands(tmp_path):
   result = run_readme_command(fsdp, tmp_path / 'fsdp')
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads((tmp_path / 'fsdp' / 'config.json').read_text())['mesh'] == {
-      'data': 1, 'fsdp': 8, 'sequence': 1, 'tensor': 1}
+    'data': 1,
+    'fsdp': 8,
+    'sequence': 1,
+    'tensor': 1,
+  }
   a, b = train_losses(tmp_path / 'w'), train_losses(tmp_path / 'fsdp')
   assert a.keys() == b.keys()
   for step in a:
@@ -76,8 +88,11 @@ def test_readme_transfer_command_reuses_the_backbone(tmp_path):
   first = run_readme_command(list(command), workdir)
   assert first.returncode == 0, first.stderr[-3000:]
   assert 'training experiments/lm_shakespeare.py:smoke' in first.stdout
-  tested = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()
-            if 'test/accuracy' in l]
+  tested = [
+    json.loads(line)
+    for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+    if 'test/accuracy' in line
+  ]
   assert len(tested) == 1 and 0 <= tested[0]['test/accuracy'] <= 1
   pretraining = (workdir / 'pretrained' / 'metrics.jsonl').read_text()
   second = run_readme_command(list(command), workdir)
@@ -94,8 +109,10 @@ def test_readme_transfer_command_reuses_the_backbone(tmp_path):
 COVERED_ELSEWHERE = ('distill_shakespeare', 'llama', 'transfer_sentiment')
 
 
-@pytest.mark.parametrize('name', [pytest.param(e, marks=pytest.mark.slow)
-                                  if e in COVERED_ELSEWHERE else e for e in EXPERIMENTS])
+@pytest.mark.parametrize(
+  'name',
+  [pytest.param(e, marks=pytest.mark.slow) if e in COVERED_ELSEWHERE else e for e in EXPERIMENTS],
+)
 def test_every_experiment_runs_two_steps(name, tmp_path):
   config = load_experiment(name).get_config('smoke')
   config.train.steps, config.train.log_every, config.train.eval_every = 2, 1, 2
@@ -104,27 +121,62 @@ def test_every_experiment_runs_two_steps(name, tmp_path):
 
 
 BAD_INPUT = [
-    (['--config.model.name=gpt5'], r"config.model.name='gpt5' is unknown; choose one of: decoder"),
-    (['--config.objective=telepathy'], r"config.objective='telepathy' is unknown; choose one of: .*causal_lm"),
-    (['--config.mesh.data=3'], r'config.mesh \(data=3,fsdp=1,sequence=1,tensor=1\) spans 3 devices but 8 are'),
-    (['--config.train.global_batch=7'], r'config.train.global_batch=7 is not divisible by the 8'),
-    (['--config.data.seq_len=4096'], r'config.data.seq_len=4096 exceeds the model max_len'),
-    (['--config.data.dataset=wikipedia'], r"config.data.dataset='wikipedia' is unknown"),
-    (['--config.train.stepz=3'], r'--config override .*Did you mean "steps"'),
-    (['--config.train.steps=abc'], r'--config.train.steps=abc'),
-    (['--config.train.nonfinite=ignore'], r"config.train.nonfinite='ignore' is unknown; choose raise or skip"),
-    (['--config.objective=distill'], r'config.objective_args.teacher needs a workdir of a finished run'),
-    (['--config.train.microbatches=3'], r'config.train.microbatches=3 must be >= 1 and split config.train.global_batch=8 into slices that the 8 batch shards divide'),
-    (['--config.objective=ul2'], r"config.objective='ul2' does not work with config.model.name='decoder'; compatible models: encdec"),
+  (['--config.model.name=gpt5'], r"config.model.name='gpt5' is unknown; choose one of: decoder"),
+  (
+    ['--config.objective=telepathy'],
+    r"config.objective='telepathy' is unknown; choose one of: .*causal_lm",
+  ),
+  (
+    ['--config.mesh.data=3'],
+    r'config.mesh \(data=3,fsdp=1,sequence=1,tensor=1\) spans 3 devices but 8 are',
+  ),
+  (['--config.train.global_batch=7'], r'config.train.global_batch=7 is not divisible by the 8'),
+  (['--config.data.seq_len=4096'], r'config.data.seq_len=4096 exceeds the model max_len'),
+  (['--config.data.dataset=wikipedia'], r"config.data.dataset='wikipedia' is unknown"),
+  (['--config.train.stepz=3'], r'--config override .*Did you mean "steps"'),
+  (['--config.train.steps=abc'], r'--config.train.steps=abc'),
+  (
+    ['--config.train.nonfinite=ignore'],
+    r"config.train.nonfinite='ignore' is unknown; choose raise or skip",
+  ),
+  (
+    ['--config.objective=distill'],
+    r'config.objective_args.teacher needs a workdir of a finished run',
+  ),
+  (
+    ['--config.train.microbatches=3'],
+    r'config.train.microbatches=3 must be >= 1 and split config.train.global_batch=8 into slices that the 8 batch shards divide',
+  ),
+  (
+    ['--config.objective=ul2'],
+    r"config.objective='ul2' does not work with config.model.name='decoder'; compatible models: encdec",
+  ),
 ]
 # (experiment, flags, message) for the objectives' own arguments.
 BAD_OBJECTIVE_ARGS = [
-    ('ul2_news', ['--config.objective_args.mixture.S=-1.0'], r'config.objective_args.mixture=.* must give a weight >= 0'),
-    ('distill_shakespeare', ['--config.objective_args.teacher.experiment=experiments/nope.py'],
-     r"config.objective_args.teacher.experiment='experiments/nope.py': no such experiment file"),
-    ('distill_shakespeare', ['--config.objective_args.teacher.experiment=', '--config.objective_args.teacher.workdir=/nonexistent'],
-     r"config.objective_args.teacher.workdir='/nonexistent' holds no checkpoint"),
-    ('distill_shakespeare', ['--config.objective_args.temperature=0'], r'config.objective_args.temperature=0.0 must be > 0'),
+  (
+    'ul2_news',
+    ['--config.objective_args.mixture.S=-1.0'],
+    r'config.objective_args.mixture=.* must give a weight >= 0',
+  ),
+  (
+    'distill_shakespeare',
+    ['--config.objective_args.teacher.experiment=experiments/nope.py'],
+    r"config.objective_args.teacher.experiment='experiments/nope.py': no such experiment file",
+  ),
+  (
+    'distill_shakespeare',
+    [
+      '--config.objective_args.teacher.experiment=',
+      '--config.objective_args.teacher.workdir=/nonexistent',
+    ],
+    r"config.objective_args.teacher.workdir='/nonexistent' holds no checkpoint",
+  ),
+  (
+    'distill_shakespeare',
+    ['--config.objective_args.temperature=0'],
+    r'config.objective_args.temperature=0.0 must be > 0',
+  ),
 ]
 
 
@@ -145,17 +197,30 @@ def test_distill_trains_the_teacher_once(tmp_path):
 
 
 def test_teacher_with_another_tokenizer_is_refused():
-  meta = {'config': {'model': {'name': 'decoder'}}, 'tokenizer': {'kind': 'byte'},
-          'model': {'vocab_size': 384}}
+  meta = {
+    'config': {'model': {'name': 'decoder'}},
+    'tokenizer': {'kind': 'byte'},
+    'model': {'vocab_size': 384},
+  }
   _, student = train.model_config(load_experiment('distill_shakespeare').get_config('smoke'), 4096)
-  with pytest.raises(ConfigError, match=r'config.objective_args.teacher: /t was trained with '
-                                        r'tokenizer .* set config.data to the same'):
-    train._check_frozen('teacher', '/t', meta, registry.get('objectives', 'distill'), student,
-                        {'kind': 'sentencepiece'})
+  with pytest.raises(
+    ConfigError,
+    match=r'config.objective_args.teacher: /t was trained with '
+    r'tokenizer .* set config.data to the same',
+  ):
+    train._check_frozen(
+      'teacher',
+      '/t',
+      meta,
+      registry.get('objectives', 'distill'),
+      student,
+      {'kind': 'sentencepiece'},
+    )
   meta['config']['model']['name'] = 'encdec'
   with pytest.raises(ConfigError, match=r"holds a 'encdec' model; fm.objectives.distill needs"):
-    train._check_frozen('teacher', '/t', meta, registry.get('objectives', 'distill'), student,
-                        {'kind': 'byte'})
+    train._check_frozen(
+      'teacher', '/t', meta, registry.get('objectives', 'distill'), student, {'kind': 'byte'}
+    )
 
 
 @pytest.mark.parametrize('flags,message', BAD_INPUT)
@@ -169,11 +234,12 @@ def test_bad_objective_args_are_one_line(experiment, flags, message, tmp_path):
 
 
 def check_one_line_error(experiment, flags, message, tmp_path):
-  result = run_main('--config', f'experiments/{experiment}.py:smoke', '--workdir',
-                    str(tmp_path / 'w'), *flags)
+  result = run_main(
+    '--config', f'experiments/{experiment}.py:smoke', '--workdir', str(tmp_path / 'w'), *flags
+  )
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
   assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
   if message:
     assert re.search(message, lines[0]), lines[0]
@@ -182,7 +248,8 @@ def check_one_line_error(experiment, flags, message, tmp_path):
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
-  result = run_main('--config', 'experiments/lm_shakespeare.py:smoke', '--workdir',
-                    str(blocker / 'w'))
+  result = run_main(
+    '--config', 'experiments/lm_shakespeare.py:smoke', '--workdir', str(blocker / 'w')
+  )
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert re.fullmatch(r'error: --workdir=.* is not writable .*\n', result.stderr)

@@ -1,4 +1,5 @@
 """Model shapes, finiteness, causality and packing isolation (checked through gradients)."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,9 @@ def test_forward_shapes_and_finite(variant):
 def test_published_shapes(variant, expected):
   """The planning variants have the published parameter counts (shapes only, nothing allocated)."""
   cfg = decoder.Config(**decoder.VARIANTS[variant])
-  shapes = jax.eval_shape(decoder.Model(cfg).init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  shapes = jax.eval_shape(
+    decoder.Model(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16), jnp.int32)
+  )
   n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
   assert n == decoder.param_count(cfg)['total']
   assert abs(n - expected) / expected < 0.01
@@ -45,8 +47,10 @@ def test_published_shapes(variant, expected):
 
 def influence(model, params, tokens, t, **kwargs):
   """|d output_t / d input_s| for every position s, via the (untied) input embedding rows."""
+
   def out_t(p):
     return jnp.sum(model.apply(p, tokens, **kwargs)[0, t] ** 2)
+
   grad_VD = jax.grad(out_t)(params)['params']['embed']['embedding']
   return np.abs(np.asarray(grad_VD[tokens[0]])).sum(-1)
 
@@ -56,8 +60,8 @@ def test_causal(scan):
   _, model, params, tokens = make(tie_embeddings=False, scan_layers=scan)
   for t in (0, 7, 31):
     g = influence(model, params, tokens, t)
-    assert np.all(g[t + 1:] == 0), f'position {t} sees the future'
-    assert np.all(g[:t + 1] > 0), f'position {t} ignores its past'
+    assert np.all(g[t + 1 :] == 0), f'position {t} sees the future'
+    assert np.all(g[: t + 1] > 0), f'position {t} ignores its past'
 
 
 def test_packed_documents_do_not_attend_to_each_other():
@@ -80,9 +84,11 @@ def test_grouped_query_attention_matches_repeated_kv_heads():
   def repeat_kv(path, x):
     name = jax.tree_util.keystr(path)
     return jnp.repeat(x, 2, axis=1) if name.endswith("['key']") or name.endswith("['value']") else x
+
   mha_params = jax.tree_util.tree_map_with_path(repeat_kv, params)
-  np.testing.assert_allclose(model.apply(params, tokens), mha.apply(mha_params, tokens),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    model.apply(params, tokens), mha.apply(mha_params, tokens), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_prefix_lm_is_bidirectional_before_the_split_and_causal_after():
@@ -114,23 +120,32 @@ def test_remat_and_scan_leave_loss_and_gradients_unchanged(remat):
     return jax.value_and_grad(lambda q: jnp.mean(m.apply(q, tokens) ** 2))(p)
 
   ref_loss, ref_grads = loss_and_grads(model, params)
-  loss, grads = loss_and_grads(decoder.Model(decoder.Config(**{**cfg.__dict__, 'remat': remat})),
-                               params)
+  loss, grads = loss_and_grads(
+    decoder.Model(decoder.Config(**{**cfg.__dict__, 'remat': remat})), params
+  )
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
-               ref_grads)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, ref_grads
+  )
 
   # Scanned params are the per-layer params stacked on a leading `layers` axis.
   layer_names = [f'layer_{i}' for i in range(cfg.num_layers)]
   stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params['params'][n] for n in layer_names])
-  scan_params = {'params': {**{k: v for k, v in params['params'].items() if k not in layer_names},
-                            'layers': stacked}}
+  scan_params = {
+    'params': {
+      **{k: v for k, v in params['params'].items() if k not in layer_names},
+      'layers': stacked,
+    }
+  }
   scanned = decoder.Model(decoder.Config(**{**cfg.__dict__, 'remat': remat, 'scan_layers': True}))
   loss, grads = loss_and_grads(scanned, scan_params)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   for i, name in enumerate(layer_names):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
-                 grads['params']['layers'], ref_grads['params'][name])
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7),
+      grads['params']['layers'],
+      ref_grads['params'][name],
+    )
 
 
 def test_encoder_decoder_sees_all_inputs_and_only_past_targets():
@@ -161,18 +176,27 @@ def test_gradient_accumulation_matches_the_whole_batch_and_saves_memory():
   B, L = 16, 128
   seg = np.ones((B, L), np.int32)
   seg[::3, 100:] = 0  # Rows with fewer targets: slices weigh by their target counts.
-  batch = {'tokens': rng.integers(4, 512, (B, L)).astype(np.int32), 'segment_ids': seg,
-           'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
+  batch = {
+    'tokens': rng.integers(4, 512, (B, L)).astype(np.int32),
+    'segment_ids': seg,
+    'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+  }
   params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(batch['tokens'])))
   tx = optax.sgd(0.5)
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-           'nonfinite': jnp.zeros((), jnp.int32), 'first_nonfinite': jnp.full((), -1, jnp.int32)}
+  state = {
+    'step': jnp.zeros((), jnp.int32),
+    'params': params,
+    'opt_state': tx.init(params),
+    'nonfinite': jnp.zeros((), jnp.int32),
+    'first_nonfinite': jnp.full((), -1, jnp.int32),
+  }
   results, temp = [], []
   for k in (1, 4):
     config = ml_collections.ConfigDict(dict(train=dict(microbatches=k)))
     step = jax.jit(train.make_train_step(model.apply, causal_lm.loss_fn, tx, config))
-    temp.append(step.lower(state, batch, jax.random.key(1)).compile().memory_analysis()
-                .temp_size_in_bytes)
+    temp.append(
+      step.lower(state, batch, jax.random.key(1)).compile().memory_analysis().temp_size_in_bytes
+    )
     results.append(step(state, batch, jax.random.key(1)))
   (whole, whole_metrics), (accumulated, accumulated_metrics) = results
   np.testing.assert_allclose(accumulated_metrics['loss'], whole_metrics['loss'], rtol=1e-5)

@@ -1,4 +1,5 @@
 """Every objective module (discovered with pkgutil) honours the interface and gives finite grads."""
+
 import functools
 import math
 
@@ -28,11 +29,19 @@ def tiny_batch(objective=None, vocab=VOCAB, B=8, L=32):
   seg[:, 20:] = 2
   seg[:, 28:] = 0  # Padding.
   pos = np.concatenate([np.arange(20), np.arange(8), np.zeros(4, int)])[None].repeat(B, 0)
-  rows = [{'tokens': tokens[i], 'segment_ids': seg[i], 'positions': pos[i].astype(np.int32),
-           'token_bytes': np.full(L, 2, np.int32)} for i in range(B)]
+  rows = [
+    {
+      'tokens': tokens[i],
+      'segment_ids': seg[i],
+      'positions': pos[i].astype(np.int32),
+      'token_bytes': np.full(L, 2, np.int32),
+    }
+    for i in range(B)
+  ]
   if objective is not None and hasattr(objective, 'host_transform'):
-    corrupt = objective.host_transform(vocab - getattr(objective, 'EXTRA_TOKENS', 0),
-                                       ml_collections.ConfigDict())
+    corrupt = objective.host_transform(
+      vocab - getattr(objective, 'EXTRA_TOKENS', 0), ml_collections.ConfigDict()
+    )
     rows = [corrupt(r, np.random.default_rng(i)) for i, r in enumerate(rows)]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -48,8 +57,9 @@ def frozen_models(objective, model, sample, mesh=None, rules=None) -> dict:
 
 
 def setup_model(name, model_name):
-  config = ml_collections.ConfigDict(dict(model=dict(name=model_name, variant='tiny'),
-                                          objective=name))
+  config = ml_collections.ConfigDict(
+    dict(model=dict(name=model_name, variant='tiny'), objective=name)
+  )
   module, cfg = train.model_config(config, vocab_size=VOCAB)
   return config, module.Model(cfg)
 
@@ -63,10 +73,13 @@ def test_interface_and_finite_gradients(name):
     batch = jax.tree.map(jnp.asarray, tiny_batch(objective))
     sample = train.example_inputs(objective, 8, 32)  # tiny_batch's shape.
     params = nn.unbox(model.init(jax.random.key(0), *sample))
-    frozen = {k: functools.partial(apply, p)
-              for k, (apply, p) in frozen_models(objective, model, sample).items()}
+    frozen = {
+      k: functools.partial(apply, p)
+      for k, (apply, p) in frozen_models(objective, model, sample).items()
+    }
     (loss, aux), grads = jax.value_and_grad(objective.loss_fn, argnums=1, has_aux=True)(
-        model.apply, params, batch, jax.random.key(1), config, **frozen)
+      model.apply, params, batch, jax.random.key(1), config, **frozen
+    )
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     summary = objective.summarize(jax.tree.map(float, aux))
     assert np.isclose(summary['loss'], loss, rtol=1e-5)
@@ -81,17 +94,28 @@ def test_sharded_step_equals_single_device(name):
   batch = tiny_batch(objective)
   sample = train.example_inputs(objective, 8, 32)
   results = []
-  for mesh_cfg, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
-                            (dict(data=2, fsdp=2, tensor=2), jax.devices())):
+  for mesh_cfg, devices in (
+    (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+    (dict(data=2, fsdp=2, tensor=2), jax.devices()),
+  ):
     mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
     rules = sharding.DEFAULT_RULES
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      program = train.build(model, optim.make(config.optim, 10), objective.loss_fn, config, mesh,
-                            rules, sample, frozen_models(objective, model, sample, mesh, rules))
+      program = train.build(
+        model,
+        optim.make(config.optim, 10),
+        objective.loss_fn,
+        config,
+        mesh,
+        rules,
+        sample,
+        frozen_models(objective, model, sample, mesh, rules),
+      )
       state = program.init(jax.random.key(0))
-      for step in range(2):
-        state, metrics = program.train_step(state, sharding.put_batch(batch, mesh, rules),
-                                            jax.random.key(1))
+      for _ in range(2):
+        state, metrics = program.train_step(
+          state, sharding.put_batch(batch, mesh, rules), jax.random.key(1)
+        )
       results.append(float(metrics['loss']))
   np.testing.assert_allclose(results[1], results[0], rtol=1e-5)
 
@@ -99,9 +123,9 @@ def test_sharded_step_equals_single_device(name):
 def test_causal_lm_weights_skip_boundaries_and_padding():
   _, weights = causal_lm.targets_and_weights(jax.tree.map(jnp.asarray, tiny_batch()))
   w = np.asarray(weights[0])
-  assert w[:19].all() and not w[19]        # Last token of doc 1 does not predict doc 2.
-  assert w[20:27].all() and not w[27]      # Last token of doc 2 does not predict padding.
-  assert not w[28:].any()                  # Padding is never a target.
+  assert w[:19].all() and not w[19]  # Last token of doc 1 does not predict doc 2.
+  assert w[20:27].all() and not w[27]  # Last token of doc 2 does not predict padding.
+  assert not w[28:].any()  # Padding is never a target.
 
 
 def test_bits_per_byte_of_uniform_model():
@@ -137,14 +161,16 @@ def test_masking_statistics():
 
 
 def test_masking_is_deterministic_and_process_independent(shakespeare_data):
-  corrupt = masked_lm.host_transform(shakespeare_data.tokenizer.vocab_size,
-                                     ml_collections.ConfigDict())
+  corrupt = masked_lm.host_transform(
+    shakespeare_data.tokenizer.vocab_size, ml_collections.ConfigDict()
+  )
   stream = shakespeare_data.train
   one = next(iter(pipeline.train_dataset(stream, 64, 8, 0, transform=corrupt)))
   again = next(iter(pipeline.train_dataset(stream, 64, 8, 0, transform=corrupt)))
   np.testing.assert_array_equal(one['tokens'], again['tokens'])
-  halves = [next(iter(pipeline.train_dataset(stream, 64, 8, 0, p, 2, transform=corrupt)))
-            for p in range(2)]
+  halves = [
+    next(iter(pipeline.train_dataset(stream, 64, 8, 0, p, 2, transform=corrupt))) for p in range(2)
+  ]
   rows = lambda b: {(t.tobytes(), w.tobytes()) for t, w in zip(b['tokens'], b['target_weights'])}
   assert rows(halves[0]) | rows(halves[1]) == rows(one)
 
@@ -158,10 +184,17 @@ def test_span_corruption_reassembles_exactly(seq_len):
   span_lengths = []
   for i in range(200):
     tokens = rng.integers(4, V, seq_len).astype(np.int32)
-    out = corrupt({'tokens': tokens, 'segment_ids': np.ones(seq_len, np.int32),
-                   'positions': np.arange(seq_len)}, np.random.default_rng(i))
-    np.testing.assert_array_equal(span_corruption.reassemble(out['inputs'], out['targets'], V),
-                                  tokens)
+    out = corrupt(
+      {
+        'tokens': tokens,
+        'segment_ids': np.ones(seq_len, np.int32),
+        'positions': np.arange(seq_len),
+      },
+      np.random.default_rng(i),
+    )
+    np.testing.assert_array_equal(
+      span_corruption.reassemble(out['inputs'], out['targets'], V), tokens
+    )
     assert out['inputs'].shape == (input_len,) and out['targets'].shape == (num_noise + num_spans,)
     # Sentinels: one per span, ids past every text id, in order, in both inputs and targets.
     sentinels = out['inputs'][out['inputs'] >= V]
@@ -169,8 +202,9 @@ def test_span_corruption_reassembles_exactly(seq_len):
     np.testing.assert_array_equal(out['targets'][out['targets'] >= V], sentinels)
     assert (tokens < V).all()
     np.testing.assert_array_equal(out['decoder_in'], np.r_[0, out['targets'][:-1]])
-    span_lengths += [len(s) - 1 for s in np.split(out['targets'],
-                                                  np.flatnonzero(out['targets'] >= V))[1:]]
+    span_lengths += [
+      len(s) - 1 for s in np.split(out['targets'], np.flatnonzero(out['targets'] >= V))[1:]
+    ]
   assert num_noise == round(0.15 * seq_len)
   assert abs(np.mean(span_lengths) - num_noise / num_spans) < 1e-9 and min(span_lengths) >= 1
 
@@ -182,10 +216,12 @@ def test_distillation_loss_is_zero_when_student_equals_teacher():
   params = nn.unbox(model.init(jax.random.key(0), *sample))
   teacher = functools.partial(model.apply, params)
   for temperature in (1.0, 2.0, 4.0):
-    config.objective_args = ml_collections.ConfigDict(dict(temperature=temperature,
-                                                           hard_weight=0.0))
+    config.objective_args = ml_collections.ConfigDict(
+      dict(temperature=temperature, hard_weight=0.0)
+    )
     (loss, aux), grads = jax.value_and_grad(distill.loss_fn, argnums=1, has_aux=True)(
-        model.apply, params, batch, None, config, teacher=teacher)
+      model.apply, params, batch, None, config, teacher=teacher
+    )
     assert abs(float(loss)) < 1e-6 and float(optax.tree.norm(grads)) < 1e-6
   # A different student: positive KL; hard_weight=1 is plain next-token cross-entropy.
   student = nn.unbox(model.init(jax.random.key(1), *sample))
@@ -205,17 +241,24 @@ def test_ul2_mixture_modes_and_reassembly():
   """Denoisers are drawn with the configured weights; R and X reassemble exactly with their
   spans and densities; S splits the window; mode tokens and sentinels lie past the text ids."""
   V, L, draws = 4096, 128, 3000
-  args = ml_collections.ConfigDict(dict(mixture=dict(R=0.5, S=0.2, X=0.3),
-                                        r_spans=((3.0, 0.15),), x_spans=((32.0, 0.5),),
-                                        s_density=0.25))
+  args = ml_collections.ConfigDict(
+    dict(
+      mixture=dict(R=0.5, S=0.2, X=0.3),
+      r_spans=((3.0, 0.15),),
+      x_spans=((32.0, 0.5),),
+      s_density=0.25,
+    )
+  )
   corrupt = ul2.host_transform(V, args)
   input_len, target_len = ul2.lengths(L, args)
   rng = np.random.default_rng(0)
   counts = np.zeros(3)
   for i in range(draws):
     tokens = rng.integers(4, V, L).astype(np.int32)
-    out = corrupt({'tokens': tokens, 'segment_ids': np.ones(L, np.int32),
-                   'positions': np.arange(L)}, np.random.default_rng(i))
+    out = corrupt(
+      {'tokens': tokens, 'segment_ids': np.ones(L, np.int32), 'positions': np.arange(L)},
+      np.random.default_rng(i),
+    )
     assert out['inputs'].shape == (input_len,) and out['targets'].shape == (target_len,)
     mode = int(out['mode'])
     counts[mode] += 1
@@ -223,7 +266,7 @@ def test_ul2_mixture_modes_and_reassembly():
     targets = out['targets'][out['target_segment_ids'] > 0]
     assert inputs[0] == V + span_corruption.EXTRA_TOKENS + mode  # The mode token leads.
     assert not out['inputs'][out['input_segment_ids'] == 0].any()
-    np.testing.assert_array_equal(out['decoder_in'][:len(targets)], np.r_[0, targets[:-1]])
+    np.testing.assert_array_equal(out['decoder_in'][: len(targets)], np.r_[0, targets[:-1]])
     if ul2.MODES[mode] == 'S':
       np.testing.assert_array_equal(np.r_[inputs[1:], targets], tokens)
       assert 1 <= len(targets) <= round(2 * 0.25 * L)

@@ -1,4 +1,5 @@
 """fm.plan: the real train step compiled ahead of time for a topology, and what it reports."""
+
 import importlib.util
 import json
 import pathlib
@@ -26,9 +27,23 @@ def test_plan_command_on_host_devices(tmp_path):
   command = 'python -m fm.plan --config experiments/lm_shakespeare.py:smoke --topology cpu:8'
   assert command in (ROOT / 'README.md').read_text()
   out = subprocess.run(
-      [sys.executable, '-m', 'fm.plan', '--config', 'experiments/lm_shakespeare.py:smoke',
-       '--topology', 'cpu:8', '--json', str(tmp_path / 'plan.json')],
-      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    [
+      sys.executable,
+      '-m',
+      'fm.plan',
+      '--config',
+      'experiments/lm_shakespeare.py:smoke',
+      '--topology',
+      'cpu:8',
+      '--json',
+      str(tmp_path / 'plan.json'),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert ': fits' in out.stdout
   assert 'roofline step time' in out.stdout
@@ -44,11 +59,13 @@ def test_remat_and_accumulation_lower_compiled_memory():
   temporaries of the same step (their loss and gradients are unchanged: test_models)."""
   devices = jax.devices()[:8]
   topology = plan.parse_topology('cpu:8')
-  base = dict(model={'scan_layers': True}, train={'global_batch': 64},
-              data={'seq_len': 128})
+  base = dict(model={'scan_layers': True}, train={'global_batch': 64}, data={'seq_len': 128})
   temp = {}
-  for name, extra in (('plain', {}), ('remat', {'model': {'remat': 'full'}}),
-                      ('micro', {'train': {'microbatches': 4}})):
+  for name, extra in (
+    ('plain', {}),
+    ('remat', {'model': {'remat': 'full'}}),
+    ('micro', {'train': {'microbatches': 4}}),
+  ):
     sections = {k: {**v, **extra.get(k, {})} for k, v in base.items()}
     temp[name] = plan.plan(smoke(**sections), topology, devices)['temp_bytes']
   assert temp['remat'] < temp['plain'] and temp['micro'] < temp['plain'], temp
@@ -79,11 +96,14 @@ def test_collectives_are_counted_per_loop_trip_with_their_groups():
   assert alone == pytest.approx(12 * 8 * 16 * 4 / 200e9)
 
 
-@pytest.mark.parametrize('name,message', [
+@pytest.mark.parametrize(
+  'name,message',
+  [
     ('v9x:4x4', r"--topology='v9x:4x4' is unknown; use CHIP:SHAPE with CHIP one of v4, v5e"),
     ('v5e', r"--topology='v5e' is unknown"),
-    ('h100:2x2x2', r"h100 takes GPUS or HOSTSxGPUS"),
-])
+    ('h100:2x2x2', r'h100 takes GPUS or HOSTSxGPUS'),
+  ],
+)
 def test_unknown_topology_is_one_sentence(name, message):
   with pytest.raises(ConfigError, match=message):
     plan.parse_topology(name)
@@ -91,37 +111,74 @@ def test_unknown_topology_is_one_sentence(name, message):
 
 def test_mesh_and_batch_that_do_not_fit_the_topology_are_one_sentence():
   devices, topology = jax.devices()[:8], plan.parse_topology('cpu:8')
-  with pytest.raises(ConfigError, match=r'config.mesh \(data=1,fsdp=3,sequence=1,tensor=1\) '
-                     r'spans 3 devices but 8 are available'):
+  with pytest.raises(
+    ConfigError,
+    match=r'config.mesh \(data=1,fsdp=3,sequence=1,tensor=1\) '
+    r'spans 3 devices but 8 are available',
+  ):
     plan.plan(smoke(mesh={'data': 1, 'fsdp': 3}), topology, devices)
-  with pytest.raises(ConfigError, match=r'config.train.global_batch=12 is not divisible by the '
-                     r'8 batch shards'):
+  with pytest.raises(
+    ConfigError,
+    match=r'config.train.global_batch=12 is not divisible by the '
+    r'8 batch shards',
+  ):
     plan.plan(smoke(train={'global_batch': 12}), topology, devices)
   distill = train.load_config('experiments/distill_shakespeare.py:smoke', 'test')
-  with pytest.raises(ConfigError, match=r"config.objective='distill' reads frozen models "
-                     r'\(teacher\), which fm.plan does not compile yet'):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.objective='distill' reads frozen models "
+    r'\(teacher\), which fm.plan does not compile yet',
+  ):
     plan.plan(distill, topology, devices)
 
 
 def test_bad_topology_on_the_command_line_exits_with_one_line():
   out = subprocess.run(
-      [sys.executable, '-m', 'fm.plan', '--config', 'experiments/lm_shakespeare.py:smoke',
-       '--topology', 'tpu-v5e-256'], cwd=ROOT, capture_output=True, text=True, timeout=120,
-      check=False)
+    [
+      sys.executable,
+      '-m',
+      'fm.plan',
+      '--config',
+      'experiments/lm_shakespeare.py:smoke',
+      '--topology',
+      'tpu-v5e-256',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert out.returncode == 2
   assert out.stderr.strip().count('\n') == 0 and "--topology='tpu-v5e-256' is unknown" in out.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
-                    reason='libtpu is not installed (pip install -r requirements-plan.txt)')
+@pytest.mark.skipif(
+  importlib.util.find_spec('libtpu') is None,
+  reason='libtpu is not installed (pip install -r requirements-plan.txt)',
+)
 def test_plan_for_a_small_tpu_slice(tmp_path):
   """The smoke model compiled by libtpu for a v5e 2x2 slice, in a subprocess (libtpu wants its
   own process)."""
   out = subprocess.run(
-      [sys.executable, '-m', 'fm.plan', '--config', 'experiments/lm_shakespeare.py:smoke',
-       '--topology', 'v5e:2x2', '--config.train.global_batch=8', '--json',
-       str(tmp_path / 'plan.json')], cwd=ROOT, capture_output=True, text=True, timeout=600,
-      check=False)
+    [
+      sys.executable,
+      '-m',
+      'fm.plan',
+      '--config',
+      'experiments/lm_shakespeare.py:smoke',
+      '--topology',
+      'v5e:2x2',
+      '--config.train.global_batch=8',
+      '--json',
+      str(tmp_path / 'plan.json'),
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   p = json.loads((tmp_path / 'plan.json').read_text())['plan']
   assert p['compiler'] == 'libtpu' and p['devices'] == 4 and 'TPU v5' in p['device_kind']

@@ -1,4 +1,5 @@
 """Sharding changes nothing: same init and batch give the same loss and params on every mesh."""
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -10,16 +11,25 @@ from fm.models import decoder
 from fm.objectives import causal_lm
 
 # 8 heads and an MLP of 128 split evenly over tensor=8; 4 kv heads do not, and stay replicated.
-CFG = decoder.Config(vocab_size=384, num_layers=2, d_model=64, num_heads=8, num_kv_heads=4,
-                     head_dim=8, mlp_dim=128, max_len=64)
+CFG = decoder.Config(
+  vocab_size=384,
+  num_layers=2,
+  d_model=64,
+  num_heads=8,
+  num_kv_heads=4,
+  head_dim=8,
+  mlp_dim=128,
+  max_len=64,
+)
 B, L = 16, 32
 
 
 def config():
   # Adam's first update is g / (|g| + eps): with a tiny eps it turns float rounding in a
   # near-zero gradient into a full-size step, so eps is raised to keep the comparison meaningful.
-  return ml_collections.ConfigDict(dict(
-      optim=dict(lr=1e-3, warmup_steps=0, weight_decay=0.1, clip_norm=1.0, eps=1e-4)))
+  return ml_collections.ConfigDict(
+    dict(optim=dict(lr=1e-3, warmup_steps=0, weight_decay=0.1, clip_norm=1.0, eps=1e-4))
+  )
 
 
 def batch():
@@ -27,8 +37,12 @@ def batch():
   tokens = rng.integers(1, CFG.vocab_size, (B, L)).astype(np.int32)
   seg = np.repeat(np.array([[1] * 20 + [2] * 12]), B, 0).astype(np.int32)
   pos = np.repeat(np.array([list(range(20)) + list(range(12))]), B, 0).astype(np.int32)
-  return {'tokens': tokens, 'segment_ids': seg, 'positions': pos,
-          'token_bytes': np.full((B, L), 3, np.int32)}
+  return {
+    'tokens': tokens,
+    'segment_ids': seg,
+    'positions': pos,
+    'token_bytes': np.full((B, L), 3, np.int32),
+  }
 
 
 def one_step(mesh_cfg: dict, devices):
@@ -40,8 +54,9 @@ def one_step(mesh_cfg: dict, devices):
     program = train.build(model, tx, causal_lm.loss_fn, config(), mesh, rules, sample)
     state = program.init(jax.random.key(0))
     init_params = jax.device_get(state['params'])
-    state, metrics = program.train_step(state, sharding.put_batch(batch(), mesh, rules),
-                                        jax.random.key(1))
+    state, metrics = program.train_step(
+      state, sharding.put_batch(batch(), mesh, rules), jax.random.key(1)
+    )
   return init_params, state, jax.device_get(metrics)
 
 
@@ -57,12 +72,12 @@ def shard_shape(x):
 
 # Per-device shapes of: query kernel (D, H, K), key kernel (D, G, K), MLP up (D, F), embedding (V, D).
 EXPECTED_SHARDS = {
-    'data=8': ((64, 8, 8), (64, 4, 8), (64, 128), (384, 64)),
-    'fsdp=8': ((8, 8, 8), (8, 4, 8), (8, 128), (384, 8)),
-    'tensor=8': ((64, 1, 8), (64, 4, 8), (64, 16), (48, 64)),
-    'data=2,fsdp=2,tensor=2': ((32, 4, 8), (32, 2, 8), (32, 64), (192, 32)),
-    # The sequence axis splits activations along their length; weights are as with data=2,tensor=2.
-    'data=2,sequence=2,tensor=2': ((64, 4, 8), (64, 2, 8), (64, 64), (192, 64)),
+  'data=8': ((64, 8, 8), (64, 4, 8), (64, 128), (384, 64)),
+  'fsdp=8': ((8, 8, 8), (8, 4, 8), (8, 128), (384, 8)),
+  'tensor=8': ((64, 1, 8), (64, 4, 8), (64, 16), (48, 64)),
+  'data=2,fsdp=2,tensor=2': ((32, 4, 8), (32, 2, 8), (32, 64), (192, 32)),
+  # The sequence axis splits activations along their length; weights are as with data=2,tensor=2.
+  'data=2,sequence=2,tensor=2': ((64, 4, 8), (64, 2, 8), (64, 64), (192, 64)),
 }
 
 
@@ -75,8 +90,12 @@ def test_sharded_step_equals_single_device(mesh_name, reference):
 
   p = state['params']['params']
   layer = p['layer_0']
-  got = (shard_shape(layer['attn']['query']), shard_shape(layer['attn']['key']),
-         shard_shape(layer['mlp']['up']), shard_shape(p['embed']['embedding']))
+  got = (
+    shard_shape(layer['attn']['query']),
+    shard_shape(layer['attn']['key']),
+    shard_shape(layer['mlp']['up']),
+    shard_shape(p['embed']['embedding']),
+  )
   assert got == EXPECTED_SHARDS[mesh_name]
   # Optimizer moments are sharded like their params; scalar counts are replicated on the mesh.
   mu = state['opt_state'][1][0].mu['params']['layer_0']['attn']['query']
@@ -85,10 +104,13 @@ def test_sharded_step_equals_single_device(mesh_name, reference):
     assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
     assert len(leaf.sharding.device_set) == 8
 
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), init_params, ref_init)
+  jax.tree.map(np.testing.assert_array_equal, init_params, ref_init)
   np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               jax.device_get(state['params']), ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    jax.device_get(state['params']),
+    ref_params,
+  )
 
 
 def test_mesh_errors():
@@ -97,4 +119,7 @@ def test_mesh_errors():
   with pytest.raises(ConfigError, match='at most one axis'):
     sharding.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=-1, tensor=1)), 8)
   assert sharding.mesh_shape(ml_collections.ConfigDict(dict(data=-1, fsdp=2, tensor=2)), 8) == {
-      'data': 2, 'fsdp': 2, 'tensor': 2}
+    'data': 2,
+    'fsdp': 2,
+    'tensor': 2,
+  }

@@ -1,4 +1,5 @@
 """Experiment files and what their runs leave in a workdir (shared by the end-to-end tests)."""
+
 import importlib.util
 import json
 import pathlib

@@ -7,23 +7,25 @@ attention never crosses documents. Training windows are shuffled with a seed (a 
 epoch), sharded by JAX process and batched; the iterator's state is a step count, so a resumed
 run sees exactly the batches it would have seen.
 """
+
+from collections.abc import Callable
 import dataclasses
 import hashlib
 import json
 import os
-from typing import Callable
 
 import grain
 import ml_collections
 import numpy as np
 
-from fm.data import sources, tokenizer as tokenizer_lib
+from fm.data import sources
+from fm.data import tokenizer as tokenizer_lib
 
 
 @dataclasses.dataclass
 class Stream:
-  tokens: np.ndarray      # int32 [N]
-  doc_ids: np.ndarray     # int32 [N], document number of each token
+  tokens: np.ndarray  # int32 [N]
+  doc_ids: np.ndarray  # int32 [N], document number of each token
   token_bytes: np.ndarray  # int32 [V], UTF-8 bytes each token id stands for
 
   def num_windows(self, seq_len: int) -> int:
@@ -34,9 +36,15 @@ class Stream:
     tokens, docs = self.tokens[sl], self.doc_ids[sl]
     segment_ids = (docs - docs[0] + 1).astype(np.int32)
     starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
-    positions = np.arange(seq_len) - starts[np.searchsorted(starts, np.arange(seq_len), 'right') - 1]
-    return {'tokens': tokens, 'segment_ids': segment_ids, 'positions': positions.astype(np.int32),
-            'token_bytes': self.token_bytes[tokens]}
+    positions = (
+      np.arange(seq_len) - starts[np.searchsorted(starts, np.arange(seq_len), 'right') - 1]
+    )
+    return {
+      'tokens': tokens,
+      'segment_ids': segment_ids,
+      'positions': positions.astype(np.int32),
+      'token_bytes': self.token_bytes[tokens],
+    }
 
 
 def tokenize(docs: list[str], tok, cache_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +74,13 @@ def _load(data_cfg: ml_collections.ConfigDict):
   """(documents by split, their digests, the tokenizer) of `config.data`."""
   name = data_cfg.dataset
   splits = sources.load(name, **dict(data_cfg.get('source_kwargs', {})))
-  digests = {split: hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()
-             for split, docs in splits.items()}
-  tok = tokenizer_lib.build(data_cfg.get('tokenizer', ml_collections.ConfigDict()),
-                            splits['train'], name, digests['train'])
+  digests = {
+    split: hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()
+    for split, docs in splits.items()
+  }
+  tok = tokenizer_lib.build(
+    data_cfg.get('tokenizer', ml_collections.ConfigDict()), splits['train'], name, digests['train']
+  )
   return splits, digests, tok
 
 
@@ -94,9 +105,15 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
 Transform = Callable[[dict, np.random.Generator], dict]
 
 
-def train_dataset(stream: Stream, seq_len: int, global_batch: int, seed: int,
-                  process_index: int = 0, process_count: int = 1,
-                  transform: Transform | None = None) -> grain.MapDataset:
+def train_dataset(
+  stream: Stream,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  transform: Transform | None = None,
+) -> grain.MapDataset:
   """Infinite, shuffled (reshuffled every epoch), per-process batches of packed windows.
 
   Global batch k holds the shuffled windows [k*B, (k+1)*B); process p takes every P-th of them,
@@ -113,13 +130,20 @@ def train_dataset(stream: Stream, seq_len: int, global_batch: int, seed: int,
 
 def padding_window(seq_len: int) -> dict[str, np.ndarray]:
   """A window of no document (segment ids 0, so weight 0), shaped like Stream.window's."""
-  return {k: np.zeros(seq_len, np.int32)
-          for k in ('tokens', 'segment_ids', 'positions', 'token_bytes')}
+  return {
+    k: np.zeros(seq_len, np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_bytes')
+  }
 
 
-def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: int,
-                 process_index: int = 0, process_count: int = 1,
-                 transform: Transform | None = None):
+def eval_batches(
+  stream: Stream,
+  seq_len: int,
+  global_batch: int,
+  max_batches: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  transform: Transform | None = None,
+):
   """The first `max_batches` (all if -1) batches of validation windows, in order, the last one
   padded with zero segment ids (weight 0). Same batches every eval."""
   n = stream.num_windows(seq_len)
@@ -138,8 +162,13 @@ def eval_batches(stream: Stream, seq_len: int, global_batch: int, max_batches: i
 # ---------------------------------------------------------------------------------------------
 # Fixed-size examples (downstream tasks): one row per example instead of packed windows.
 # ---------------------------------------------------------------------------------------------
-def example_dataset(arrays: dict[str, np.ndarray], global_batch: int, seed: int,
-                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def example_dataset(
+  arrays: dict[str, np.ndarray],
+  global_batch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """Infinite, shuffled (every epoch anew), per-process batches of rows of `arrays`; the same
   global batches for any number of processes, and resumable like `train_dataset`."""
   n = len(next(iter(arrays.values())))
@@ -148,8 +177,13 @@ def example_dataset(arrays: dict[str, np.ndarray], global_batch: int, seed: int,
   return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
 
 
-def example_batches(arrays: dict[str, np.ndarray], global_batch: int, max_batches: int = -1,
-                    process_index: int = 0, process_count: int = 1):
+def example_batches(
+  arrays: dict[str, np.ndarray],
+  global_batch: int,
+  max_batches: int = -1,
+  process_index: int = 0,
+  process_count: int = 1,
+):
   """All rows (or the first `max_batches` batches) in order; the last batch is padded with
   zero rows, which carry `weight` 0."""
   n = len(next(iter(arrays.values())))
@@ -158,7 +192,11 @@ def example_batches(arrays: dict[str, np.ndarray], global_batch: int, max_batche
     num_batches = min(num_batches, max_batches)
   pad = {k: np.zeros_like(v[0]) for k, v in arrays.items()}
   ds = grain.MapDataset.range(num_batches * global_batch)
-  ds = ds.map(lambda i: {**{k: v[int(i)] for k, v in arrays.items()}, 'weight': np.float32(1)}
-              if i < n else {**pad, 'weight': np.float32(0)})
-  return ds[process_index::process_count].batch(global_batch // process_count,
-                                                drop_remainder=True)
+  ds = ds.map(
+    lambda i: (
+      {**{k: v[int(i)] for k, v in arrays.items()}, 'weight': np.float32(1)}
+      if i < n
+      else {**pad, 'weight': np.float32(0)}
+    )
+  )
+  return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)

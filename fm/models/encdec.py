@@ -6,6 +6,7 @@ D model dim, V vocab. `Model(cfg).apply(params, inputs_BS, decoder_in_BL, input_
 target_seg_BL) -> logits_BLV`; segment ids keep packed examples apart (0 = padding).
 Layer scan and remat options of the decoder's Config are not used here.
 """
+
 import dataclasses
 
 import flax.linen as nn
@@ -16,10 +17,18 @@ from fm.sharding import constrain
 
 Config = decoder.Config
 VARIANTS = {
-    **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},
-    # T5 1.1 base shape (gated MLP), for planning.
-    't5-base': dict(num_layers=12, d_model=768, num_heads=12, num_kv_heads=12, head_dim=64,
-                    mlp_dim=2048, max_len=512, vocab_size=32128),
+  **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},
+  # T5 1.1 base shape (gated MLP), for planning.
+  't5-base': dict(
+    num_layers=12,
+    d_model=768,
+    num_heads=12,
+    num_kv_heads=12,
+    head_dim=64,
+    mlp_dim=2048,
+    max_len=512,
+    vocab_size=32128,
+  ),
 }
 
 
@@ -30,8 +39,11 @@ def param_count(cfg: Config) -> dict[str, int]:
   block = attn + 3 * D * cfg.mlp_dim + 2 * D
   layers_total = cfg.num_layers * (2 * block + attn + D)
   embed = cfg.vocab_size * D
-  return {'total': layers_total + embed + 2 * D, 'non_embedding': layers_total + 2 * D,
-          'embedding': embed}
+  return {
+    'total': layers_total + embed + 2 * D,
+    'non_embedding': layers_total + 2 * D,
+    'embedding': embed,
+  }
 
 
 def flops_per_token(cfg: Config, seq_len: int) -> float:
@@ -49,14 +61,17 @@ class DecoderBlock(nn.Module):
   def __call__(self, y_BLD, positions_BL, self_mask_B1LL, enc_BSD, cross_mask_B1LS):
     c = self.cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-    attn_cfg = layers.AttentionConfig(c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta,
-                                      c.attention_impl)
+    attn_cfg = layers.AttentionConfig(
+      c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl
+    )
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='self_norm')(y_BLD)
     y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='self_attn')(
-        h, positions_BL, self_mask_B1LL)
+      h, positions_BL, self_mask_B1LL
+    )
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='cross_norm')(y_BLD)
     y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, name='cross_attn')(
-        h, positions_BL, cross_mask_B1LS, kv_BSD=enc_BSD)
+      h, positions_BL, cross_mask_B1LS, kv_BSD=enc_BSD
+    )
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(y_BLD)
     y_BLD = y_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, c.lora, name='mlp')(h)
     return constrain(y_BLD, layers.BLD)
@@ -67,8 +82,15 @@ class Model(nn.Module):
   decode: bool = False  # Generation with a KV cache in the decoder: see fm/decoding.py.
 
   @nn.compact
-  def __call__(self, inputs_BS, decoder_in_BL=None, input_seg_BS=None, target_seg_BL=None,
-               encoded_BSD=None, encode_only=False):
+  def __call__(
+    self,
+    inputs_BS,
+    decoder_in_BL=None,
+    input_seg_BS=None,
+    target_seg_BL=None,
+    encoded_BSD=None,
+    encode_only=False,
+  ):
     """Decoder logits (B, L, V); with cfg.num_classes > 0, class logits (B, C) from the pooled
     encoder output (the decoder is not used: call with the inputs alone).
 
@@ -105,11 +127,13 @@ class Model(nn.Module):
       start = position.value
       if not creating:
         position.value = start + decoder_in_BL.shape[1]
-      dec_positions = jnp.broadcast_to(start + jnp.arange(decoder_in_BL.shape[1]),
-                                       decoder_in_BL.shape)
+      dec_positions = jnp.broadcast_to(
+        start + jnp.arange(decoder_in_BL.shape[1]), decoder_in_BL.shape
+      )
     for i in range(c.num_layers):
-      y_BLD = DecoderBlock(c, self.decode, name=f'decoder_{i}')(y_BLD, dec_positions, self_mask,
-                                                                enc_BSD, cross_mask)
+      y_BLD = DecoderBlock(c, self.decode, name=f'decoder_{i}')(
+        y_BLD, dec_positions, self_mask, enc_BSD, cross_mask
+      )
     y_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='decoder_norm')(y_BLD)
-    logits_BLV = embed.attend(y_BLD) * (c.d_model ** -0.5)
+    logits_BLV = embed.attend(y_BLD) * (c.d_model**-0.5)
     return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

@@ -4,6 +4,7 @@ Dimensions: B batch, L query length, S key length, D model dim, H heads, G kv he
 K head dim, F MLP dim, V vocab. Every param carries logical axis names; activations are
 constrained by logical `act_*` names at block boundaries.
 """
+
 import dataclasses
 import math
 from typing import Any
@@ -23,12 +24,13 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
 
 
 def dense_init(fan_in: int):
-  return nn.initializers.normal(stddev=fan_in ** -0.5)
+  return nn.initializers.normal(stddev=fan_in**-0.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoRA:
   """Low-rank adapters (Hu et al. 2021) on the projections named in `targets`."""
+
   rank: int = 0
   alpha: float = 16.0
   targets: tuple[str, ...] = ('query', 'key', 'value', 'out', 'gate', 'up', 'down')
@@ -37,8 +39,16 @@ class LoRA:
 LORA_SUFFIXES = ('_lora_a', '_lora_b')
 
 
-def dense_weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, n_in: int,
-                 dtype, param_dtype, lora: LoRA | None = None) -> jax.Array:
+def dense_weight(
+  module: nn.Module,
+  name: str,
+  shape: tuple[int, ...],
+  axes: tuple,
+  n_in: int,
+  dtype,
+  param_dtype,
+  lora: LoRA | None = None,
+) -> jax.Array:
   """A projection weight whose first `n_in` dims are its inputs, in the compute dtype.
 
   With LoRA on `name` it is W + (alpha / rank) * A.B, A (inputs x rank, random) and B (rank x
@@ -49,10 +59,22 @@ def dense_weight(module: nn.Module, name: str, shape: tuple[int, ...], axes: tup
   w = param_with_axes(module, name, dense_init(fan_in), shape, axes, param_dtype)
   if lora is not None and lora.rank and name in lora.targets:
     r = lora.rank
-    a = param_with_axes(module, name + '_lora_a', dense_init(fan_in), (*shape[:n_in], r),
-                        (*axes[:n_in], None), param_dtype)
-    b = param_with_axes(module, name + '_lora_b', nn.initializers.zeros, (r, *shape[n_in:]),
-                        (None, *axes[n_in:]), param_dtype)
+    a = param_with_axes(
+      module,
+      name + '_lora_a',
+      dense_init(fan_in),
+      (*shape[:n_in], r),
+      (*axes[:n_in], None),
+      param_dtype,
+    )
+    b = param_with_axes(
+      module,
+      name + '_lora_b',
+      nn.initializers.zeros,
+      (r, *shape[n_in:]),
+      (None, *axes[n_in:]),
+      param_dtype,
+    )
     w = w + (lora.alpha / r) * jnp.tensordot(a, b, axes=1)
   return w.astype(dtype)
 
@@ -62,8 +84,11 @@ def merge_lora(params: Any, lora: LoRA, stacked: bool = False) -> Any:
 
   `stacked`: the params of scanned layers carry a leading layer axis.
   """
-  product = jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1)) if stacked else (
-      lambda a, b: jnp.tensordot(a, b, axes=1))
+  product = (
+    jax.vmap(lambda a, b: jnp.tensordot(a, b, axes=1))
+    if stacked
+    else (lambda a, b: jnp.tensordot(a, b, axes=1))
+  )
 
   def merge(tree):
     if not isinstance(tree, dict):
@@ -77,6 +102,7 @@ def merge_lora(params: Any, lora: LoRA, stacked: bool = False) -> Any:
         v = (v + (lora.alpha / lora.rank) * product(a, b)).astype(v.dtype)
       out[k] = merge(v)
     return out
+
   return merge(params)
 
 
@@ -90,14 +116,17 @@ def pool(x_BLD: jax.Array, segment_ids_BL: jax.Array, how: str) -> jax.Array:
   if how == 'mean':
     w_BL = real_BL.astype(jnp.float32)
     return jnp.einsum('BLD,BL->BD', x_BLD.astype(jnp.float32), w_BL) / jnp.maximum(
-        w_BL.sum(1, keepdims=True), 1.0)
-  index_B = jnp.maximum(real_BL.sum(1) - 1, 0) if how == 'last' else jnp.zeros(
-      x_BLD.shape[0], jnp.int32)
+      w_BL.sum(1, keepdims=True), 1.0
+    )
+  index_B = (
+    jnp.maximum(real_BL.sum(1) - 1, 0) if how == 'last' else jnp.zeros(x_BLD.shape[0], jnp.int32)
+  )
   return jnp.take_along_axis(x_BLD, index_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
 class ClassifierHead(nn.Module):
   """Pooled hidden states -> class logits (float32)."""
+
   num_classes: int
   how: str = 'last'
   param_dtype: Dtype = jnp.float32
@@ -106,10 +135,12 @@ class ClassifierHead(nn.Module):
   def __call__(self, x_BLD, segment_ids_BL):
     pooled_BD = pool(x_BLD, segment_ids_BL, self.how)
     D = pooled_BD.shape[-1]
-    w_DC = param_with_axes(self, 'kernel', dense_init(D), (D, self.num_classes), ('embed', None),
-                           self.param_dtype)
-    b_C = param_with_axes(self, 'bias', nn.initializers.zeros, (self.num_classes,), (None,),
-                          self.param_dtype)
+    w_DC = param_with_axes(
+      self, 'kernel', dense_init(D), (D, self.num_classes), ('embed', None), self.param_dtype
+    )
+    b_C = param_with_axes(
+      self, 'bias', nn.initializers.zeros, (self.num_classes,), (None,), self.param_dtype
+    )
     return pooled_BD @ w_DC.astype(jnp.float32) + b_C.astype(jnp.float32)
 
 
@@ -120,8 +151,9 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    scale_D = param_with_axes(self, 'scale', nn.initializers.ones, (x_BLD.shape[-1],), ('norm',),
-                              self.param_dtype)
+    scale_D = param_with_axes(
+      self, 'scale', nn.initializers.ones, (x_BLD.shape[-1],), ('norm',), self.param_dtype
+    )
     x = x_BLD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
@@ -134,9 +166,14 @@ class Embed(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   def setup(self):
-    self.embedding_VD = param_with_axes(self, 'embedding', nn.initializers.normal(1.0),
-                                        (self.vocab_size, self.dim), ('vocab', 'embed'),
-                                        self.param_dtype)
+    self.embedding_VD = param_with_axes(
+      self,
+      'embedding',
+      nn.initializers.normal(1.0),
+      (self.vocab_size, self.dim),
+      ('vocab', 'embed'),
+      self.param_dtype,
+    )
 
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
     return jnp.take(self.embedding_VD, tokens_BL, axis=0).astype(self.dtype)
@@ -157,8 +194,9 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   return out.astype(x_BLHK.dtype)
 
 
-def attention_mask(segment_ids_BL: jax.Array, causal: bool = True,
-                   prefix_BL: jax.Array | None = None) -> jax.Array:
+def attention_mask(
+  segment_ids_BL: jax.Array, causal: bool = True, prefix_BL: jax.Array | None = None
+) -> jax.Array:
   """Boolean (B, 1, L, L) mask: query and key in the same packed document, and
 
   - causal: no look-ahead, except that tokens of a prefix (prefix_BL True) see the whole prefix
@@ -196,6 +234,7 @@ class Attention(nn.Module):
   In decode mode padding tokens carry position -1, and `mask_B1LS` (None, or a mask among the
   new tokens) adds pairs beyond the causal ones: a prefix LM's prompt read bidirectionally.
   """
+
   cfg: AttentionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -207,8 +246,9 @@ class Attention(nn.Module):
     c, D = self.cfg, x_BLD.shape[-1]
     cross = kv_BSD is not None
     kv_BSD = x_BLD if kv_BSD is None else kv_BSD
-    w = lambda name, shape, axes, n_in: dense_weight(self, name, shape, axes, n_in, self.dtype,
-                                                     self.param_dtype, self.lora)
+    w = lambda name, shape, axes, n_in: dense_weight(
+      self, name, shape, axes, n_in, self.dtype, self.param_dtype, self.lora
+    )
     wq_DHK = w('query', (D, c.num_heads, c.head_dim), ('embed', 'heads', 'head_dim'), 1)
     wk_DGK = w('key', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
     wv_DGK = w('value', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
@@ -224,8 +264,9 @@ class Attention(nn.Module):
     v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     if self.decode and not cross:
       k_BLGK, v_BLGK, mask_B1LS = self._cached(k_BLGK, v_BLGK, positions_BL >= 0, mask_B1LS)
-    out_BLHK = jax.nn.dot_product_attention(q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS,
-                                            implementation=c.implementation)
+    out_BLHK = jax.nn.dot_product_attention(
+      q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation=c.implementation
+    )
     return jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
 
   def _cached(self, k_BLGK, v_BLGK, valid_BL, extra_B1LL=None):
@@ -240,16 +281,21 @@ class Attention(nn.Module):
     if creating:
       return k_BLGK, v_BLGK, None
     i, L, S = index.value, k_BLGK.shape[1], key.value.shape[1]
-    key.value = jax.lax.dynamic_update_slice(key.value, k_BLGK.astype(key.value.dtype), (0, i, 0, 0))
-    value.value = jax.lax.dynamic_update_slice(value.value, v_BLGK.astype(value.value.dtype),
-                                               (0, i, 0, 0))
+    key.value = jax.lax.dynamic_update_slice(
+      key.value, k_BLGK.astype(key.value.dtype), (0, i, 0, 0)
+    )
+    value.value = jax.lax.dynamic_update_slice(
+      value.value, v_BLGK.astype(value.value.dtype), (0, i, 0, 0)
+    )
     valid.value = jax.lax.dynamic_update_slice(valid.value, valid_BL, (0, i))
     index.value = i + L
-    allowed_BLS = jnp.broadcast_to(jnp.arange(S)[None, :] <= (i + jnp.arange(L))[:, None],
-                                   (valid_BL.shape[0], L, S))
+    allowed_BLS = jnp.broadcast_to(
+      jnp.arange(S)[None, :] <= (i + jnp.arange(L))[:, None], (valid_BL.shape[0], L, S)
+    )
     if extra_B1LL is not None:
-      allowed_BLS |= jax.lax.dynamic_update_slice(jnp.zeros_like(allowed_BLS), extra_B1LL[:, 0],
-                                                  (0, 0, i))
+      allowed_BLS |= jax.lax.dynamic_update_slice(
+        jnp.zeros_like(allowed_BLS), extra_B1LL[:, 0], (0, 0, i)
+      )
     mask_B1LS = (valid.value[:, None, :] & allowed_BLS)[:, None]
     return key.value, value.value, mask_B1LS
 
@@ -263,8 +309,9 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x_BLD):
     D, F = x_BLD.shape[-1], self.mlp_dim
-    w = lambda name, shape, axes: dense_weight(self, name, shape, axes, 1, self.dtype,
-                                               self.param_dtype, self.lora)
+    w = lambda name, shape, axes: dense_weight(
+      self, name, shape, axes, 1, self.dtype, self.param_dtype, self.lora
+    )
     gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp')))
     up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
     h_BLF = constrain(nn.silu(gate_BLF) * up_BLF, ('act_batch', 'act_length', 'act_mlp'))
@@ -272,8 +319,8 @@ class SwiGLU(nn.Module):
 
 
 REMAT_POLICIES = {
-    'none': None,
-    'full': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'none': None,
+  'full': jax.checkpoint_policies.nothing_saveable,
+  'dots_saveable': jax.checkpoint_policies.dots_saveable,
+  'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }

@@ -1,4 +1,5 @@
 """Weighted token cross-entropy and its summary, shared by the objectives."""
+
 import math
 
 import jax.numpy as jnp
@@ -27,8 +28,11 @@ def summarize(sums: dict[str, float]) -> dict[str, float]:
   """Accumulated sums -> loss, perplexity, accuracy and (with bytes) bits per byte."""
   count = max(sums['count'], 1.0)
   loss = sums['loss_sum'] / count
-  out = {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)),
-         'accuracy': sums['correct_sum'] / count}
+  out = {
+    'loss': loss,
+    'perplexity': math.exp(min(loss, 50.0)),
+    'accuracy': sums['correct_sum'] / count,
+  }
   if sums.get('bytes'):
     out['bits_per_byte'] = sums['loss_sum'] / LN2 / sums['bytes']
   return out

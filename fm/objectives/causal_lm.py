@@ -4,6 +4,7 @@ A batch holds packed windows: `tokens`, `segment_ids` (0 = padding, documents nu
 and `positions`. The target of position t is token t+1 when both lie in the same document; the
 last position and document boundaries carry zero weight.
 """
+
 import jax.numpy as jnp
 
 from fm.objectives._losses import summarize, weighted_cross_entropy

@@ -13,13 +13,15 @@ report the objective as `loss`, the student's cross-entropy as `lm_loss` and `bi
 (comparable with causal_lm runs), the KL at temperature T, and the teacher's own `teacher_loss`
 and `teacher_bits_per_byte`.
 """
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from fm import ConfigError
 from fm.objectives import causal_lm
-from fm.objectives._losses import LN2, summarize as _summarize, weighted_cross_entropy
+from fm.objectives._losses import LN2, weighted_cross_entropy
+from fm.objectives._losses import summarize as _summarize
 
 COMPATIBLE_MODELS = ('decoder',)
 FROZEN = ('teacher',)  # Frozen models, each given by config.objective_args.<name>.
@@ -55,10 +57,12 @@ def loss_fn(apply_fn, params, batch, rng, cfg, teacher):
   kl_sum = jnp.sum(kl_BL * weights_BL)
   kl = kl_sum / jnp.maximum(metrics['count'], 1.0)
   _, teacher_metrics = weighted_cross_entropy(teacher_BLV, targets_BL, weights_BL)
-  loss = (1.0 - hard_weight) * temperature ** 2 * kl + hard_weight * hard
-  metrics.update(kl_sum=kl_sum, teacher_loss_sum=teacher_metrics['loss_sum'],
-                 objective_sum=(1.0 - hard_weight) * temperature ** 2 * kl_sum
-                 + hard_weight * metrics['loss_sum'])
+  loss = (1.0 - hard_weight) * temperature**2 * kl + hard_weight * hard
+  metrics.update(
+    kl_sum=kl_sum,
+    teacher_loss_sum=teacher_metrics['loss_sum'],
+    objective_sum=(1.0 - hard_weight) * temperature**2 * kl_sum + hard_weight * metrics['loss_sum'],
+  )
   return loss, metrics
 
 

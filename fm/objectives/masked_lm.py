@@ -4,6 +4,7 @@ Masking is a host-side transform (`host_transform`), applied in the grain pipeli
 per-window random generator, so it is deterministic per seed, identical for any number of
 processes, and resumes with the iterator state. The loss covers the chosen positions only.
 """
+
 import ml_collections
 import numpy as np
 
@@ -27,8 +28,13 @@ def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
     corrupted = np.where(chosen & (action < 0.8), mask_id, tokens)
     random_ids = rng.integers(FIRST_TEXT_ID, vocab_size, tokens.shape)
     corrupted = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, corrupted)
-    return {**window, 'tokens': corrupted.astype(np.int32), 'targets': tokens,
-            'target_weights': chosen.astype(np.float32)}
+    return {
+      **window,
+      'tokens': corrupted.astype(np.int32),
+      'targets': tokens,
+      'target_weights': chosen.astype(np.float32),
+    }
+
   return corrupt
 
 

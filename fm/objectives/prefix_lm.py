@@ -4,6 +4,7 @@ bidirectionally and the loss covers only the tokens after it.
 The split is drawn inside the step from the step's rng (deterministic and resumable); evals use
 a fixed key, so they score the same splits every time.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -27,7 +28,7 @@ def loss_fn(apply_fn, params, batch, rng, cfg):
   targets_BL, weights_BL = causal_lm.targets_and_weights(batch)
   # Position t predicts token t+1: it counts when t+1 lies after the prefix.
   weights_BL = weights_BL * ~jnp.roll(prefix_BL, -1, axis=1)
-  logits_BLV = apply_fn(params, batch['tokens'], batch['segment_ids'], batch['positions'],
-                        prefix_BL)
-  return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL,
-                                causal_lm.target_bytes(batch))
+  logits_BLV = apply_fn(
+    params, batch['tokens'], batch['segment_ids'], batch['positions'], prefix_BL
+  )
+  return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL, causal_lm.target_bytes(batch))

@@ -6,6 +6,7 @@ are drawn on the host (grain `random_map`, seeded per window), so inputs and tar
 lengths for a given window length. Sentinel ids follow the tokenizer's vocabulary, so they never
 collide with text.
 """
+
 import ml_collections
 import numpy as np
 
@@ -13,8 +14,17 @@ from fm.objectives._losses import summarize, weighted_cross_entropy
 
 COMPATIBLE_MODELS = ('encdec',)
 EXTRA_TOKENS = 100  # Sentinels.
-__all__ = ['COMPATIBLE_MODELS', 'EXTRA_TOKENS', 'corrupt_tokens', 'host_transform', 'lengths',
-           'loss_fn', 'summarize', 'example_inputs', 'reassemble']
+__all__ = [
+  'COMPATIBLE_MODELS',
+  'EXTRA_TOKENS',
+  'corrupt_tokens',
+  'host_transform',
+  'lengths',
+  'loss_fn',
+  'summarize',
+  'example_inputs',
+  'reassemble',
+]
 
 
 def lengths(seq_len: int, density: float = 0.15, mean_span: float = 3.0) -> tuple[int, int, int]:
@@ -32,12 +42,18 @@ def noise_mask(seq_len: int, density: float, mean_span: float, rng: np.random.Ge
   def partition(n, k):  # n items into k non-empty runs, uniformly.
     cuts = np.sort(rng.choice(np.arange(1, n), k - 1, replace=False))
     return np.diff(np.r_[0, cuts, n])
+
   runs = np.stack([partition(seq_len - num_noise, num_spans), partition(num_noise, num_spans)], 1)
   return np.repeat(np.tile([False, True], num_spans), runs.reshape(-1))
 
 
-def corrupt_tokens(tokens: np.ndarray, density: float, mean_span: float,
-                   rng: np.random.Generator, first_sentinel: int) -> tuple[np.ndarray, np.ndarray]:
+def corrupt_tokens(
+  tokens: np.ndarray,
+  density: float,
+  mean_span: float,
+  rng: np.random.Generator,
+  first_sentinel: int,
+) -> tuple[np.ndarray, np.ndarray]:
   """(inputs, targets): each noise span replaced by its own sentinel in the inputs; the targets
   list each sentinel followed by the tokens it hides. Span i gets id first_sentinel + i."""
   noise = noise_mask(len(tokens), density, mean_span, rng)
@@ -58,14 +74,23 @@ def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
     target_len = num_noise + num_spans
     if not (window['segment_ids'] > 0).any():  # A padding window (evaluation): all weight 0.
       zeros = lambda n: np.zeros(n, np.int32)
-      return {'inputs': zeros(input_len), 'input_segment_ids': zeros(input_len),
-              'targets': zeros(target_len), 'target_segment_ids': zeros(target_len),
-              'decoder_in': zeros(target_len)}
+      return {
+        'inputs': zeros(input_len),
+        'input_segment_ids': zeros(input_len),
+        'targets': zeros(target_len),
+        'target_segment_ids': zeros(target_len),
+        'decoder_in': zeros(target_len),
+      }
     inputs, targets = corrupt_tokens(window['tokens'], density, mean_span, rng, vocab_size)
     ones = lambda n: np.ones(n, np.int32)
-    return {'inputs': inputs, 'input_segment_ids': ones(input_len), 'targets': targets,
-            'target_segment_ids': ones(target_len),
-            'decoder_in': np.r_[0, targets[:-1]].astype(np.int32)}  # Shifted right, 0 starts.
+    return {
+      'inputs': inputs,
+      'input_segment_ids': ones(input_len),
+      'targets': targets,
+      'target_segment_ids': ones(target_len),
+      'decoder_in': np.r_[0, targets[:-1]].astype(np.int32),
+    }  # Shifted right, 0 starts.
+
   return corrupt
 
 
@@ -79,8 +104,9 @@ def reassemble(inputs: np.ndarray, targets: np.ndarray, vocab_size: int) -> np.n
 
 def example_inputs(batch_size: int, seq_len: int, cfg: ml_collections.ConfigDict) -> tuple:
   """Zero arrays shaped like the model's inputs, for initialisation."""
-  num_noise, num_spans, input_len = lengths(seq_len, cfg.get('noise_density', 0.15),
-                                            cfg.get('mean_span', 3.0))
+  num_noise, num_spans, input_len = lengths(
+    seq_len, cfg.get('noise_density', 0.15), cfg.get('mean_span', 3.0)
+  )
   z = lambda n: np.zeros((batch_size, n), np.int32)
   return z(input_len), z(num_noise + num_spans), z(input_len), z(num_noise + num_spans)
 
@@ -88,7 +114,12 @@ def example_inputs(batch_size: int, seq_len: int, cfg: ml_collections.ConfigDict
 def loss_fn(apply_fn, params, batch, rng, cfg):
   """Cross-entropy of the decoder's predictions of every sentinel and hidden token."""
   del rng, cfg
-  logits_BLV = apply_fn(params, batch['inputs'], batch['decoder_in'], batch['input_segment_ids'],
-                        batch['target_segment_ids'])
+  logits_BLV = apply_fn(
+    params,
+    batch['inputs'],
+    batch['decoder_in'],
+    batch['input_segment_ids'],
+    batch['target_segment_ids'],
+  )
   weights_BL = (batch['target_segment_ids'] > 0).astype(np.float32)
   return weighted_cross_entropy(logits_BLV, batch['targets'], weights_BL)

@@ -15,6 +15,7 @@ length and the configured denoisers. Drawn on the host per window (grain `random
 mixture is deterministic per seed and resumes with the iterator state. Evaluations report the
 loss of each denoiser as `loss_R`, `loss_S`, `loss_X`.
 """
+
 import functools
 
 import ml_collections
@@ -22,30 +23,51 @@ import numpy as np
 
 from fm import ConfigError
 from fm.objectives import span_corruption
-from fm.objectives._losses import summarize as _summarize, weighted_cross_entropy
+from fm.objectives._losses import summarize as _summarize
+from fm.objectives._losses import weighted_cross_entropy
 
 COMPATIBLE_MODELS = ('encdec',)
 MODES = ('R', 'S', 'X')
 EXTRA_TOKENS = span_corruption.EXTRA_TOKENS + len(MODES)  # Sentinels, then the mode tokens.
-DEFAULTS = dict(mixture=dict(R=0.4, S=0.2, X=0.4), r_spans=((3.0, 0.15), (8.0, 0.15)),
-                x_spans=((3.0, 0.5), (8.0, 0.5), (64.0, 0.15), (64.0, 0.5)), s_density=0.25)
-__all__ = ['COMPATIBLE_MODELS', 'EXTRA_TOKENS', 'MODES', 'denoisers', 'example_inputs',
-           'host_transform', 'lengths', 'loss_fn', 'summarize', 'validate']
+DEFAULTS = dict(
+  mixture=dict(R=0.4, S=0.2, X=0.4),
+  r_spans=((3.0, 0.15), (8.0, 0.15)),
+  x_spans=((3.0, 0.5), (8.0, 0.5), (64.0, 0.15), (64.0, 0.5)),
+  s_density=0.25,
+)
+__all__ = [
+  'COMPATIBLE_MODELS',
+  'EXTRA_TOKENS',
+  'MODES',
+  'denoisers',
+  'example_inputs',
+  'host_transform',
+  'lengths',
+  'loss_fn',
+  'summarize',
+  'validate',
+]
 
 
 def denoisers(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, dict]:
   """(probability of R, S, X; {'R': spans, 'X': spans, 'S': density}) with defaults filled in."""
   mixture = dict(DEFAULTS['mixture'], **dict(cfg.get('mixture', {})))
   if set(mixture) != set(MODES) or min(mixture.values()) < 0 or sum(mixture.values()) <= 0:
-    raise ConfigError(f'config.objective_args.mixture={mixture} must give a weight >= 0 to each '
-                      f'of R, S and X (not all zero), e.g. {DEFAULTS["mixture"]}.')
+    raise ConfigError(
+      f'config.objective_args.mixture={mixture} must give a weight >= 0 to each '
+      f'of R, S and X (not all zero), e.g. {DEFAULTS["mixture"]}.'
+    )
   probs = np.array([mixture[m] for m in MODES], np.float64)
-  spans = {m: tuple(tuple(map(float, p)) for p in cfg.get(key, DEFAULTS[key]))
-           for m, key in (('R', 'r_spans'), ('X', 'x_spans'))}
+  spans = {
+    m: tuple(tuple(map(float, p)) for p in cfg.get(key, DEFAULTS[key]))
+    for m, key in (('R', 'r_spans'), ('X', 'x_spans'))
+  }
   for m, pairs in spans.items():
     if not pairs or any(len(p) != 2 or p[0] < 1 or not 0 < p[1] < 1 for p in pairs):
-      raise ConfigError(f'config.objective_args.{m.lower()}_spans={pairs} must be a non-empty '
-                        f'list of (mean span length >= 1, noise density in (0, 1)) pairs.')
+      raise ConfigError(
+        f'config.objective_args.{m.lower()}_spans={pairs} must be a non-empty '
+        f'list of (mean span length >= 1, noise density in (0, 1)) pairs.'
+      )
   s_density = float(cfg.get('s_density', DEFAULTS['s_density']))
   if not 0 < s_density <= 0.5:
     raise ConfigError(f'config.objective_args.s_density={s_density} must lie in (0, 0.5].')
@@ -81,22 +103,33 @@ def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
     input_len, target_len = shape(L)
     if not (window['segment_ids'] > 0).any():  # A padding window (evaluation): all weight 0.
       z = lambda n: np.zeros(n, np.int32)
-      return {'inputs': z(input_len), 'input_segment_ids': z(input_len), 'targets': z(target_len),
-              'target_segment_ids': z(target_len), 'decoder_in': z(target_len),
-              'mode': np.int32(-1)}
+      return {
+        'inputs': z(input_len),
+        'input_segment_ids': z(input_len),
+        'targets': z(target_len),
+        'target_segment_ids': z(target_len),
+        'decoder_in': z(target_len),
+        'mode': np.int32(-1),
+      }
     mode = int(rng.choice(len(MODES), p=probs))
     if MODES[mode] == 'S':
       suffix = int(rng.integers(1, _s_max_target(L, d['S']) + 1))
-      inputs, targets = tokens[:L - suffix], tokens[L - suffix:]
+      inputs, targets = tokens[: L - suffix], tokens[L - suffix :]
     else:
       span, density = d[MODES[mode]][rng.integers(len(d[MODES[mode]]))]
       inputs, targets = span_corruption.corrupt_tokens(tokens, density, span, rng, vocab_size)
     inputs = np.r_[mode_ids[mode], inputs]
     pad = lambda x, n: np.r_[x, np.zeros(n - len(x), x.dtype)].astype(np.int32)
     real = lambda x, n: pad(np.ones(len(x), np.int32), n)
-    return {'inputs': pad(inputs, input_len), 'input_segment_ids': real(inputs, input_len),
-            'targets': pad(targets, target_len), 'target_segment_ids': real(targets, target_len),
-            'decoder_in': pad(np.r_[0, targets[:-1]], target_len), 'mode': np.int32(mode)}
+    return {
+      'inputs': pad(inputs, input_len),
+      'input_segment_ids': real(inputs, input_len),
+      'targets': pad(targets, target_len),
+      'target_segment_ids': real(targets, target_len),
+      'decoder_in': pad(np.r_[0, targets[:-1]], target_len),
+      'mode': np.int32(mode),
+    }
+
   return corrupt
 
 
@@ -109,8 +142,13 @@ def example_inputs(batch_size: int, seq_len: int, cfg: ml_collections.ConfigDict
 def loss_fn(apply_fn, params, batch, rng, cfg):
   """Cross-entropy of the decoder's targets, with each denoiser's share as summable metrics."""
   del rng, cfg
-  logits_BLV = apply_fn(params, batch['inputs'], batch['decoder_in'], batch['input_segment_ids'],
-                        batch['target_segment_ids'])
+  logits_BLV = apply_fn(
+    params,
+    batch['inputs'],
+    batch['decoder_in'],
+    batch['input_segment_ids'],
+    batch['target_segment_ids'],
+  )
   weights_BL = (batch['target_segment_ids'] > 0).astype(np.float32)
   loss, metrics = weighted_cross_entropy(logits_BLV, batch['targets'], weights_BL)
   for i, m in enumerate(MODES):

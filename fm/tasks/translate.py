@@ -8,6 +8,7 @@ side is empty are dropped. Split 80/10/10 in blocks of 100 consecutive verses (f
 neighbouring verses rarely straddle splits.
 Metrics: BLEU and chrF (sacrebleu) of generated translations.
 """
+
 import io
 import random
 import re
@@ -16,16 +17,43 @@ import tarfile
 import zlib
 
 from fm.data import sources
-from fm.tasks._seq2seq import (COMPATIBLE_MODELS, KIND, MODES, encode, make_loss_fn,
-                               prompts, summarize, target_text)
+from fm.tasks._seq2seq import (
+  COMPATIBLE_MODELS,
+  KIND,
+  MODES,
+  encode,
+  make_loss_fn,
+  prompts,
+  summarize,
+  target_text,
+)
 
-__all__ = ['COMPATIBLE_MODELS', 'KIND', 'MODES', 'encode', 'generation_metrics', 'load',
-           'make_loss_fn', 'prompts', 'summarize', 'target_text', 'verses']
+__all__ = [
+  'COMPATIBLE_MODELS',
+  'KIND',
+  'MODES',
+  'encode',
+  'generation_metrics',
+  'load',
+  'make_loss_fn',
+  'prompts',
+  'summarize',
+  'target_text',
+  'verses',
+]
 
-KJV = sources.DebPackage('sword-text-kjv', '14.3-1', 'sword-text-kjv_14.3-1_all.deb',
-                         '9f463f28ce665f6f528fc723179722bced880a4c5485f7a41bf742838315de57')
-RV = sources.DebPackage('sword-text-sparv', '2.60-1', 'sword-text-sparv_2.60-1_all.deb',
-                        '5c87f9b2bc97457e8a872f5bae7ea7ce59cb3de1dcee73e4d4740451863694cf')
+KJV = sources.DebPackage(
+  'sword-text-kjv',
+  '14.3-1',
+  'sword-text-kjv_14.3-1_all.deb',
+  '9f463f28ce665f6f528fc723179722bced880a4c5485f7a41bf742838315de57',
+)
+RV = sources.DebPackage(
+  'sword-text-sparv',
+  '2.60-1',
+  'sword-text-sparv_2.60-1_all.deb',
+  '5c87f9b2bc97457e8a872f5bae7ea7ce59cb3de1dcee73e4d4740451863694cf',
+)
 
 
 def _deb_data(deb: bytes) -> tarfile.TarFile:
@@ -33,9 +61,9 @@ def _deb_data(deb: bytes) -> tarfile.TarFile:
   assert deb[:8] == b'!<arch>\n', 'not a Debian package'
   pos = 8
   while pos < len(deb):
-    name, size = deb[pos:pos + 16].decode().strip().rstrip('/'), int(deb[pos + 48:pos + 58])
+    name, size = deb[pos : pos + 16].decode().strip().rstrip('/'), int(deb[pos + 48 : pos + 58])
     if name.startswith('data.tar'):
-      return tarfile.open(fileobj=io.BytesIO(deb[pos + 60:pos + 60 + size]))
+      return tarfile.open(fileobj=io.BytesIO(deb[pos + 60 : pos + 60 + size]))
     pos += 60 + size + size % 2
   raise ValueError('no data.tar member')
 
@@ -44,18 +72,21 @@ def verses(package: sources.DebPackage, module: str) -> list[str]:
   """Every verse of a zText module (Old then New Testament), markup stripped."""
   with open(sources.fetch(package), 'rb') as f:
     data = _deb_data(f.read())
-  files = {m.name.rsplit('/', 1)[-1]: data.extractfile(m).read() for m in data.getmembers()
-           if f'/ztext/{module.lower()}/' in m.name.lower() and m.isfile()}
+  files = {
+    m.name.rsplit('/', 1)[-1]: data.extractfile(m).read()
+    for m in data.getmembers()
+    if f'/ztext/{module.lower()}/' in m.name.lower() and m.isfile()
+  }
   out = []
   for testament in ('ot', 'nt'):
     bzs, bzv, bzz = (files[f'{testament}.{ext}'] for ext in ('bzs', 'bzv', 'bzz'))
     blocks = {}
     for i in range(len(bzv) // 10):
-      block, offset, size = struct.unpack('<IIH', bzv[10 * i:10 * i + 10])
+      block, offset, size = struct.unpack('<IIH', bzv[10 * i : 10 * i + 10])
       if block not in blocks:
-        start, length, _ = struct.unpack('<III', bzs[12 * block:12 * block + 12])
-        blocks[block] = zlib.decompress(bzz[start:start + length])
-      text = blocks[block][offset:offset + size].decode('utf-8', 'replace')
+        start, length, _ = struct.unpack('<III', bzs[12 * block : 12 * block + 12])
+        blocks[block] = zlib.decompress(bzz[start : start + length])
+      text = blocks[block][offset : offset + size].decode('utf-8', 'replace')
       if re.search(r'<div\b[^>]*type="book', text):  # A book's introduction: titles, no verse.
         text = ''
       text = re.sub(r'<note\b.*?</note>', '', text, flags=re.S)
@@ -70,8 +101,10 @@ def load(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
   blocks = list(range(-(-len(pairs) // 100)))
   random.Random(seed).shuffle(blocks)
   cut = [round(len(blocks) * f) for f in (0.8, 0.9)]
-  split_of = {b: 'train' if i < cut[0] else 'validation' if i < cut[1] else 'test'
-              for i, b in enumerate(blocks)}
+  split_of = {
+    b: 'train' if i < cut[0] else 'validation' if i < cut[1] else 'test'
+    for i, b in enumerate(blocks)
+  }
   out = {'train': [], 'validation': [], 'test': []}
   for i, pair in enumerate(pairs):
     out[split_of[i // 100]].append(pair)
@@ -79,6 +112,9 @@ def load(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
 
 
 def generation_metrics(predictions: list[str], references: list[str]) -> dict[str, float]:
-  import sacrebleu  # pylint: disable=import-outside-toplevel
-  return {'bleu': sacrebleu.corpus_bleu(predictions, [references]).score,
-          'chrf': sacrebleu.corpus_chrf(predictions, [references]).score}
+  import sacrebleu
+
+  return {
+    'bleu': sacrebleu.corpus_bleu(predictions, [references]).score,
+    'chrf': sacrebleu.corpus_chrf(predictions, [references]).score,
+  }

@@ -10,6 +10,8 @@
 # given). Process 0 prints to this terminal; process i > 0 logs to
 # ${LOG_DIR:-/tmp}/fm-local-P-i.log. Exits non-zero if any process fails.
 set -euo pipefail
+# The usage: the comment block at the top of this file.
+usage() { awk 'NR == 1 { next } /^#SBATCH/ || !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
 
 processes=2
 devices=4
@@ -22,6 +24,7 @@ while [[ $# -gt 0 ]]; do
     --devices) devices="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1; usage: launch/local.sh [--processes N] [--devices D] [--port P] [--dry-run] -- FM_MAIN_FLAGS..." >&2; exit 2 ;;
   esac

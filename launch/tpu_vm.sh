@@ -11,6 +11,8 @@
 # The workdir must be a directory that every worker reads and writes at the same path (a shared
 # mount such as Filestore NFS or a gcsfuse-mounted bucket): checkpoints are written by all hosts.
 set -euo pipefail
+# The usage: the comment block at the top of this file.
+usage() { awk 'NR == 1 { next } /^#SBATCH/ || !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
 
 name=""
 zone=""
@@ -28,6 +30,7 @@ while [[ $# -gt 0 ]]; do
     --version) version="$2"; shift 2 ;;
     --create) create=1; shift ;;
     --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1; see the usage at the top of launch/tpu_vm.sh" >&2; exit 2 ;;
   esac

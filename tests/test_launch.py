@@ -125,3 +125,14 @@ def test_jobset_dry_run_renders_a_valid_manifest(accelerator):
 def test_shellcheck_is_clean(script):
   result = subprocess.run(['shellcheck', '-x', script], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_help_prints_the_usage(script):
+  """Every launch script answers --help with its usage (its header comment) and exit 0."""
+  result = subprocess.run(
+    ['bash', script, '--help'], cwd=ROOT, capture_output=True, text=True, timeout=60
+  )
+  assert result.returncode == 0 and not result.stderr, result.stderr
+  assert script in result.stdout  # The usage lines name the script.
+  assert '--config' in result.stdout and not result.stdout.startswith('#!')

@@ -11,6 +11,8 @@
 # installed; the workdir must lie on the shared volume (a ReadWriteMany claim mounted at
 # --mount) because every host writes checkpoints.
 set -euo pipefail
+# The usage: the comment block at the top of this file.
+usage() { awk 'NR == 1 { next } /^#SBATCH/ || !/^#/ { exit } { sub(/^# ?/, ""); print }' "$0"; }
 
 name="fm-run"; image=""; config=""; workdir=""; hosts=4
 tpu="tpu-v5-lite-podslice"; topology="4x4"; chips=4; gpu=""; gpus=8
@@ -31,6 +33,7 @@ while [[ $# -gt 0 ]]; do
     --mount) mount="$2"; shift 2 ;;
     --max-restarts) max_restarts="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1; see the usage at the top of launch/k8s/jobset.sh" >&2; exit 2 ;;
   esac

@@ -50,14 +50,23 @@ def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each."""
   import ml_collections
 
-  from fm import finetune, train
+  from fm import configs, finetune, runs
   from fm.tasks import sentiment
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
-  base = train.load_config(
-    'experiments/transfer_sentiment.py' + (':smoke' if smoke else ''), 'label_efficiency'
+  base = configs.resolve(
+    configs.load(
+      'experiments/transfer_sentiment.py' + (':smoke' if smoke else ''), 'label_efficiency'
+    )
   )
-  base.pretrained.workdir = pretrained or str(workdir / 'pretrained')
+  # The backbone, pretrained once (or resumed) unless --pretrained names a finished run; every
+  # fine-tuning run then reads it as it is.
+  base.pretrained.workdir = pretrained
+  backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
+  ckpt = runs.obtain(backbone)
+  if ckpt is None:
+    return []
+  base.pretrained.workdir = str(ckpt)
   splits = sentiment.load(seed=base.task_args.split_seed)
   results = []
   for fraction in fractions:
@@ -68,7 +77,7 @@ def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
         steps = 8 if smoke else STEPS[fraction]
         config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 3, 1))
         config.optim.warmup_steps = max(steps // 10, 1)
-        metrics = train.train_and_evaluate(config, str(workdir / f'{init}-{fraction}-{seed}'))
+        metrics = runs.run(config, workdir / f'{init}-{fraction}-{seed}')
         results.append(
           {
             'model': init,
@@ -160,6 +169,9 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if not results:  # Preempted while pretraining the backbone.
+    print('stopped while pretraining the backbone; rerun the same command to resume.')
+    return 0
   markdown = write(workdir, results)
   plot(results, workdir / 'label_efficiency.png')
   print(markdown)

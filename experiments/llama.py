@@ -52,6 +52,7 @@ def get_config(arg: str = '8b') -> ml_collections.ConfigDict:
   )
   c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=500, keep=3)
+  c.init = dict(from_checkpoint='')  # A run whose matching params start this one ('': none).
   if arg == 'smoke':  # The same recipe at test size.
     c.model.variant = 'tiny'
     c.data.seq_len = 64

@@ -43,6 +43,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.objective_args = dict(noise_density=0.15, mean_span=3.0)
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=100, keep=3)
+  c.init = dict(from_checkpoint='')  # A run whose matching params start this one ('': none).
 
   if arg == 'smoke':
     c.model.variant = 'tiny'

@@ -19,11 +19,14 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.seed = 0
   c.task = 'sentiment'
   c.task_args = dict(train_fraction=1.0, split_seed=0)
-  c.pretrained = dict(experiment='experiments/lm_news.py', workdir='')  # '': WORKDIR/pretrained
+  # The backbone: `experiment` is trained into WORKDIR/pretrained (`overrides`: 'key=value ...'
+  # on its config) unless `workdir` names a run to use as it is.
+  c.pretrained = dict(experiment='experiments/lm_news.py', workdir='', overrides='')
   c.finetune = dict(
     init='pretrained',
     mode='full',
     pool='',
+    shots=4,
     head_lr=3e-3,
     lora_rank=8,
     lora_alpha=16.0,

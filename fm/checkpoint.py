@@ -17,13 +17,15 @@ import sys
 from typing import Any
 
 from absl import logging
+import flax.linen as nn
 import grain
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fm import ConfigError
+from fm import ConfigError, registry, sharding
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -41,13 +43,14 @@ def _restore_args(target: Any) -> Any:
 class Checkpointer:
   """Saves every `every_steps` and on demand; restores the latest complete checkpoint."""
 
-  def __init__(self, workdir: pathlib.Path, cfg, log=print):
+  def __init__(self, workdir: pathlib.Path, ckpt_cfg, log=print):
+    """`ckpt_cfg`: config.checkpoint (`every_steps`, `keep`)."""
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
-    self.every = cfg.get('every_steps', 0)
+    self.every = ckpt_cfg.every_steps
     self.log = log
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=cfg.get('keep', 3),
-      enable_async_checkpointing=cfg.get('async', True),
+      max_to_keep=ckpt_cfg.keep,
+      enable_async_checkpointing=True,
       create=True,
       cleanup_tmp_directories=True,
     )
@@ -174,10 +177,34 @@ def read_meta(ckpt: pathlib.Path) -> dict[str, Any]:
   return json.loads(meta_file.read_text()) if meta_file.exists() else {}
 
 
+def family(meta: dict) -> str:
+  """The model family (a module of fm/models/) of a checkpoint's run."""
+  return meta.get('family') or meta['config']['model']['name']
+
+
+def restore_model(ckpt: pathlib.Path, mesh, rules) -> tuple[nn.Module, Any, dict]:
+  """(model, params, meta) of a checkpoint: its family's model with the stored fields, and the
+  params restored straight onto `mesh` with the logical `rules`. Call inside
+  `sharding.use(mesh, rules)`."""
+  meta = read_meta(ckpt)
+  model_family = registry.get('models', family(meta))
+  fields = dict(meta['model'])
+  if 'lora_targets' in fields:  # JSON turned the tuple into a list.
+    fields['lora_targets'] = tuple(fields['lora_targets'])
+  model_cfg = model_family.Config(**fields)
+  model = model_family.Model(model_cfg)
+  sample = model_family.inputs(model_cfg, jnp.zeros((1, 16), jnp.int32))
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
+  target = with_shardings(sharding.unbox(boxed), sharding.tree_shardings(boxed, mesh, rules))
+  return model, restore_params(ckpt, target), meta
+
+
 def restore_params(ckpt: pathlib.Path, target: Any) -> Any:
   """The checkpoint's params named in `target` (the rest of the state is not read), each
   restored onto its sharding in `target`."""
-  return ocp.PyTreeCheckpointer().restore(
+  # The item's own handler: a Checkpointer would look for step metadata in the item directory
+  # and warn that it is missing.
+  return ocp.PyTreeCheckpointHandler().restore(
     ckpt / 'state',
     args=ocp.args.PyTreeRestore(
       item={'params': target}, restore_args={'params': _restore_args(target)}, partial_restore=True
@@ -185,18 +212,18 @@ def restore_params(ckpt: pathlib.Path, target: Any) -> Any:
   )['params']
 
 
+def key_name(path) -> str:
+  """A param's name from its key path: 'params/layer_0/attn/query'."""
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
 def _flat(tree: Any) -> dict[str, Any]:
-  return {
-    '/'.join(str(getattr(k, 'key', k)) for k in path): leaf
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
+  return {key_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def param_metadata(ckpt: pathlib.Path) -> dict[str, Any]:
   """Shapes and dtypes of the checkpoint's params, read from metadata only."""
-  meta = ocp.PyTreeCheckpointer().metadata(ckpt / 'state')
-  tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta.tree
-  return {k: v for k, v in _flat(tree['params']).items()}
+  return _flat(ocp.PyTreeCheckpointHandler().metadata(ckpt / 'state').tree['params'])
 
 
 def load_backbone(path: str, params: Any, log=print) -> Any:
@@ -225,7 +252,7 @@ def load_backbone(path: str, params: Any, log=print) -> Any:
       )
   # Partial restore of just the shared params, each onto the sharding of its new home.
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  keys = ['/'.join(str(getattr(k, 'key', k)) for k in p) for p, _ in leaves]
+  keys = [key_name(p) for p, _ in leaves]
   target = jax.tree_util.tree_unflatten(
     treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves]
   )
@@ -263,13 +290,13 @@ def inspect(path: str) -> str:
   meta = read_meta(ckpt)
   params = param_metadata(ckpt)
   total = sum(int(np.prod(v.shape)) for v in params.values())
-  cfg = meta.get('config', {})
+  run = meta.get('config', {})
   lines = [
     f'checkpoint {ckpt}',
     f'step {ckpt.name}',
-    f'model {cfg.get("model", {})}',
-    f'objective {cfg.get("objective")}',
-    f'data {cfg.get("data", {}).get("dataset")}  tokenizer {meta.get("tokenizer")}',
+    f'model {run.get("model", {})}',
+    f'objective {run.get("objective")}',
+    f'data {run.get("data", {}).get("dataset")}  tokenizer {meta.get("tokenizer")}',
     f'params {total:,} in {len(params)} arrays',
   ]
   width = max(map(len, params), default=0)

@@ -33,8 +33,8 @@ def _positions(segment_ids_BL):
   return jnp.maximum(jnp.cumsum(segment_ids_BL > 0, axis=1) - 1, 0).astype(jnp.int32)
 
 
-def _decoder_start(cfg, params, tokens_BP, segment_ids_BP, max_new, prefix=False):
-  model = decoder.Model(cfg, decode=True)
+def _decoder_start(model_cfg, params, tokens_BP, segment_ids_BP, max_new, prefix=False):
+  model = decoder.Model(model_cfg, decode=True)
   B, P = tokens_BP.shape
   cache = model.apply(params, jnp.zeros((B, P + max_new), jnp.int32), mutable=['cache'])[1]
   positions_BP = _positions(segment_ids_BP)
@@ -61,9 +61,9 @@ def _decoder_start(cfg, params, tokens_BP, segment_ids_BP, max_new, prefix=False
   return logits[:, -1], (cache, positions_BP[:, -1] + 1), step
 
 
-def _encdec_start(cfg, params, inputs_BS, input_seg_BS, max_new):
-  encoded = encdec.Model(cfg).apply(params, inputs_BS, None, input_seg_BS, encode_only=True)
-  model = encdec.Model(cfg, decode=True)
+def _encdec_start(model_cfg, params, inputs_BS, input_seg_BS, max_new):
+  encoded = encdec.Model(model_cfg).apply(params, inputs_BS, None, input_seg_BS, encode_only=True)
+  model = encdec.Model(model_cfg, decode=True)
   B = inputs_BS.shape[0]
   run = lambda variables, tokens_BL: model.apply(
     variables,
@@ -98,7 +98,7 @@ def _start(family: str, vocab_limit: int | None = None):
   if vocab_limit is None:
     return start
   limit = lambda logits_BV: jnp.where(
-    jnp.arange(logits_BV.shape[-1]) < vocab_limit, logits_BV, -jnp.inf
+    (jnp.arange(logits_BV.shape[-1]) < vocab_limit)[None], logits_BV, -jnp.inf
   )
 
   def limited(*args):
@@ -116,17 +116,17 @@ def repeated_ngram_tokens(seqs_RT, t, n: int, vocab: int):
   if n < 1 or T < n:
     return jnp.zeros((R, vocab), bool)
   if n == 1:
-    seen_RT = jnp.arange(T) < t
+    seen_RT = jnp.broadcast_to(jnp.arange(T) < t, (R, T))
     return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], seqs_RT].max(seen_RT)
   last_RN = jax.lax.dynamic_slice_in_dim(seqs_RT, jnp.maximum(t - (n - 1), 0), n - 1, axis=1)
   windows_RJN = jnp.stack([seqs_RT[:, k : T - n + 1 + k] for k in range(n - 1)], axis=-1)
   following_RJ = seqs_RT[:, n - 1 :]
-  ended_J = jnp.arange(T - n + 1) <= t - n  # The whole n-gram lies before position t.
-  match_RJ = jnp.all(windows_RJN == last_RN[:, None, :], axis=-1) & ended_J
+  ended_1J = (jnp.arange(T - n + 1) <= t - n)[None]  # The whole n-gram lies before t.
+  match_RJ = jnp.all(windows_RJN == last_RN[:, None, :], axis=-1) & ended_1J
   return jnp.zeros((R, vocab), bool).at[jnp.arange(R)[:, None], following_RJ].max(match_RJ)
 
 
-def _full_decoder_logits(family, cfg, params, tokens_BP, segment_ids_BP, continuation_BT):
+def _full_decoder_logits(family, model_cfg, params, tokens_BP, segment_ids_BP, continuation_BT):
   """Logits at every position of prompt + continuation, without a cache."""
   B, T = continuation_BT.shape
   seq = jnp.concatenate([tokens_BP, continuation_BT], axis=1)
@@ -134,15 +134,15 @@ def _full_decoder_logits(family, cfg, params, tokens_BP, segment_ids_BP, continu
   prefix = None
   if family == 'prefix_lm':
     prefix = jnp.concatenate([segment_ids_BP > 0, jnp.zeros((B, T), bool)], axis=1)
-  return decoder.Model(cfg).apply(params, seq, seg, _positions(seg), prefix)
+  return decoder.Model(model_cfg).apply(params, seq, seg, _positions(seg), prefix)
 
 
 @functools.partial(
-  jax.jit, static_argnames=('family', 'cfg', 'max_new', 'vocab_limit', 'no_repeat_ngram')
+  jax.jit, static_argnames=('family', 'model_cfg', 'max_new', 'vocab_limit', 'no_repeat_ngram')
 )
 def greedy(
   family: str,
-  cfg,
+  model_cfg,
   params,
   tokens,
   segment_ids,
@@ -152,7 +152,9 @@ def greedy(
 ):
   """(B, max_new) greedy continuations (decoder: of left-padded prompts; encdec: of inputs).
   With `no_repeat_ngram` = n > 0, no n-gram of the continuation occurs twice."""
-  logits_BV, carry, step = _start(family, vocab_limit)(cfg, params, tokens, segment_ids, max_new)
+  logits_BV, carry, step = _start(family, vocab_limit)(
+    model_cfg, params, tokens, segment_ids, max_new
+  )
   seqs_BT = jnp.zeros((tokens.shape[0], max_new), jnp.int32)
 
   def pick(logits_BV, seqs_BT, t):
@@ -176,7 +178,7 @@ def _reorder(cache, rows_R):
   """Cache rows gathered by `rows_R` (beam reordering); scanned layers keep batch on axis 1."""
 
   def gather(path, x):
-    axis = 1 if any(getattr(k, 'key', None) == 'layers' for k in path) else 0
+    axis = 1 if 'layers' in jax.tree_util.keystr(path, simple=True, separator='/').split('/') else 0
     return jnp.take(x, rows_R, axis=axis) if x.ndim > axis else x
 
   return jax.tree_util.tree_map_with_path(gather, cache)
@@ -184,11 +186,19 @@ def _reorder(cache, rows_R):
 
 @functools.partial(
   jax.jit,
-  static_argnames=('family', 'cfg', 'max_new', 'beams', 'eos_id', 'vocab_limit', 'no_repeat_ngram'),
+  static_argnames=(
+    'family',
+    'model_cfg',
+    'max_new',
+    'beams',
+    'eos_id',
+    'vocab_limit',
+    'no_repeat_ngram',
+  ),
 )
 def beam_search(
   family: str,
-  cfg,
+  model_cfg,
   params,
   tokens,
   segment_ids,
@@ -205,7 +215,7 @@ def beam_search(
   B, K = tokens.shape[0], beams
   repeat = lambda x: jnp.repeat(x, K, axis=0)
   logits_RV, carry, step = _start(family, vocab_limit)(
-    cfg, params, repeat(tokens), repeat(segment_ids), max_new
+    model_cfg, params, repeat(tokens), repeat(segment_ids), max_new
   )
   V = logits_RV.shape[-1]
   # Only the first of the K identical beams starts alive, so the first step picks K tokens.
@@ -223,7 +233,7 @@ def beam_search(
     log_p_BKV = jnp.where(banned_BKV, -jnp.inf, log_p_BKV)
     # A finished hypothesis only extends with EOS, at no cost.
     eos_only_V = jnp.where(jnp.arange(V) == eos_id, 0.0, -jnp.inf)
-    log_p_BKV = jnp.where(done_BK[..., None], eos_only_V, log_p_BKV)
+    log_p_BKV = jnp.where(done_BK[..., None], eos_only_V[None, None], log_p_BKV)
     total_BKV = scores_BK[..., None] + log_p_BKV
     scores_BK, flat_BK = jax.lax.top_k(total_BKV.reshape(B, K * V), K)
     parent_BK, token_BK = flat_BK // V, (flat_BK % V).astype(jnp.int32)
@@ -243,20 +253,20 @@ def beam_search(
   return jnp.take_along_axis(seqs_BKT, best_B[:, None, None], axis=1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=('family', 'cfg', 'max_new'))
-def greedy_uncached(family: str, cfg, params, tokens, segment_ids, max_new: int):
+@functools.partial(jax.jit, static_argnames=('family', 'model_cfg', 'max_new'))
+def greedy_uncached(family: str, model_cfg, params, tokens, segment_ids, max_new: int):
   """The greedy continuations again, recomputing the full sequence at every step."""
   B = tokens.shape[0]
   if family != 'encdec':
     P = tokens.shape[1]
     seq = jnp.concatenate([tokens, jnp.zeros((B, max_new), jnp.int32)], axis=1)
     logits_at = lambda seq, t: _full_decoder_logits(
-      family, cfg, params, tokens, segment_ids, seq[:, P:]
+      family, model_cfg, params, tokens, segment_ids, seq[:, P:]
     )[:, P + t - 1]
   else:
     P = 1  # The decoder input starts with token 0.
     seq = jnp.zeros((B, max_new + 1), jnp.int32)
-    logits_at = lambda seq, t: encdec.Model(cfg).apply(params, tokens, seq, segment_ids)[:, t]
+    logits_at = lambda seq, t: encdec.Model(model_cfg).apply(params, tokens, seq, segment_ids)[:, t]
 
   def body(seq, t):
     next_B = jnp.argmax(logits_at(seq, t), -1).astype(jnp.int32)
@@ -266,17 +276,17 @@ def greedy_uncached(family: str, cfg, params, tokens, segment_ids, max_new: int)
   return out.T
 
 
-def sequence_log_prob(family: str, cfg, params, tokens, segment_ids, continuation_BT, eos_id):
+def sequence_log_prob(family: str, model_cfg, params, tokens, segment_ids, continuation_BT, eos_id):
   """Log-probability of each row's continuation up to and including its first EOS."""
   B, T = continuation_BT.shape
   if family != 'encdec':
     P = tokens.shape[1]
-    logits = _full_decoder_logits(family, cfg, params, tokens, segment_ids, continuation_BT)[
+    logits = _full_decoder_logits(family, model_cfg, params, tokens, segment_ids, continuation_BT)[
       :, P - 1 : P + T - 1
     ]
   else:
     decoder_in = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), continuation_BT[:, :-1]], axis=1)
-    logits = encdec.Model(cfg).apply(params, tokens, decoder_in, segment_ids)
+    logits = encdec.Model(model_cfg).apply(params, tokens, decoder_in, segment_ids)
   log_p_BT = jnp.take_along_axis(jax.nn.log_softmax(logits), continuation_BT[..., None], -1)[..., 0]
   is_eos = continuation_BT == eos_id
   before_first_eos = jnp.cumsum(is_eos, axis=1) - is_eos == 0

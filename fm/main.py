@@ -1,7 +1,6 @@
 """Entry point: python -m fm.main --config experiments/X.py[:variant] --workdir DIR [--config.a.b=v]."""
 
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -26,21 +25,6 @@ flags.DEFINE_integer('process_id', None, 'This process (with --coordinator_addre
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def prepare_workdir(path: str) -> pathlib.Path:
-  """Creates the workdir and proves it is writable, before anything expensive happens."""
-  workdir = pathlib.Path(path).expanduser()
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / f'.write-probe-{os.getpid()}'
-    probe.write_text('')
-    probe.unlink()
-  except OSError as e:
-    raise ConfigError(
-      f'--workdir={path} is not writable ({e.strerror}); choose a directory you can write to.'
-    ) from None
-  return workdir
-
-
 def cluster() -> str | None:
   """The multi-host environment JAX can configure itself from, if this process runs in one: a
   SLURM step with several tasks, or a TPU slice with several workers."""
@@ -60,11 +44,10 @@ def main(argv):
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif cluster():
     jax.distributed.initialize()  # Coordinator, process count and id from the environment.
-  from fm import train
+  from fm import runs
 
   try:
-    workdir = prepare_workdir(FLAGS.workdir)
-    train.train_and_evaluate(FLAGS.config, str(workdir))
+    runs.run(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

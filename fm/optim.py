@@ -6,25 +6,26 @@ import optax
 
 from fm import ConfigError
 
+SCHEDULES = ('cosine', 'constant')
 
-def schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps`."""
-  warmup = cfg.get('warmup_steps', 0)
-  kind = cfg.get('schedule', 'cosine')
-  if kind == 'constant':
-    return (
-      optax.linear_schedule(0.0, cfg.lr, max(warmup, 1))
-      if warmup
-      else optax.constant_schedule(cfg.lr)
+
+def schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup to `lr`, then cosine decay to `lr * min_lr_ratio` at `total_steps` (or
+  constant after the warmup)."""
+  lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+  if optim_cfg.schedule not in SCHEDULES:
+    raise ConfigError(
+      f'config.optim.schedule={optim_cfg.schedule!r} is unknown; choose one of: '
+      f'{", ".join(SCHEDULES)}.'
     )
-  if kind != 'cosine':
-    raise ConfigError(f'config.optim.schedule={kind!r} is unknown; choose cosine or constant.')
+  if optim_cfg.schedule == 'constant':
+    return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
   return optax.warmup_cosine_decay_schedule(
     init_value=0.0,
-    peak_value=cfg.lr,
+    peak_value=lr,
     warmup_steps=warmup,
     decay_steps=max(total_steps, warmup + 1),
-    end_value=cfg.lr * cfg.get('min_lr_ratio', 0.1),
+    end_value=lr * optim_cfg.min_lr_ratio,
   )
 
 
@@ -38,22 +39,22 @@ def decay_mask(params):
   """
 
   def keep(path, _):
-    return getattr(path[-1], 'key', None) not in NO_DECAY
+    return jax.tree_util.keystr(path[-1:], simple=True) not in NO_DECAY
 
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   chain = []
-  if cfg.get('clip_norm'):
-    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  if optim_cfg.clip_norm:
+    chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
   chain.append(
     optax.adamw(
-      schedule(cfg, total_steps),
-      b1=cfg.get('b1', 0.9),
-      b2=cfg.get('b2', 0.95),
-      eps=cfg.get('eps', 1e-8),
-      weight_decay=cfg.get('weight_decay', 0.0),
+      schedule(optim_cfg, total_steps),
+      b1=optim_cfg.b1,
+      b2=optim_cfg.b2,
+      eps=optim_cfg.eps,
+      weight_decay=optim_cfg.weight_decay,
       mask=decay_mask,
     )
   )

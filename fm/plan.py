@@ -306,9 +306,8 @@ def _leaf_rows(abstract, shardings, boxed=None):
   for (path, leaf), sh in zip(
     jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(shardings)
   ):
-    key = jax.tree_util.keystr(path)
-    name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-    rows.append((name.removeprefix('params/'), leaf.shape, leaf.dtype, sh, logical.get(key)))
+    name = jax.tree_util.keystr(path, simple=True, separator='/').removeprefix('params/')
+    rows.append((name, leaf.shape, leaf.dtype, sh, logical.get(jax.tree_util.keystr(path))))
   return rows
 
 
@@ -336,42 +335,50 @@ def recompute_factor(module, model_cfg, seq_len: int) -> float:
 
 def plan(config, topology: Topology, devices: list) -> dict:
   """Compiles the train step of `config` for `devices`; returns the plan's figures."""
-  import flax.linen as nn
+  import functools
+
   import jax
-  import ml_collections
   import numpy as np
 
+  from fm import configs, optim, sharding, train
   from fm import metrics as metrics_lib
-  from fm import optim, sharding, train
   from fm.data import pipeline, tokenizer
 
+  config = configs.resolve(config)
+  if configs.is_finetuning(config):
+    raise ConfigError(
+      f'--config is a fine-tuning experiment (task {config.task!r}); fm.plan compiles '
+      f'pretraining steps: plan its backbone experiment (config.pretrained.experiment).'
+    )
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   objective = train.validate(
     config, dict(mesh.shape), sharding.batch_divisor(mesh, rules), _hosts(topology, devices)
   )
-  if getattr(objective, 'FROZEN', ()):
+  if objective.FROZEN:
     raise ConfigError(
       f'config.objective={config.objective!r} reads frozen models '
       f'({", ".join(objective.FROZEN)}), which fm.plan does not compile yet; plan '
       f'the same model with config.objective=causal_lm.'
     )
   text_vocab = tokenizer.declared_vocab_size(config.data.tokenizer)
-  module, model_cfg = train.model_config(config, text_vocab + getattr(objective, 'EXTRA_TOKENS', 0))
+  module, model_cfg = train.model_config(config, text_vocab + objective.EXTRA_TOKENS)
   model = module.Model(model_cfg)
   B, L = config.train.global_batch, config.data.seq_len
-  args = config.get('objective_args', ml_collections.ConfigDict())
   # One window's shapes as the data pipeline hands them over, after the objective's corruption.
   window = pipeline.padding_window(L)
-  if hasattr(objective, 'host_transform'):
-    window = objective.host_transform(text_vocab, args)(window, np.random.default_rng(0))
+  if objective.host_transform:
+    window = objective.host_transform(text_vocab, config.objective_args)(
+      window, np.random.default_rng(0)
+    )
   tx = optim.make(config.optim, config.train.steps)
   sample = tuple(
-    jax.ShapeDtypeStruct(x.shape, x.dtype) for x in train.example_inputs(objective, B, L, args)
+    jax.ShapeDtypeStruct(x.shape, x.dtype) for x in train.sample_inputs(module, model_cfg, B, L)
   )
   # The training run's own jitted step, built outside the target's mesh (no array may land on
   # its devices) and lowered inside it. The second init trace names the params' logical axes.
-  program = train.build(model, tx, objective.loss_fn, config, mesh, rules, sample)
+  loss_fn = functools.partial(objective.loss_fn, args=config.objective_args)
+  program = train.build(model, tx, loss_fn, config, mesh, rules, sample)
   abstract, shardings = program.abstract, program.shardings
   boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
   batch_sh = sharding.batch_sharding(mesh, rules)
@@ -386,7 +393,7 @@ def plan(config, topology: Topology, devices: list) -> dict:
     jax.eval_shape(lambda: jax.random.key(0)).dtype,
     sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
   )
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with sharding.use(mesh, rules):
     lowered = program.jitted_step.lower(state, batch, key, {})
   param_rows = _leaf_rows(abstract['params'], shardings['params'], boxed)
   opt_rows = _leaf_rows(abstract['opt_state'], shardings['opt_state'])
@@ -397,13 +404,13 @@ def plan(config, topology: Topology, devices: list) -> dict:
     'devices': len(devices),
     'device_kind': devices[0].device_kind,
     'mesh': dict(mesh.shape),
-    'model': f'{config.model.name}/{config.model.get("variant")}',
+    'model': f'{config.model.name}/{config.model.variant}',
     'params': module.param_count(model_cfg)['total'],
     'global_batch': B,
     'seq_len': L,
     'remat': model_cfg.remat,
     'scan_layers': model_cfg.scan_layers,
-    'microbatches': config.train.get('microbatches', 1),
+    'microbatches': config.train.microbatches,
     'dtype': model_cfg.dtype,
     'param_dtype': model_cfg.param_dtype,
     'param_bytes': _per_device_bytes(param_rows),
@@ -598,8 +605,7 @@ def max_batch(config, topology, devices, log=print) -> tuple[dict | None, dict |
   """The largest global batch (a multiple of the batch shards) that fits: doubling, then
   bisection. Returns (largest plan that fits, smallest that does not)."""
   unit = math.lcm(
-    _batch_ways(config, devices) * max(1, config.train.get('microbatches', 1)),
-    _hosts(topology, devices),
+    _batch_ways(config, devices) * max(1, config.train.microbatches), _hosts(topology, devices)
   )
 
   def attempt(n):
@@ -676,7 +682,9 @@ def main(argv):
   try:
     topology = parse_topology(FLAGS.topology)
     devices = topology_devices(topology)
-    config = FLAGS.config
+    from fm import configs
+
+    config = configs.resolve(FLAGS.config)
     out = {}
     if FLAGS.sweep:
       plans, best = sweep(config, topology, devices)

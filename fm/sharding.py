@@ -5,7 +5,8 @@ config's `sharding.rules` map each logical name to mesh axes. The mesh is the on
 changes between a laptop and a pod.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+import contextlib
 import math
 from typing import Any
 
@@ -17,8 +18,6 @@ import ml_collections
 import numpy as np
 
 from fm import ConfigError
-
-MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 
 # Logical name -> mesh axes. Params use the model's names; activations use `act_*` names so
 # that the batch can take (data, fsdp) while weights take fsdp on their embed dimension.
@@ -39,6 +38,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ('norm', None),
   ('layers', None),
 )
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules) -> Iterator[None]:
+  """The mesh and the logical rules in effect: what init, steps and constraints are traced in."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -89,7 +95,7 @@ def make_mesh(
 
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """Default rules, with `config.sharding.rules` (a list of [name, axes]) taking precedence."""
-  overrides = [tuple(r) for r in config.get('sharding', {}).get('rules', ())]
+  overrides = [tuple(r) for r in config.sharding.rules]
   names = {name for name, _ in overrides}
   return tuple(overrides) + tuple(r for r in DEFAULT_RULES if r[0] not in names)
 

@@ -1,6 +1,7 @@
 """Tests run on 8 fake CPU devices; the flag must be set before jax is imported."""
 
 import os
+import pathlib
 import tempfile
 
 # The 8 devices are threads on a few cores: on a busy machine one can reach a collective long
@@ -11,30 +12,29 @@ os.environ['XLA_FLAGS'] = (
   ' --xla_cpu_collective_timeout_seconds=1800'
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Many tests compile the same smoke-sized programs, in this process and in subprocesses: share a
-# persistent compilation cache for the session.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='fm-jax-cache-'))
+# Many tests compile the same smoke-sized programs, in this process, in subprocesses and in the
+# other pytest-xdist workers of the session (which share its run id): one persistent
+# compilation cache for them all.
+_run = os.environ.get('PYTEST_XDIST_TESTRUNUID')
+_cache = pathlib.Path(tempfile.gettempdir()) / f'fm-jax-cache-{_run}' if _run else None
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', str(_cache) if _cache else tempfile.mkdtemp(prefix='fm-jax-cache-')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
+# Implicit broadcasting between arrays of different ranks is an error, not a silent reshape.
+jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
 @pytest.fixture(scope='session')
 def shakespeare_data():
   """The real Shakespeare corpus with its SentencePiece tokenizer (downloaded and cached once)."""
-  import ml_collections
+  from workdirs import smoke_config
 
   from fm.data import pipeline
 
-  return pipeline.prepare(
-    ml_collections.ConfigDict(
-      dict(dataset='shakespeare', tokenizer=dict(kind='sentencepiece', vocab_size=4096))
-    )
-  )
-
-
-def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: a longer check (minutes); deselect with -m "not slow"')
+  return pipeline.prepare(smoke_config('lm_shakespeare').data)

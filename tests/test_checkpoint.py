@@ -1,5 +1,6 @@
 """Checkpoints: exact resume after SIGKILL, cross-mesh resume, preemption, corruption, warm start."""
 
+import functools
 import json
 import pathlib
 import shutil
@@ -15,10 +16,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from workdirs import load_experiment
+from workdirs import smoke_config
 from workdirs import train_losses as losses
 
-from fm import ConfigError, checkpoint, optim, sharding, train
+from fm import ConfigError, checkpoint, optim, runs, sharding, train
 from fm.models import decoder
 from fm.objectives import causal_lm
 
@@ -49,8 +50,13 @@ def final_params(workdir, step=STEPS):
   )['params']
 
 
+# Tests that read the reference run share one pytest-xdist worker, so it runs once.
+ON_REFERENCE = pytest.mark.xdist_group('checkpoint_reference')
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
+  """A finished 16-step run of the smoke experiment, saved every 4 steps."""
   workdir = tmp_path_factory.mktemp('reference')
   proc = launch(workdir)
   _, err = proc.communicate(timeout=600)
@@ -66,7 +72,13 @@ def wait_until(predicate, proc, timeout=300):
     time.sleep(0.001)
 
 
-@pytest.mark.parametrize('when', ['before_save', 'during_save', 'after_save'])
+# The kill during a save runs by default; before and after one in the slow set.
+@ON_REFERENCE
+@pytest.mark.parametrize(
+  'when',
+  [pytest.param('before_save', marks=pytest.mark.slow), 'during_save']
+  + [pytest.param('after_save', marks=pytest.mark.slow)],
+)
 def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
   ref_dir, ref_losses = reference
   proc = launch(tmp_path)
@@ -103,6 +115,7 @@ def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path), final_params(ref_dir))
 
 
+@ON_REFERENCE
 def test_partial_save_on_disk_is_ignored(reference, tmp_path):
   """What a kill mid-save leaves (orbax's temporary directory) never counts as a checkpoint."""
   ref_dir, ref_losses = reference
@@ -119,7 +132,11 @@ def test_partial_save_on_disk_is_ignored(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
-@pytest.mark.parametrize('every', [1000, 1], ids=['no_save_in_flight', 'save_every_step'])
+@pytest.mark.parametrize(
+  'every',
+  [pytest.param(1000, id='no_save_in_flight')]
+  + [pytest.param(1, id='save_every_step', marks=pytest.mark.slow)],
+)
 def test_sigterm_saves_and_exits_zero(every, tmp_path):
   proc = launch(tmp_path, f'--config.checkpoint.every_steps={every}')
   wait_until(lambda: 3 in losses(tmp_path), proc)
@@ -135,6 +152,7 @@ def test_sigterm_saves_and_exits_zero(every, tmp_path):
   assert f'at step {step}' in out and max(losses(tmp_path)) == STEPS
 
 
+@ON_REFERENCE
 def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   ref_dir, ref_losses = reference
   for step in (8, 12):
@@ -158,21 +176,21 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # In-process: cross-mesh restore, non-finite policy, warm start.
 # ---------------------------------------------------------------------------------------------
-def smoke_config(**train_overrides):
-  config = load_experiment('lm_shakespeare').get_config('smoke')
-  config.train.update(steps=8, log_every=1, eval_every=1000, **train_overrides)
-  config.checkpoint.every_steps = 4
-  return config
+def eight_steps(**train_overrides):
+  return smoke_config(
+    train=dict(steps=8, log_every=1, eval_every=1000, **train_overrides),
+    checkpoint=dict(every_steps=4),
+  )
 
 
 def test_resume_on_another_mesh(tmp_path, capsys):
-  config = smoke_config()
-  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
-  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  config = eight_steps()
+  config.mesh.update(data=1, fsdp=8, tensor=1)
+  runs.run(config, tmp_path / 'a')
   ref = losses(tmp_path / 'a')
   shutil.copytree(tmp_path / 'a' / 'checkpoints' / '4', tmp_path / 'b' / 'checkpoints' / '4')
-  config.mesh = ml_collections.ConfigDict(dict(data=2, fsdp=1, tensor=4))
-  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  config.mesh.update(data=2, fsdp=1, tensor=4)
+  runs.run(config, tmp_path / 'b')
   assert 'at step 4' in capsys.readouterr().out
   got = losses(tmp_path / 'b')
   for s in range(5, 9):
@@ -181,18 +199,12 @@ def test_resume_on_another_mesh(tmp_path, capsys):
   # The restored arrays carry the new mesh's shardings.
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.DEFAULT_RULES
-  cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096})
-  sample = tuple(np.zeros((8, 64), np.int32) for _ in range(3))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    program = train.build(
-      decoder.Model(cfg),
-      optim.make(config.optim, 8),
-      causal_lm.loss_fn,
-      config,
-      mesh,
-      rules,
-      sample,
-    )
+  model_cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096})
+  sample = train.sample_inputs(decoder, model_cfg, 8, 64)
+  loss_fn = functools.partial(causal_lm.loss_fn, args=None)
+  with sharding.use(mesh, rules):
+    model, tx = decoder.Model(model_cfg), optim.make(config.optim, 8)
+    program = train.build(model, tx, loss_fn, config, mesh, rules, sample)
     ckpt = checkpoint.Checkpointer(tmp_path / 'a', config.checkpoint)
     from fm.data import pipeline
 
@@ -212,22 +224,30 @@ def test_resume_on_another_mesh(tmp_path, capsys):
     ckpt.close()
   assert step == 8
   mlp_up = state['params']['params']['layer_0']['mlp']['up']
-  assert mlp_up.sharding.mesh.shape == {'data': 2, 'fsdp': 1, 'tensor': 4}
+  assert mlp_up.sharding.mesh.shape == {'data': 2, 'fsdp': 1, 'sequence': 1, 'tensor': 4}
   assert mlp_up.sharding.shard_shape(mlp_up.shape) == (64, 192 // 4)
 
 
+def test_zero_steps_evaluate_and_write_the_metrics(tmp_path):
+  """train.steps=0 trains nothing, saves nothing, and writes its evaluation like a final one."""
+  metrics = runs.run(smoke_config(train=dict(steps=0)), tmp_path)
+  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert records == [{'step': 0, **{f'eval/{k}': v for k, v in metrics.items()}}]
+  assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
+
+
 def test_nonfinite_raise_saves_nothing(tmp_path):
-  config = smoke_config()
+  config = eight_steps()
   config.optim.lr = float('nan')
   with pytest.raises(FloatingPointError, match='at step 1;'):
-    train.train_and_evaluate(config, str(tmp_path))
+    runs.run(config, tmp_path)
   assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
 
 
 def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
-  config = smoke_config(nonfinite='skip')
+  config = eight_steps(nonfinite='skip')
   config.optim.lr = float('nan')
-  train.train_and_evaluate(config, str(tmp_path))
+  runs.run(config, tmp_path)
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['train/nonfinite_skipped'] for r in records if 'train/loss' in r] == list(range(1, 9))
   # Every update was skipped, so the saved params are the initial ones and still finite.
@@ -237,20 +257,20 @@ def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, init)
 
 
-def test_warm_start_loads_backbone_and_keeps_fresh_head(tmp_path, capsys):
-  config = smoke_config()
-  train.train_and_evaluate(config, str(tmp_path / 'pre'))
-  pretrained = final_params(tmp_path / 'pre', 8)
+@ON_REFERENCE
+def test_warm_start_loads_backbone_and_keeps_fresh_head(reference, capsys):
+  ref_dir, _ = reference
+  pretrained = final_params(ref_dir)
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
   rules = sharding.DEFAULT_RULES
   cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 4096})
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with sharding.use(mesh, rules):
     boxed = decoder.Model(cfg).init(jax.random.key(7), jnp.zeros((2, 8), jnp.int32))
     params = jax.jit(nn.unbox, out_shardings=sharding.tree_shardings(boxed, mesh, rules))(boxed)
     head = jax.random.normal(jax.random.key(8), (64, 2))
     params = {'params': {**params['params'], 'head': {'kernel': head}}}
-    loaded = checkpoint.load_backbone(str(tmp_path / 'pre'), params)
+    loaded = checkpoint.load_backbone(str(ref_dir), params)
   jax.tree.map(
     np.testing.assert_array_equal,
     {'params': {k: v for k, v in loaded['params'].items() if k != 'head'}},
@@ -268,18 +288,18 @@ def test_warm_start_loads_backbone_and_keeps_fresh_head(tmp_path, capsys):
     match=r'param params/layer_0/mlp/down has shape \(192, 64\) '
     r'in the checkpoint but \(96, 64\)',
   ):
-    checkpoint.load_backbone(str(tmp_path / 'pre'), bad)
+    checkpoint.load_backbone(str(ref_dir), bad)
 
 
-def test_warm_start_through_config(tmp_path, capsys):
-  config = smoke_config()
-  train.train_and_evaluate(config, str(tmp_path / 'pre'))
-  config.init = ml_collections.ConfigDict(dict(from_checkpoint=str(tmp_path / 'pre')))
-  config.train.steps = 2
-  train.train_and_evaluate(config, str(tmp_path / 'fine'))
+@ON_REFERENCE
+def test_warm_start_through_config(reference, tmp_path, capsys):
+  config = smoke_config(train=dict(steps=2, log_every=1, eval_every=1000))
+  config.init.from_checkpoint = str(reference[0])
+  runs.run(config, tmp_path)
   assert 'warm start: 20 params from' in capsys.readouterr().out
 
 
+@ON_REFERENCE
 def test_inspect_cli(reference):
   ref_dir, _ = reference
   result = subprocess.run(

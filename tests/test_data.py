@@ -114,10 +114,11 @@ def test_eval_batches_cover_validation_once(shakespeare_data):
 
 
 def test_byte_tokenizer_config():
-  cfg = ml_collections.ConfigDict(dict(kind='bytes'))
-  assert tokenizer.build(cfg, [], 'x', '').vocab_size == 259
+  tok_cfg = ml_collections.ConfigDict(dict(kind='bytes', vocab_size=4096))
+  assert tokenizer.build(tok_cfg, [], 'x', '').vocab_size == 259
+  tok_cfg.kind = 'bpe'
   with pytest.raises(ConfigError, match='config.data.tokenizer.kind'):
-    tokenizer.build(ml_collections.ConfigDict(dict(kind='bpe')), [], 'x', '')
+    tokenizer.build(tok_cfg, [], 'x', '')
 
 
 def test_bring_your_own_files(tmp_path):

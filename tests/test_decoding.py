@@ -73,7 +73,7 @@ def test_sharded_decoding_matches_one_device():
   expected = np.asarray(decoding.greedy('decoder', cfg, params, tokens, seg, max_new=8))
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
   rules = sharding.DEFAULT_RULES
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  with sharding.use(mesh, rules):
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.asarray(tokens))
     params = jax.device_put(params, sharding.tree_shardings(boxed, mesh, rules))
     batch = sharding.put_batch({'tokens': tokens, 'segment_ids': seg}, mesh, rules)

@@ -1,14 +1,16 @@
 """Model shapes, finiteness, causality and packing isolation (checked through gradients)."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
+from workdirs import smoke_config
 
-from fm import train
+from fm import models, registry, train
 from fm.models import decoder, encdec, encoder
 from fm.objectives import causal_lm
 
@@ -22,6 +24,25 @@ def make(variant='tiny', length=32, **overrides):
   tokens = jax.random.permutation(jax.random.key(1), cfg.vocab_size)[:length][None]
   params = nn.unbox(model.init(jax.random.key(0), tokens))
   return cfg, model, params, tokens
+
+
+@pytest.mark.parametrize('name', registry.choices('models'))
+def test_every_family_honours_its_contract(name):
+  """Each discovered family defines what fm/models/__init__.py requires: its VARIANTS build its
+  Config, `inputs` reads a text that its Model accepts, and param_count agrees with the init."""
+  family = registry.get('models', name)
+  assert all(hasattr(family, m) for m in registry.members(models.ModelFamily)), name
+  assert family.SEQ2SEQ in ('', 'prefix_lm', 'encdec') and family.POOL in ('last', 'mean', 'first')
+  for num_classes in (0, 3):
+    model_cfg = family.Config(**{**family.VARIANTS['tiny'], 'num_classes': num_classes})
+    tokens = jnp.ones((2, 16), jnp.int32)
+    shapes = jax.eval_shape(
+      family.Model(model_cfg).init, jax.random.key(0), *family.inputs(model_cfg, tokens)
+    )
+    n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
+    if not num_classes:
+      assert n == family.param_count(model_cfg)['total'], name
+  assert family.flops_per_token(model_cfg, 16) > 0
 
 
 @pytest.mark.parametrize('variant', FITS_ON_CPU)
@@ -192,8 +213,9 @@ def test_gradient_accumulation_matches_the_whole_batch_and_saves_memory():
   }
   results, temp = [], []
   for k in (1, 4):
-    config = ml_collections.ConfigDict(dict(train=dict(microbatches=k)))
-    step = jax.jit(train.make_train_step(model.apply, causal_lm.loss_fn, tx, config))
+    config = smoke_config(train=dict(microbatches=k))
+    loss_fn = functools.partial(causal_lm.loss_fn, args=None)
+    step = jax.jit(train.make_train_step(model.apply, loss_fn, tx, config))
     temp.append(
       step.lower(state, batch, jax.random.key(1)).compile().memory_analysis().temp_size_in_bytes
     )

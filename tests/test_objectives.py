@@ -1,4 +1,4 @@
-"""Every objective module (discovered with pkgutil) honours the interface and gives finite grads."""
+"""Every objective module (discovered with pkgutil) honours its contract and gives finite grads."""
 
 import functools
 import math
@@ -11,14 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from fm import ConfigError, optim, registry, sharding, train
+from fm import ConfigError, configs, objectives, optim, registry, sharding, train
 from fm.data import pipeline
 from fm.objectives import causal_lm, distill, masked_lm, span_corruption, ul2
 
 OBJECTIVES = registry.choices('objectives')
-
-
 VOCAB = 384
+
+
+def args(objective, **overrides) -> ml_collections.ConfigDict:
+  """The objective's args as a run resolves them: its ARGS (or the default) with `overrides`."""
+  defaults = registry.get('objectives', objective.__name__.rpartition('.')[2]).ARGS
+  return ml_collections.ConfigDict({**defaults, **overrides})
 
 
 def tiny_batch(objective=None, vocab=VOCAB, B=8, L=32):
@@ -38,10 +42,8 @@ def tiny_batch(objective=None, vocab=VOCAB, B=8, L=32):
     }
     for i in range(B)
   ]
-  if objective is not None and hasattr(objective, 'host_transform'):
-    corrupt = objective.host_transform(
-      vocab - getattr(objective, 'EXTRA_TOKENS', 0), ml_collections.ConfigDict()
-    )
+  if objective is not None and objective.host_transform:
+    corrupt = objective.host_transform(vocab - objective.EXTRA_TOKENS, args(objective))
     rows = [corrupt(r, np.random.default_rng(i)) for i, r in enumerate(rows)]
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
@@ -53,46 +55,90 @@ def frozen_models(objective, model, sample, mesh=None, rules=None) -> dict:
   if mesh is not None:
     abstract = jax.eval_shape(model.init, jax.random.key(7), *sample)
     init = jax.jit(init, out_shardings=sharding.tree_shardings(abstract, mesh, rules))
-  return {name: (model.apply, init(jax.random.key(7))) for name in getattr(objective, 'FROZEN', ())}
+  return {name: (model.apply, init(jax.random.key(7))) for name in objective.FROZEN}
 
 
 def setup_model(name, model_name):
-  config = ml_collections.ConfigDict(
-    dict(model=dict(name=model_name, variant='tiny'), objective=name)
+  """(resolved config, model, zero inputs of tiny_batch's shape) of a tiny model."""
+  config = configs.resolve(
+    dict(
+      objective=name,
+      model=dict(name=model_name, variant='tiny'),
+      data=dict(dataset='shakespeare', seq_len=32),
+      train=dict(steps=10, global_batch=8),
+      # Adam's first update is g / (|g| + eps): a larger eps keeps rounding in near-zero
+      # gradients from turning into full-size steps that differ between meshes.
+      optim=dict(lr=1e-3, eps=1e-4),
+    )
   )
-  module, cfg = train.model_config(config, vocab_size=VOCAB)
-  return config, module.Model(cfg)
+  family, model_cfg = train.model_config(config, vocab_size=VOCAB)
+  return config, family.Model(model_cfg), train.sample_inputs(family, model_cfg, 8, 32)
+
+
+def test_every_objective_honours_its_contract():
+  """Each discovered module defines what fm/objectives/__init__.py requires, with values of
+  the right kinds; its compatible models exist and its default args pass its own checks."""
+  for name in OBJECTIVES:
+    objective = registry.get('objectives', name)
+    assert all(hasattr(objective, m) for m in registry.members(objectives.Objective)), name
+    assert callable(objective.loss_fn) and callable(objective.summarize)
+    assert set(objective.COMPATIBLE_MODELS) <= set(registry.choices('models')), name
+    assert isinstance(objective.ARGS, dict) and objective.EXTRA_TOKENS >= 0
+    objective.validate(args(objective))
+
+
+def test_a_module_missing_a_required_name_is_refused(tmp_path, monkeypatch):
+  """A new objective without `summarize` is named in one sentence when it is looked up."""
+  monkeypatch.setattr(objectives, '__path__', [*objectives.__path__, str(tmp_path)])
+  (tmp_path / 'half_done.py').write_text(
+    "COMPATIBLE_MODELS = ('decoder',)\n\n\n"
+    'def loss_fn(apply_fn, params, batch, rng, args):\n'
+    '  return 0.0, {}\n'
+  )
+  message = (
+    r'fm.objectives.half_done does not define summarize, which the Objective contract in '
+    r'fm.objectives requires; add it to .*half_done.py'
+  )
+  with pytest.raises(ConfigError, match=message):
+    registry.get('objectives', 'half_done')
 
 
 @pytest.mark.parametrize('name', OBJECTIVES)
 def test_interface_and_finite_gradients(name):
   objective = registry.get('objectives', name)
-  assert callable(objective.loss_fn) and callable(objective.summarize)
   for model_name in objective.COMPATIBLE_MODELS:
-    config, model = setup_model(name, model_name)
+    config, model, sample = setup_model(name, model_name)
     batch = jax.tree.map(jnp.asarray, tiny_batch(objective))
-    sample = train.example_inputs(objective, 8, 32)  # tiny_batch's shape.
     params = nn.unbox(model.init(jax.random.key(0), *sample))
     frozen = {
       k: functools.partial(apply, p)
       for k, (apply, p) in frozen_models(objective, model, sample).items()
     }
     (loss, aux), grads = jax.value_and_grad(objective.loss_fn, argnums=1, has_aux=True)(
-      model.apply, params, batch, jax.random.key(1), config, **frozen
+      model.apply, params, batch, jax.random.key(1), config.objective_args, **frozen
     )
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
     summary = objective.summarize(jax.tree.map(float, aux))
     assert np.isclose(summary['loss'], loss, rtol=1e-5)
 
 
-@pytest.mark.parametrize('name', OBJECTIVES)
+# Encoder-decoder objectives compile the largest programs: their sharded steps run in the slow
+# set (tests/test_sharding.py checks every mesh on the decoder).
+@pytest.mark.parametrize(
+  'name',
+  [
+    pytest.param(n, marks=pytest.mark.slow)
+    if 'encdec' in registry.get('objectives', n).COMPATIBLE_MODELS
+    else n
+    for n in OBJECTIVES
+  ],
+)
 def test_sharded_step_equals_single_device(name):
   """One optimizer step of every objective gives the same loss on 8 devices as on one."""
   objective = registry.get('objectives', name)
-  config, model = setup_model(name, objective.COMPATIBLE_MODELS[0])
-  config.optim = ml_collections.ConfigDict(dict(lr=1e-3, eps=1e-4))
+  config, model, sample = setup_model(name, objective.COMPATIBLE_MODELS[0])
   batch = tiny_batch(objective)
-  sample = train.example_inputs(objective, 8, 32)
+  loss_fn = functools.partial(objective.loss_fn, args=config.objective_args)
   results = []
   for mesh_cfg, devices in (
     (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
@@ -100,17 +146,10 @@ def test_sharded_step_equals_single_device(name):
   ):
     mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
     rules = sharding.DEFAULT_RULES
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      program = train.build(
-        model,
-        optim.make(config.optim, 10),
-        objective.loss_fn,
-        config,
-        mesh,
-        rules,
-        sample,
-        frozen_models(objective, model, sample, mesh, rules),
-      )
+    with sharding.use(mesh, rules):
+      frozen = frozen_models(objective, model, sample, mesh, rules)
+      tx = optim.make(config.optim, 10)
+      program = train.build(model, tx, loss_fn, config, mesh, rules, sample, frozen)
       state = program.init(jax.random.key(0))
       for _ in range(2):
         state, metrics = program.train_step(
@@ -142,7 +181,7 @@ def test_bits_per_byte_of_uniform_model():
 def test_masking_statistics():
   """Over many draws: 15% of real tokens chosen, of which 80% masked, 10% random, 10% kept."""
   V, L = 4096, 256
-  corrupt = masked_lm.host_transform(V, ml_collections.ConfigDict())
+  corrupt = masked_lm.host_transform(V, args(masked_lm))
   rng = np.random.default_rng(0)
   tokens = rng.integers(4, V, L).astype(np.int32)
   seg = np.r_[np.ones(200, np.int32), np.zeros(56, np.int32)]
@@ -161,9 +200,7 @@ def test_masking_statistics():
 
 
 def test_masking_is_deterministic_and_process_independent(shakespeare_data):
-  corrupt = masked_lm.host_transform(
-    shakespeare_data.tokenizer.vocab_size, ml_collections.ConfigDict()
-  )
+  corrupt = masked_lm.host_transform(shakespeare_data.tokenizer.vocab_size, args(masked_lm))
   stream = shakespeare_data.train
   one = next(iter(pipeline.train_dataset(stream, 64, 8, 0, transform=corrupt)))
   again = next(iter(pipeline.train_dataset(stream, 64, 8, 0, transform=corrupt)))
@@ -178,7 +215,7 @@ def test_masking_is_deterministic_and_process_independent(shakespeare_data):
 @pytest.mark.parametrize('seq_len', [32, 64, 256])
 def test_span_corruption_reassembles_exactly(seq_len):
   V = 4096
-  corrupt = span_corruption.host_transform(V, ml_collections.ConfigDict())
+  corrupt = span_corruption.host_transform(V, args(span_corruption))
   num_noise, num_spans, input_len = span_corruption.lengths(seq_len)
   rng = np.random.default_rng(0)
   span_lengths = []
@@ -210,29 +247,26 @@ def test_span_corruption_reassembles_exactly(seq_len):
 
 
 def test_distillation_loss_is_zero_when_student_equals_teacher():
-  config, model = setup_model('distill', 'decoder')
+  _, model, sample = setup_model('distill', 'decoder')
   batch = jax.tree.map(jnp.asarray, tiny_batch())
-  sample = train.example_inputs(distill, 8, 32)
   params = nn.unbox(model.init(jax.random.key(0), *sample))
   teacher = functools.partial(model.apply, params)
   for temperature in (1.0, 2.0, 4.0):
-    config.objective_args = ml_collections.ConfigDict(
-      dict(temperature=temperature, hard_weight=0.0)
-    )
+    soft = args(distill, temperature=temperature, hard_weight=0.0)
     (loss, aux), grads = jax.value_and_grad(distill.loss_fn, argnums=1, has_aux=True)(
-      model.apply, params, batch, None, config, teacher=teacher
+      model.apply, params, batch, None, soft, teacher=teacher
     )
     assert abs(float(loss)) < 1e-6 and float(optax.tree.norm(grads)) < 1e-6
   # A different student: positive KL; hard_weight=1 is plain next-token cross-entropy.
   student = nn.unbox(model.init(jax.random.key(1), *sample))
-  loss, aux = distill.loss_fn(model.apply, student, batch, None, config, teacher=teacher)
+  loss, aux = distill.loss_fn(model.apply, student, batch, None, soft, teacher=teacher)
   assert float(loss) > 0.01
-  config.objective_args.hard_weight = 1.0
-  loss, aux = distill.loss_fn(model.apply, student, batch, None, config, teacher=teacher)
-  plain, _ = causal_lm.loss_fn(model.apply, student, batch, None, config)
+  hard = args(distill, hard_weight=1.0)
+  loss, aux = distill.loss_fn(model.apply, student, batch, None, hard, teacher=teacher)
+  plain, _ = causal_lm.loss_fn(model.apply, student, batch, None, args(causal_lm))
   np.testing.assert_allclose(float(loss), float(plain), rtol=1e-6)
   summary = distill.summarize(jax.tree.map(float, aux))
-  teacher_plain, _ = causal_lm.loss_fn(model.apply, params, batch, None, config)
+  teacher_plain, _ = causal_lm.loss_fn(model.apply, params, batch, None, args(causal_lm))
   np.testing.assert_allclose(summary['teacher_loss'], float(teacher_plain), rtol=1e-5)
   np.testing.assert_allclose(summary['lm_loss'], float(plain), rtol=1e-5)
 
@@ -281,6 +315,6 @@ def test_ul2_mixture_modes_and_reassembly():
 
 def test_ul2_bad_mixture_is_one_sentence():
   with pytest.raises(ConfigError, match=r'config.objective_args.mixture=.* weight >= 0 to each'):
-    ul2.validate(ml_collections.ConfigDict(dict(mixture=dict(R=1.0, S=-1.0, X=0.0))))
+    ul2.validate(args(ul2, mixture=dict(R=1.0, S=-1.0, X=0.0)))
   with pytest.raises(ConfigError, match=r'config.objective_args.x_spans=.*\(mean span length'):
-    ul2.validate(ml_collections.ConfigDict(dict(x_spans=((3.0, 1.5),))))
+    ul2.validate(args(ul2, x_spans=((3.0, 1.5),)))

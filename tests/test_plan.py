@@ -8,17 +8,15 @@ import sys
 
 import jax
 import pytest
+from workdirs import smoke_config
 
-from fm import ConfigError, plan, train
+from fm import ConfigError, plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def smoke(**sections):
-  config = train.load_config('experiments/lm_shakespeare.py:smoke', 'test')
-  for section, values in sections.items():
-    config[section].update(values)
-  return config
+  return smoke_config(**sections)
 
 
 def test_plan_command_on_host_devices(tmp_path):
@@ -123,7 +121,7 @@ def test_mesh_and_batch_that_do_not_fit_the_topology_are_one_sentence():
     r'8 batch shards',
   ):
     plan.plan(smoke(train={'global_batch': 12}), topology, devices)
-  distill = train.load_config('experiments/distill_shakespeare.py:smoke', 'test')
+  distill = smoke_config('distill_shakespeare')
   with pytest.raises(
     ConfigError,
     match=r"config.objective='distill' reads frozen models "

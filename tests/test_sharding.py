@@ -1,10 +1,12 @@
 """Sharding changes nothing: same init and batch give the same loss and params on every mesh."""
 
-import flax.linen as nn
+import functools
+
 import jax
 import ml_collections
 import numpy as np
 import pytest
+from workdirs import smoke_config
 
 from fm import ConfigError, optim, sharding, train
 from fm.models import decoder
@@ -27,8 +29,8 @@ B, L = 16, 32
 def config():
   # Adam's first update is g / (|g| + eps): with a tiny eps it turns float rounding in a
   # near-zero gradient into a full-size step, so eps is raised to keep the comparison meaningful.
-  return ml_collections.ConfigDict(
-    dict(optim=dict(lr=1e-3, warmup_steps=0, weight_decay=0.1, clip_norm=1.0, eps=1e-4))
+  return smoke_config(
+    optim=dict(lr=1e-3, warmup_steps=0, weight_decay=0.1, clip_norm=1.0, eps=1e-4)
   )
 
 
@@ -49,9 +51,10 @@ def one_step(mesh_cfg: dict, devices):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
   rules = sharding.DEFAULT_RULES
   model, tx = decoder.Model(CFG), optim.make(config().optim, total_steps=10)
-  sample = tuple(np.zeros((B, L), np.int32) for _ in range(3))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    program = train.build(model, tx, causal_lm.loss_fn, config(), mesh, rules, sample)
+  sample = train.sample_inputs(decoder, CFG, B, L)
+  loss_fn = functools.partial(causal_lm.loss_fn, args=None)
+  with sharding.use(mesh, rules):
+    program = train.build(model, tx, loss_fn, config(), mesh, rules, sample)
     state = program.init(jax.random.key(0))
     init_params = jax.device_get(state['params'])
     state, metrics = program.train_step(

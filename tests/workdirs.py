@@ -4,6 +4,10 @@ import importlib.util
 import json
 import pathlib
 
+import ml_collections
+
+from fm import configs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -13,6 +17,17 @@ def load_experiment(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def smoke_config(name: str = 'lm_shakespeare', **sections) -> ml_collections.ConfigDict:
+  """experiments/<name>.py:smoke, resolved, with each keyword's section updated (a dict) or set."""
+  config = load_experiment(name).get_config('smoke')
+  for key, value in sections.items():
+    if isinstance(value, dict) and key in config:
+      config[key].update(value)
+    else:
+      config[key] = value
+  return configs.resolve(config)
 
 
 def train_losses(workdir) -> dict[int, float]:

@@ -73,14 +73,12 @@ class Data:
 def _load(data_cfg: ml_collections.ConfigDict):
   """(documents by split, their digests, the tokenizer) of `config.data`."""
   name = data_cfg.dataset
-  splits = sources.load(name, **dict(data_cfg.get('source_kwargs', {})))
+  splits = sources.load(name, **dict(data_cfg.source_kwargs))
   digests = {
     split: hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()
     for split, docs in splits.items()
   }
-  tok = tokenizer_lib.build(
-    data_cfg.get('tokenizer', ml_collections.ConfigDict()), splits['train'], name, digests['train']
-  )
+  tok = tokenizer_lib.build(data_cfg.tokenizer, splits['train'], name, digests['train'])
   return splits, digests, tok
 
 

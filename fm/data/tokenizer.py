@@ -84,11 +84,7 @@ class SentencePieceTokenizer:
 
 def declared_vocab_size(tok_cfg) -> int:
   """The vocabulary size `config.data.tokenizer` promises, without loading any data."""
-  return (
-    ByteTokenizer().vocab_size
-    if tok_cfg.get('kind') == 'bytes'
-    else tok_cfg.get('vocab_size', 4096)
-  )
+  return ByteTokenizer().vocab_size if tok_cfg.kind == 'bytes' else tok_cfg.vocab_size
 
 
 def train_sentencepiece(docs: list[str], vocab_size: int, seed: int = 0) -> bytes:
@@ -125,7 +121,7 @@ def build(
 ):
   """The tokenizer named by `config.data.tokenizer`, training and caching SentencePiece once
   per train corpus (`corpus_digest`, the sha256 of its documents)."""
-  kind = tok_cfg.get('kind', 'sentencepiece')
+  kind = tok_cfg.kind
   if kind == 'bytes':
     return ByteTokenizer()
   if kind != 'sentencepiece':

@@ -1,9 +1,9 @@
 """Llama-style decoder-only transformer: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
 Dimensions: B batch, L length, D model dim, V vocab (see layers.py for the rest).
-`Model(cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL[, prefix_BL]) -> logits_BLV`.
+`Model(model_cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL[, prefix_BL]) -> logits_BLV`.
 Packed documents (segment ids) never attend to each other; a prefix (prefix LM) attends
-bidirectionally within itself. `Model(cfg, causal=False)` is the encoder (see encoder.py).
+bidirectionally within itself. `Model(model_cfg, causal=False)` is the encoder (see encoder.py).
 """
 
 import dataclasses
@@ -55,6 +55,10 @@ VARIANTS = {
 }
 
 
+POOL = 'last'  # The last real token has read the whole text.
+SEQ2SEQ = 'prefix_lm'  # Reads the source as a bidirectional prefix, then writes the target.
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   vocab_size: int = 256
@@ -88,35 +92,47 @@ class Config:
     )
 
 
-def param_count(cfg: Config) -> dict[str, int]:
+def inputs(model_cfg: Config, tokens_BL, segment_ids_BL=None, positions_BL=None) -> tuple:
+  """`Model.apply`'s arguments that read `tokens_BL` as one text (by default a single document)."""
+  del model_cfg  # The same for every size.
+  if segment_ids_BL is None:
+    segment_ids_BL = jnp.ones_like(tokens_BL)
+  if positions_BL is None:
+    positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+  return tokens_BL, segment_ids_BL, positions_BL
+
+
+def param_count(model_cfg: Config) -> dict[str, int]:
   """Parameter counts from the shapes alone (no init)."""
-  D, F, K = cfg.d_model, cfg.mlp_dim, cfg.head_dim
-  attn = D * K * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  D, F, K = model_cfg.d_model, model_cfg.mlp_dim, model_cfg.head_dim
+  attn = D * K * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads)
   block = attn + 3 * D * F + 2 * D
-  embed = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+  embed = model_cfg.vocab_size * D * (1 if model_cfg.tie_embeddings else 2)
   return {
-    'total': cfg.num_layers * block + embed + D,
-    'non_embedding': cfg.num_layers * block + D,
+    'total': model_cfg.num_layers * block + embed + D,
+    'non_embedding': model_cfg.num_layers * block + D,
     'embedding': embed,
   }
 
 
-def flops_per_token(cfg: Config, seq_len: int) -> float:
+def flops_per_token(model_cfg: Config, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores."""
-  D, K, H = cfg.d_model, cfg.head_dim, cfg.num_heads
-  matmul = cfg.num_layers * (D * K * (2 * H + 2 * cfg.num_kv_heads) + 3 * D * cfg.mlp_dim)
-  matmul += cfg.vocab_size * D  # Output projection.
-  attention = cfg.num_layers * 2 * H * K * seq_len  # QK^T and AV, causal half counted fully.
+  D, K, H = model_cfg.d_model, model_cfg.head_dim, model_cfg.num_heads
+  matmul = model_cfg.num_layers * (
+    D * K * (2 * H + 2 * model_cfg.num_kv_heads) + 3 * D * model_cfg.mlp_dim
+  )
+  matmul += model_cfg.vocab_size * D  # Output projection.
+  attention = model_cfg.num_layers * 2 * H * K * seq_len  # QK^T and AV, causal half counted fully.
   return 6.0 * matmul + 6.0 * attention
 
 
 class Block(nn.Module):
-  cfg: Config
+  model_cfg: Config
   decode: bool = False  # Self-attention with a KV cache (see layers.Attention).
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, mask_B1LS):
-    c = self.cfg
+    c = self.model_cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     attn_cfg = layers.AttentionConfig(
       c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl
@@ -132,17 +148,17 @@ class Block(nn.Module):
 
 
 class Model(nn.Module):
-  cfg: Config
+  model_cfg: Config
   causal: bool = True
   decode: bool = False  # Generation with a KV cache: see fm/decoding.py.
 
   @nn.compact
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, prefix_BL=None):
-    """Logits for every position, or (cfg.num_classes > 0) class logits (B, C) from the pooled
+    """Logits for every position, or (model_cfg.num_classes > 0) class logits (B, C) from the pooled
     final states. `prefix_BL` (bool) marks a prefix that attends bidirectionally within itself
     (prefix LM); the rest stays causal. With `decode`, the tokens are appended to the KV cache
     (segment id 0 marks padding) and attend to everything cached before them."""
-    c = self.cfg
+    c = self.model_cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)

@@ -2,7 +2,7 @@
 
 The encoder is the decoder's block stack without the causal mask; each decoder layer adds
 cross-attention to the encoder output. Dimensions: B batch, S encoder length, L decoder length,
-D model dim, V vocab. `Model(cfg).apply(params, inputs_BS, decoder_in_BL, input_seg_BS,
+D model dim, V vocab. `Model(model_cfg).apply(params, inputs_BS, decoder_in_BL, input_seg_BS,
 target_seg_BL) -> logits_BLV`; segment ids keep packed examples apart (0 = padding).
 Layer scan and remat options of the decoder's Config are not used here.
 """
@@ -32,13 +32,26 @@ VARIANTS = {
 }
 
 
-def param_count(cfg: Config) -> dict[str, int]:
+POOL = 'mean'  # A classifier reads the encoder's states, each of which has seen the whole text.
+SEQ2SEQ = 'encdec'  # The encoder reads the source; the decoder writes the target.
+
+
+def inputs(model_cfg: Config, tokens_BL, segment_ids_BL=None, positions_BL=None) -> tuple:
+  """`Model.apply`'s arguments that read `tokens_BL` as one text: the encoder alone for a
+  classifier (model_cfg.num_classes > 0), else the same text on both sides."""
+  del positions_BL  # Each side counts its own positions.
+  if model_cfg.num_classes:
+    return tokens_BL, None, segment_ids_BL
+  return tokens_BL, tokens_BL, segment_ids_BL, segment_ids_BL
+
+
+def param_count(model_cfg: Config) -> dict[str, int]:
   """num_layers encoder blocks, num_layers decoder blocks (with cross-attention), tied embed."""
-  D, K = cfg.d_model, cfg.head_dim
-  attn = D * K * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  block = attn + 3 * D * cfg.mlp_dim + 2 * D
-  layers_total = cfg.num_layers * (2 * block + attn + D)
-  embed = cfg.vocab_size * D
+  D, K = model_cfg.d_model, model_cfg.head_dim
+  attn = D * K * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads)
+  block = attn + 3 * D * model_cfg.mlp_dim + 2 * D
+  layers_total = model_cfg.num_layers * (2 * block + attn + D)
+  embed = model_cfg.vocab_size * D
   return {
     'total': layers_total + embed + 2 * D,
     'non_embedding': layers_total + 2 * D,
@@ -46,20 +59,20 @@ def param_count(cfg: Config) -> dict[str, int]:
   }
 
 
-def flops_per_token(cfg: Config, seq_len: int) -> float:
+def flops_per_token(model_cfg: Config, seq_len: int) -> float:
   """Per raw text token, for T5's default corruption: the encoder reads about 0.9 and the
   decoder about 0.2 tokens per text token, and each decoder layer adds cross-attention; about
   1.2 decoder-equivalents in all."""
-  return 1.2 * decoder.flops_per_token(cfg, seq_len)
+  return 1.2 * decoder.flops_per_token(model_cfg, seq_len)
 
 
 class DecoderBlock(nn.Module):
-  cfg: Config
+  model_cfg: Config
   decode: bool = False  # Self-attention with a KV cache (see layers.Attention).
 
   @nn.compact
   def __call__(self, y_BLD, positions_BL, self_mask_B1LL, enc_BSD, cross_mask_B1LS):
-    c = self.cfg
+    c = self.model_cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     attn_cfg = layers.AttentionConfig(
       c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl
@@ -78,7 +91,7 @@ class DecoderBlock(nn.Module):
 
 
 class Model(nn.Module):
-  cfg: Config
+  model_cfg: Config
   decode: bool = False  # Generation with a KV cache in the decoder: see fm/decoding.py.
 
   @nn.compact
@@ -91,12 +104,12 @@ class Model(nn.Module):
     encoded_BSD=None,
     encode_only=False,
   ):
-    """Decoder logits (B, L, V); with cfg.num_classes > 0, class logits (B, C) from the pooled
+    """Decoder logits (B, L, V); with model_cfg.num_classes > 0, class logits (B, C) from the pooled
     encoder output (the decoder is not used: call with the inputs alone).
 
     For generation: `encode_only` returns the encoder output; passing it back as `encoded_BSD`
     skips the encoder. With `decode`, the decoder tokens are appended to the KV cache."""
-    c = dataclasses.replace(self.cfg, scan_layers=False)  # Blocks return plain activations.
+    c = dataclasses.replace(self.model_cfg, scan_layers=False)  # Blocks return plain activations.
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     input_seg_BS = jnp.ones_like(inputs_BS) if input_seg_BS is None else input_seg_BS
     positions = lambda t: jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)

@@ -2,7 +2,9 @@
 
 The same blocks as the decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention) with every token
 attending to every token of its own packed document. Dimensions as in decoder.py.
-`Model(cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL) -> logits_BLV` (MLM logits).
+`Model(model_cfg).apply(params, tokens_BL, segment_ids_BL, positions_BL) -> logits_BLV` (MLM
+logits). It reads a whole text bidirectionally, so a classifier pools the mean (the default POOL)
+and it does not write targets (no SEQ2SEQ layout).
 """
 
 import functools
@@ -10,6 +12,7 @@ import functools
 from fm.models import decoder
 
 Config = decoder.Config
+inputs = decoder.inputs
 param_count = decoder.param_count
 flops_per_token = decoder.flops_per_token  # Counts the full attention square already.
 VARIANTS = {

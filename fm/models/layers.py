@@ -141,7 +141,7 @@ class ClassifierHead(nn.Module):
     b_C = param_with_axes(
       self, 'bias', nn.initializers.zeros, (self.num_classes,), (None,), self.param_dtype
     )
-    return pooled_BD @ w_DC.astype(jnp.float32) + b_C.astype(jnp.float32)
+    return pooled_BD @ w_DC.astype(jnp.float32) + b_C.astype(jnp.float32)[None]
 
 
 class RMSNorm(nn.Module):
@@ -156,7 +156,7 @@ class RMSNorm(nn.Module):
     )
     x = x_BLD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_D.astype(jnp.float32)).astype(self.dtype)
+    return (x * scale_D.astype(jnp.float32)[None, None]).astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -187,7 +187,7 @@ def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (rotate-half form) applied to queries or keys."""
   half = x_BLHK.shape[-1] // 2
   freqs_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_BLK = positions_BL[..., None].astype(jnp.float32) * freqs_K
+  angles_BLK = positions_BL[..., None].astype(jnp.float32) * freqs_K[None, None]
   sin, cos = jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
   x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -235,7 +235,7 @@ class Attention(nn.Module):
   new tokens) adds pairs beyond the causal ones: a prefix LM's prompt read bidirectionally.
   """
 
-  cfg: AttentionConfig
+  attn_cfg: AttentionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   lora: LoRA | None = None
@@ -243,7 +243,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, mask_B1LS, kv_BSD=None):
-    c, D = self.cfg, x_BLD.shape[-1]
+    c, D = self.attn_cfg, x_BLD.shape[-1]
     cross = kv_BSD is not None
     kv_BSD = x_BLD if kv_BSD is None else kv_BSD
     w = lambda name, shape, axes, n_in: dense_weight(
@@ -254,18 +254,18 @@ class Attention(nn.Module):
     wv_DGK = w('value', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
     wo_HKD = w('out', (c.num_heads, c.head_dim, D), ('heads', 'head_dim', 'embed'), 2)
     q_BLHK = jnp.einsum('BLD,DHK->BLHK', x_BLD, wq_DHK)
-    k_BLGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
-    v_BLGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
+    k_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
+    v_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
     if not cross:
       q_BLHK = rope(q_BLHK, positions_BL, c.rope_theta)
-      k_BLGK = rope(k_BLGK, positions_BL, c.rope_theta)
+      k_BSGK = rope(k_BSGK, positions_BL, c.rope_theta)
     q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
-    k_BLGK = constrain(k_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
-    v_BLGK = constrain(v_BLGK, ('act_batch', 'act_length', 'act_kv_heads', None))
+    k_BSGK = constrain(k_BSGK, ('act_batch', 'act_length', 'act_kv_heads', None))
+    v_BSGK = constrain(v_BSGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     if self.decode and not cross:
-      k_BLGK, v_BLGK, mask_B1LS = self._cached(k_BLGK, v_BLGK, positions_BL >= 0, mask_B1LS)
+      k_BSGK, v_BSGK, mask_B1LS = self._cached(k_BSGK, v_BSGK, positions_BL >= 0, mask_B1LS)
     out_BLHK = jax.nn.dot_product_attention(
-      q_BLHK, k_BLGK, v_BLGK, mask=mask_B1LS, implementation=c.implementation
+      q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation=c.implementation
     )
     return jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
 

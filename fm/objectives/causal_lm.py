@@ -17,8 +17,8 @@ def targets_and_weights(batch):
   tokens_BL, seg_BL = batch['tokens'], batch['segment_ids']
   targets_BL = jnp.roll(tokens_BL, -1, axis=1)
   next_seg_BL = jnp.roll(seg_BL, -1, axis=1)
-  last_BL = jnp.arange(tokens_BL.shape[1]) == tokens_BL.shape[1] - 1
-  weights_BL = (seg_BL > 0) & (next_seg_BL == seg_BL) & ~last_BL
+  last_1L = (jnp.arange(tokens_BL.shape[1]) == tokens_BL.shape[1] - 1)[None]
+  weights_BL = (seg_BL > 0) & (next_seg_BL == seg_BL) & ~last_1L
   return targets_BL, weights_BL.astype(jnp.float32)
 
 
@@ -27,9 +27,9 @@ def target_bytes(batch):
   return jnp.roll(batch['token_bytes'], -1, axis=1) if 'token_bytes' in batch else None
 
 
-def loss_fn(apply_fn, params, batch, rng, cfg):
+def loss_fn(apply_fn, params, batch, rng, args):
   """Mean next-token cross-entropy; metrics for loss, perplexity, accuracy and bits per byte."""
-  del rng, cfg  # Deterministic objective.
+  del rng, args  # Deterministic, without options.
   targets_BL, weights_BL = targets_and_weights(batch)
   logits_BLV = apply_fn(params, batch['tokens'], batch['segment_ids'], batch['positions'])
   return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL, target_bytes(batch))

@@ -25,26 +25,25 @@ from fm.objectives._losses import summarize as _summarize
 
 COMPATIBLE_MODELS = ('decoder',)
 FROZEN = ('teacher',)  # Frozen models, each given by config.objective_args.<name>.
-__all__ = ['COMPATIBLE_MODELS', 'FROZEN', 'loss_fn', 'summarize', 'validate']
-
-
-def _args(args) -> tuple[float, float]:
-  """(temperature, hard_weight) from config.objective_args."""
-  return float(args.get('temperature', 2.0)), float(args.get('hard_weight', 0.5))
+ARGS = dict(
+  temperature=2.0,  # Softens both distributions in the KL term.
+  hard_weight=0.5,  # Weight of the true next token's cross-entropy; the KL gets the rest.
+)
+__all__ = ['ARGS', 'COMPATIBLE_MODELS', 'FROZEN', 'loss_fn', 'summarize', 'validate']
 
 
 def validate(args: ml_collections.ConfigDict) -> None:
-  temperature, hard_weight = _args(args)
+  temperature, hard_weight = args.temperature, args.hard_weight
   if temperature <= 0:
     raise ConfigError(f'config.objective_args.temperature={temperature} must be > 0.')
   if not 0 <= hard_weight <= 1:
     raise ConfigError(f'config.objective_args.hard_weight={hard_weight} must lie in [0, 1].')
 
 
-def loss_fn(apply_fn, params, batch, rng, cfg, teacher):
+def loss_fn(apply_fn, params, batch, rng, args, teacher):
   """`teacher(tokens, segment_ids, positions) -> logits`, the frozen teacher bound to its params."""
   del rng
-  temperature, hard_weight = _args(cfg.get('objective_args', ml_collections.ConfigDict()))
+  temperature, hard_weight = float(args.temperature), float(args.hard_weight)
   inputs = (batch['tokens'], batch['segment_ids'], batch['positions'])
   targets_BL, weights_BL = causal_lm.targets_and_weights(batch)
   target_bytes_BL = causal_lm.target_bytes(batch)

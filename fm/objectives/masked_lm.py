@@ -11,14 +11,15 @@ import numpy as np
 from fm.objectives._losses import summarize, weighted_cross_entropy
 
 COMPATIBLE_MODELS = ('encoder',)
-__all__ = ['COMPATIBLE_MODELS', 'EXTRA_TOKENS', 'host_transform', 'loss_fn', 'summarize']
+__all__ = ['ARGS', 'COMPATIBLE_MODELS', 'EXTRA_TOKENS', 'host_transform', 'loss_fn', 'summarize']
+ARGS = dict(mask_rate=0.15)  # Share of the tokens chosen for prediction.
 EXTRA_TOKENS = 1  # The [MASK] id, placed right after the tokenizer's vocabulary.
 FIRST_TEXT_ID = 4  # Random replacements avoid pad/unk/bos/eos.
 
 
-def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
+def host_transform(vocab_size: int, args: ml_collections.ConfigDict):
   """window, rng -> window with corrupted `tokens`, original `targets` and `target_weights`."""
-  rate = cfg.get('mask_rate', 0.15)
+  rate = args.mask_rate
   mask_id = vocab_size
 
   def corrupt(window: dict, rng: np.random.Generator) -> dict:
@@ -38,8 +39,8 @@ def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
   return corrupt
 
 
-def loss_fn(apply_fn, params, batch, rng, cfg):
+def loss_fn(apply_fn, params, batch, rng, args):
   """Cross-entropy on the chosen positions; accuracy and perplexity over them too."""
-  del rng, cfg
+  del rng, args
   logits_BLV = apply_fn(params, batch['tokens'], batch['segment_ids'], batch['positions'])
   return weighted_cross_entropy(logits_BLV, batch['targets'], batch['target_weights'])

@@ -22,8 +22,8 @@ def split(rng, batch):
   return jnp.arange(L)[None, :] < split_B[:, None]
 
 
-def loss_fn(apply_fn, params, batch, rng, cfg):
-  del cfg
+def loss_fn(apply_fn, params, batch, rng, args):
+  del args  # No options.
   prefix_BL = split(rng, batch)
   targets_BL, weights_BL = causal_lm.targets_and_weights(batch)
   # Position t predicts token t+1: it counts when t+1 lies after the prefix.

@@ -14,7 +14,12 @@ from fm.objectives._losses import summarize, weighted_cross_entropy
 
 COMPATIBLE_MODELS = ('encdec',)
 EXTRA_TOKENS = 100  # Sentinels.
+ARGS = dict(
+  noise_density=0.15,  # Share of a window's tokens hidden in spans.
+  mean_span=3.0,  # Mean length of a hidden span.
+)
 __all__ = [
+  'ARGS',
   'COMPATIBLE_MODELS',
   'EXTRA_TOKENS',
   'corrupt_tokens',
@@ -22,7 +27,6 @@ __all__ = [
   'lengths',
   'loss_fn',
   'summarize',
-  'example_inputs',
   'reassemble',
 ]
 
@@ -65,8 +69,8 @@ def corrupt_tokens(
   return inputs.astype(np.int32), targets.astype(np.int32)
 
 
-def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
-  density, mean_span = cfg.get('noise_density', 0.15), cfg.get('mean_span', 3.0)
+def host_transform(vocab_size: int, args: ml_collections.ConfigDict):
+  density, mean_span = args.noise_density, args.mean_span
 
   def corrupt(window: dict, rng: np.random.Generator) -> dict:
     L = len(window['tokens'])
@@ -102,18 +106,9 @@ def reassemble(inputs: np.ndarray, targets: np.ndarray, vocab_size: int) -> np.n
   return np.concatenate([by_id[int(t)] if t >= vocab_size else [t] for t in inputs])
 
 
-def example_inputs(batch_size: int, seq_len: int, cfg: ml_collections.ConfigDict) -> tuple:
-  """Zero arrays shaped like the model's inputs, for initialisation."""
-  num_noise, num_spans, input_len = lengths(
-    seq_len, cfg.get('noise_density', 0.15), cfg.get('mean_span', 3.0)
-  )
-  z = lambda n: np.zeros((batch_size, n), np.int32)
-  return z(input_len), z(num_noise + num_spans), z(input_len), z(num_noise + num_spans)
-
-
-def loss_fn(apply_fn, params, batch, rng, cfg):
+def loss_fn(apply_fn, params, batch, rng, args):
   """Cross-entropy of the decoder's predictions of every sentinel and hidden token."""
-  del rng, cfg
+  del rng, args
   logits_BLV = apply_fn(
     params,
     batch['inputs'],

@@ -29,18 +29,18 @@ from fm.objectives._losses import weighted_cross_entropy
 COMPATIBLE_MODELS = ('encdec',)
 MODES = ('R', 'S', 'X')
 EXTRA_TOKENS = span_corruption.EXTRA_TOKENS + len(MODES)  # Sentinels, then the mode tokens.
-DEFAULTS = dict(
-  mixture=dict(R=0.4, S=0.2, X=0.4),
-  r_spans=((3.0, 0.15), (8.0, 0.15)),
-  x_spans=((3.0, 0.5), (8.0, 0.5), (64.0, 0.15), (64.0, 0.5)),
-  s_density=0.25,
+ARGS = dict(
+  mixture=dict(R=0.4, S=0.2, X=0.4),  # Probability of each denoiser (normalised).
+  r_spans=((3.0, 0.15), (8.0, 0.15)),  # R's (mean span length, noise density) pairs.
+  x_spans=((3.0, 0.5), (8.0, 0.5), (64.0, 0.15), (64.0, 0.5)),  # X's pairs.
+  s_density=0.25,  # S: the mean share of a window that the decoder predicts.
 )
 __all__ = [
+  'ARGS',
   'COMPATIBLE_MODELS',
   'EXTRA_TOKENS',
   'MODES',
   'denoisers',
-  'example_inputs',
   'host_transform',
   'lengths',
   'loss_fn',
@@ -49,17 +49,17 @@ __all__ = [
 ]
 
 
-def denoisers(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, dict]:
-  """(probability of R, S, X; {'R': spans, 'X': spans, 'S': density}) with defaults filled in."""
-  mixture = dict(DEFAULTS['mixture'], **dict(cfg.get('mixture', {})))
+def denoisers(args: ml_collections.ConfigDict) -> tuple[np.ndarray, dict]:
+  """(probability of R, S, X; {'R': spans, 'X': spans, 'S': density}) of the objective's args."""
+  mixture = dict(args.mixture)
   if set(mixture) != set(MODES) or min(mixture.values()) < 0 or sum(mixture.values()) <= 0:
     raise ConfigError(
       f'config.objective_args.mixture={mixture} must give a weight >= 0 to each '
-      f'of R, S and X (not all zero), e.g. {DEFAULTS["mixture"]}.'
+      f'of R, S and X (not all zero), e.g. {ARGS["mixture"]}.'
     )
   probs = np.array([mixture[m] for m in MODES], np.float64)
   spans = {
-    m: tuple(tuple(map(float, p)) for p in cfg.get(key, DEFAULTS[key]))
+    m: tuple(tuple(map(float, p)) for p in args[key])
     for m, key in (('R', 'r_spans'), ('X', 'x_spans'))
   }
   for m, pairs in spans.items():
@@ -68,7 +68,7 @@ def denoisers(cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, dict]:
         f'config.objective_args.{m.lower()}_spans={pairs} must be a non-empty '
         f'list of (mean span length >= 1, noise density in (0, 1)) pairs.'
       )
-  s_density = float(cfg.get('s_density', DEFAULTS['s_density']))
+  s_density = float(args.s_density)
   if not 0 < s_density <= 0.5:
     raise ConfigError(f'config.objective_args.s_density={s_density} must lie in (0, 0.5].')
   return probs / probs.sum(), {**spans, 'S': s_density}
@@ -78,9 +78,9 @@ def validate(args: ml_collections.ConfigDict) -> None:
   denoisers(args)
 
 
-def lengths(seq_len: int, cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+def lengths(seq_len: int, args: ml_collections.ConfigDict) -> tuple[int, int]:
   """(encoder input length, decoder target length): the longest any denoiser produces."""
-  _, d = denoisers(cfg)
+  _, d = denoisers(args)
   pairs = d['R'] + d['X']
   inputs = [span_corruption.lengths(seq_len, density, span)[2] for span, density in pairs]
   targets = [sum(span_corruption.lengths(seq_len, density, span)[:2]) for span, density in pairs]
@@ -92,10 +92,10 @@ def _s_max_target(seq_len: int, density: float) -> int:
   return min(max(int(round(2 * density * seq_len)), 1), seq_len - 1)
 
 
-def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
-  probs, d = denoisers(cfg)
+def host_transform(vocab_size: int, args: ml_collections.ConfigDict):
+  probs, d = denoisers(args)
   mode_ids = vocab_size + span_corruption.EXTRA_TOKENS + np.arange(len(MODES))
-  shape = functools.lru_cache(lambda L: lengths(L, cfg))  # Per window length, not per window.
+  shape = functools.lru_cache(lambda L: lengths(L, args))  # Per window length, not per window.
 
   def corrupt(window: dict, rng: np.random.Generator) -> dict:
     tokens = window['tokens']
@@ -133,15 +133,9 @@ def host_transform(vocab_size: int, cfg: ml_collections.ConfigDict):
   return corrupt
 
 
-def example_inputs(batch_size: int, seq_len: int, cfg: ml_collections.ConfigDict) -> tuple:
-  input_len, target_len = lengths(seq_len, cfg)
-  z = lambda n: np.zeros((batch_size, n), np.int32)
-  return z(input_len), z(target_len), z(input_len), z(target_len)
-
-
-def loss_fn(apply_fn, params, batch, rng, cfg):
+def loss_fn(apply_fn, params, batch, rng, args):
   """Cross-entropy of the decoder's targets, with each denoiser's share as summable metrics."""
-  del rng, cfg
+  del rng, args
   logits_BLV = apply_fn(
     params,
     batch['inputs'],

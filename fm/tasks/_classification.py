@@ -1,22 +1,129 @@
-"""What every classification task shares: encoding, the loss, and accuracy / macro-F1.
+"""The classification kind: encoding, the head, the loss, accuracy / macro-F1, prompt scoring.
 
-A task module provides `LABELS` and `load(seed) -> {'train', 'validation', 'test'}` of
-(text, label index) pairs; this module turns them into fixed-length rows and scores them.
-Metrics are summed as a confusion matrix, so accuracy and macro-F1 over many batches and
-devices are exact.
+A classification task module provides `LABELS` and `load(seed) -> {'train', 'validation',
+'test'}` of (text, label index) pairs, and for zero-/few-shot prompting a `PROMPT` and one
+`LABEL_WORDS` entry per label. This module turns the examples into fixed-length rows, puts a
+classifier head on the backbone's pooled states and scores the predictions. Metrics are summed as
+a confusion matrix, so accuracy and macro-F1 over many batches and devices are exact.
 """
+
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-KIND = 'classification'
+from fm import ConfigError
+from fm.models import layers
+from fm.tasks import Task
+
 MODES = ('full', 'linear_probe', 'lora', 'zero_shot', 'few_shot')
-COMPATIBLE_MODELS = ('decoder', 'encoder', 'encdec')
-DEFAULT_POOL = {'decoder': 'last', 'encoder': 'mean', 'encdec': 'mean'}
+PROMPT_MODES = ('zero_shot', 'few_shot')  # No training: a causal LM scores the label words.
 
 
+class TaskContract(Task, Protocol):
+  """What a classification task module provides, besides `Task`'s names."""
+
+  # The class names; examples carry an index into them.
+  LABELS: tuple[str, ...]
+  # Zero- and few-shot: the prompt around an example's text ('...{text}...') and the word the
+  # LM should continue it with, per label (' good', ' bad'). Optional: None turns those modes off.
+  PROMPT: str | None
+  LABEL_WORDS: tuple[str, ...] | None
+
+
+TASK_DEFAULTS: dict[str, Any] = {'MODES': MODES, 'PROMPT': None, 'LABEL_WORDS': None}
+DATA_KEYS = ('seq_len',)  # Required config.data keys: tokens per row.
+ARGS: dict[str, Any] = {}  # config.task_args of this kind, besides the shared ones.
+FINETUNE = dict(  # config.finetune keys of this kind.
+  pool='',  # How the head pools the final states (layers.POOLS; '': the backbone's POOL).
+  shots=4,  # Demonstrations from the training split, for mode few_shot.
+)
+
+
+# =============================================================================================
+# The kind's interface (fm/finetune.py)
+# =============================================================================================
+def row_length(config: ml_collections.ConfigDict) -> int:
+  """Tokens per row: the model's input length."""
+  return config.data.seq_len
+
+
+def validate(task, config: ml_collections.ConfigDict) -> None:
+  """Checks of the config that need neither data nor the backbone."""
+  pool, mode = config.finetune.pool, config.finetune.mode
+  if pool and pool not in layers.POOLS:
+    raise ConfigError(
+      f'config.finetune.pool={pool!r} is unknown; choose one of: {", ".join(layers.POOLS)}.'
+    )
+  if mode in PROMPT_MODES and (task.PROMPT is None or task.LABEL_WORDS is None):
+    raise ConfigError(
+      f'config.finetune.mode={mode!r} needs the task to define PROMPT and LABEL_WORDS, which '
+      f'{task.__name__} does not; add them (see fm/tasks/sentiment.py) or use one of: '
+      f'{", ".join(m for m in task.MODES if m not in PROMPT_MODES)}.'
+    )
+
+
+def check_backbone(task, config: ml_collections.ConfigDict, family_name: str, family) -> None:
+  """Any backbone reads text for a classifier; prompt scoring needs a causal LM."""
+  del task
+  mode = config.finetune.mode
+  if mode in PROMPT_MODES and family.SEQ2SEQ != 'prefix_lm':  # A decoder-only causal LM.
+    raise ConfigError(
+      f'config.finetune.mode={mode!r} scores label words with a causal LM, but the backbone is '
+      f'an {family_name!r} model; use a decoder backbone or one of: full, linear_probe, lora.'
+    )
+
+
+def trains(config: ml_collections.ConfigDict) -> bool:
+  """Whether the mode trains at all."""
+  return config.finetune.mode not in PROMPT_MODES
+
+
+def model_fields(task, config: ml_collections.ConfigDict, family) -> dict[str, Any]:
+  """The head on top of the backbone: a classifier on pooled states (none when prompting)."""
+  return {
+    'num_classes': 0 if config.finetune.mode in PROMPT_MODES else len(task.LABELS),
+    'pool': config.finetune.pool or family.POOL,
+  }
+
+
+def encode_splits(
+  task, named: dict[str, list], tokenizer, config: ml_collections.ConfigDict, family
+) -> dict[str, dict[str, np.ndarray]]:
+  """Rows of every split; for prompting, one row per label of each example (training split:
+  never read)."""
+  del family  # Every family reads the same rows.
+  seq_len = config.data.seq_len
+  if config.finetune.mode not in PROMPT_MODES:
+    return {k: encode(v, tokenizer, seq_len) for k, v in named.items()}
+  shots = config.finetune.shots if config.finetune.mode == 'few_shot' else 0
+  order = np.random.default_rng(config.seed).permutation(len(named['train']))
+  demos = [named['train'][i] for i in order[:shots]]
+  rows = {
+    k: encode_prompts(named[k], demos, task, tokenizer, seq_len) for k in ('validation', 'test')
+  }
+  return {**rows, 'train': rows['validation']}
+
+
+def make_loss(task, config: ml_collections.ConfigDict, family, model_cfg) -> Callable:
+  """The loss of a batch of rows: the classifier's cross-entropy, or the label words' scores."""
+  if config.finetune.mode in PROMPT_MODES:
+    return make_scoring_fn(len(task.LABELS))
+  return make_loss_fn(len(task.LABELS), lambda *text: family.inputs(model_cfg, *text))
+
+
+def generation(task, config, tokenizer, family, model_cfg, examples, mesh, rules, workdir) -> None:
+  """Classifiers generate nothing: no metrics of generated text."""
+  del task, config, tokenizer, family, model_cfg, examples, mesh, rules, workdir
+
+
+# =============================================================================================
+# Rows, loss and metrics
+# =============================================================================================
 def encode(examples: list[tuple[str, int]], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
   """Rows of BOS + text (cut to fit) + EOS, left-aligned, zero-padded (segment id 0)."""
   n = len(examples)
@@ -30,18 +137,15 @@ def encode(examples: list[tuple[str, int]], tokenizer, seq_len: int) -> dict[str
   return {'tokens': tokens, 'segment_ids': segment_ids, 'positions': positions, 'label': labels}
 
 
-def class_logits(apply_fn, params, batch, model_name: str):
-  if model_name == 'encdec':  # Classifies from the encoder alone.
-    return apply_fn(params, batch['tokens'], None, batch['segment_ids'])
-  return apply_fn(params, batch['tokens'], batch['segment_ids'], batch['positions'])
+def make_loss_fn(num_classes: int, inputs: Callable[..., tuple]) -> Callable:
+  """`inputs(tokens, segment_ids, positions)`: the model's arguments that read a row's text
+  (the family's `inputs`)."""
 
-
-def make_loss_fn(num_classes: int, model_name: str):
-  def loss_fn(apply_fn, params, batch, rng, cfg):
+  def loss_fn(apply_fn, params, batch, rng):
     """Mean cross-entropy over real rows (weight 1); a confusion matrix for the metrics."""
-    del rng, cfg
-    logits_BC = class_logits(apply_fn, params, batch, model_name)
-    return _scored(logits_BC, batch, num_classes)
+    del rng
+    text = inputs(batch['tokens'], batch['segment_ids'], batch['positions'])
+    return _scored(apply_fn(params, *text), batch, num_classes)
 
   return loss_fn
 
@@ -80,9 +184,9 @@ def summarize(sums: dict) -> dict[str, float]:
   return {'loss': float(sums['loss_sum']) / count, **scores(sums['confusion'])}
 
 
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 # Zero- and few-shot: no training; a causal LM picks the label word it finds most likely.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
 def encode_prompts(examples, shots, task, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
   """Rows (N, C, L): for each example and each label c, BOS + the `shots` demonstrations (prompt,
   label word) + the example's prompt + label word c. The context is cut from the left to fit;
@@ -113,11 +217,11 @@ def encode_prompts(examples, shots, task, tokenizer, seq_len: int) -> dict[str, 
   }
 
 
-def make_scoring_fn(num_classes: int):
-  def loss_fn(apply_fn, params, batch, rng, cfg):
+def make_scoring_fn(num_classes: int) -> Callable:
+  def loss_fn(apply_fn, params, batch, rng):
     """Log-likelihood of each label word after the prompt; the most likely is the prediction.
     The 'loss' is the cross-entropy of the true label under the normalised word likelihoods."""
-    del rng, cfg
+    del rng
     B, C, L = batch['tokens'].shape
     flat = lambda x: x.reshape(B * C, L)
     logits_RLV = apply_fn(

@@ -9,35 +9,14 @@ remaining articles. Metrics: ROUGE-1/2/L F-measures (rouge-score, stemmed) of ge
 import random
 
 from fm.data import sources
-from fm.tasks._seq2seq import (
-  COMPATIBLE_MODELS,
-  KIND,
-  MODES,
-  encode,
-  make_loss_fn,
-  prompts,
-  summarize,
-  target_text,
-)
 
-__all__ = [
-  'COMPATIBLE_MODELS',
-  'KIND',
-  'MODES',
-  'encode',
-  'generation_metrics',
-  'load',
-  'make_loss_fn',
-  'prompts',
-  'summarize',
-  'target_text',
-]
+KIND = 'seq2seq'
 
 
 def load(seed: int = 0) -> dict[str, list[tuple[str, str]]]:
   articles = sources.news_articles()
   rows = [r for r in articles if r['text'].strip() and r['title'].strip()]
-  pretraining_held_out = sources._split_by_key(
+  pretraining_held_out = sources.split_by_key(
     [r['article_id'] for r in articles if r['text'].strip()], 0.05, 0
   )  # As sources.news.
   rest = sorted({r['article_id'] for r in rows} - pretraining_held_out, key=int)

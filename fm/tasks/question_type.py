@@ -9,30 +9,8 @@ import random
 import zipfile
 
 from fm.data import sources
-from fm.tasks._classification import (
-  COMPATIBLE_MODELS,
-  DEFAULT_POOL,
-  KIND,
-  MODES,
-  encode,
-  make_loss_fn,
-  summarize,
-)
 
-__all__ = [
-  'COMPATIBLE_MODELS',
-  'DEFAULT_POOL',
-  'KIND',
-  'LABELS',
-  'MODES',
-  'LABEL_WORDS',
-  'PROMPT',
-  'encode',
-  'load',
-  'make_loss_fn',
-  'summarize',
-]
-
+KIND = 'classification'
 LABELS = ('ABBR', 'DESC', 'ENTY', 'HUM', 'LOC', 'NUM')
 # Zero-/few-shot: a causal LM scores each label word after the prompt.
 PROMPT = 'Question: {text}\nThe answer is'

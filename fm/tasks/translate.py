@@ -17,30 +17,8 @@ import tarfile
 import zlib
 
 from fm.data import sources
-from fm.tasks._seq2seq import (
-  COMPATIBLE_MODELS,
-  KIND,
-  MODES,
-  encode,
-  make_loss_fn,
-  prompts,
-  summarize,
-  target_text,
-)
 
-__all__ = [
-  'COMPATIBLE_MODELS',
-  'KIND',
-  'MODES',
-  'encode',
-  'generation_metrics',
-  'load',
-  'make_loss_fn',
-  'prompts',
-  'summarize',
-  'target_text',
-  'verses',
-]
+KIND = 'seq2seq'
 
 KJV = sources.DebPackage(
   'sword-text-kjv',

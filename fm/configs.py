@@ -1,0 +1,261 @@
+"""Experiment configs: loading experiment files, the default of every key, and resolving a
+config against them.
+
+An experiment file (`get_config(arg)` returning an ml_collections ConfigDict) is a whole recipe;
+on the command line any key it sets can be overridden (`--config.train.steps=100`), and no other.
+`resolve` fills in every key the file leaves out from the table below, which is the one home of
+each default, so the trainers read `config.train.microbatches` and never `.get(key, default)`.
+It also refuses a key that the table does not know (naming the closest one) and a required key
+that is missing. Plugin options have their defaults in the plugin: an objective's `ARGS`
+(`config.objective_args`), a task kind's `ARGS` (`config.task_args`) and `FINETUNE`; model
+fields in the model's `VARIANTS` and `Config`.
+"""
+
+import ast
+import difflib
+import importlib.util
+import pathlib
+from typing import Any
+
+import ml_collections
+
+from fm import ConfigError, registry
+from fm.tasks import kind_of
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class _Required:
+  """Marks a key an experiment must set."""
+
+  def __repr__(self):
+    return 'REQUIRED'
+
+
+class _Free:
+  """Marks a dict whose keys are checked by its user, not here (default: empty)."""
+
+  def __repr__(self):
+    return 'FREE'
+
+
+class _Optional:
+  """Marks a key that may be set, with no default here (a model's Config field)."""
+
+  def __repr__(self):
+    return 'OPTIONAL'
+
+
+REQUIRED, FREE, OPTIONAL = _Required(), _Free(), _Optional()
+
+# =============================================================================================
+# Every key, with its default
+# =============================================================================================
+# Keys of every run.
+SHARED = dict(
+  seed=0,  # Init, the step rng, and which labels task_args.train_fraction keeps.
+  train=dict(
+    steps=REQUIRED,  # Optimizer steps (0: only evaluate).
+    global_batch=REQUIRED,  # Rows per step, over all devices and hosts.
+    microbatches=1,  # Gradient accumulation over that many slices of each batch.
+    log_every=50,  # Steps between progress lines (and train/* metrics).
+    eval_every=500,  # Steps between evaluations on the validation split.
+    eval_batches=-1,  # Batches per periodic evaluation (-1: the whole split).
+    final_eval_batches=-1,  # Batches of the final evaluation of a pretraining run (-1: all).
+    nonfinite='raise',  # A non-finite loss or update: 'raise' (stop, save nothing) or 'skip'.
+  ),
+  optim=dict(  # AdamW with linear warmup, then cosine decay (fm/optim.py).
+    lr=REQUIRED,  # Peak learning rate.
+    b1=0.9,
+    b2=0.95,
+    eps=1e-8,
+    weight_decay=0.0,  # Decoupled, not on norm scales and biases.
+    clip_norm=0.0,  # Global gradient-norm clipping (0: off).
+    warmup_steps=0,
+    schedule='cosine',  # 'cosine' (to lr * min_lr_ratio at the last step) or 'constant'.
+    min_lr_ratio=0.1,
+  ),
+  mesh=dict(data=-1, fsdp=1, sequence=1, tensor=1),  # Device mesh; one axis may be -1: the rest.
+  sharding=dict(rules=()),  # [logical name, mesh axes] pairs over fm/sharding.py's defaults.
+  checkpoint=dict(
+    every_steps=0,  # Save every N steps (0: only at the end and on preemption).
+    keep=3,  # Newest checkpoints kept.
+  ),
+  init=dict(from_checkpoint=''),  # A workdir or checkpoint whose matching params start the run.
+)
+# A pretraining run (no `task`).
+PRETRAINING = dict(
+  objective=REQUIRED,  # A module of fm/objectives/.
+  objective_args=FREE,  # The objective's options: its ARGS.
+  model=dict(
+    name=REQUIRED,  # A module of fm/models/.
+    variant='tiny',  # One of its VARIANTS; other keys override fields of its Config.
+  ),
+  data=dict(
+    dataset=REQUIRED,  # 'shakespeare', 'news' or 'files' (fm/data/sources.py).
+    seq_len=REQUIRED,  # Tokens per packed window.
+    seed=0,  # Shuffle order of the windows.
+    tokenizer=dict(
+      kind='sentencepiece',  # 'sentencepiece' (trained on the train split, cached) or 'bytes'.
+      vocab_size=4096,  # SentencePiece vocabulary size.
+    ),
+    source_kwargs=FREE,  # Arguments of the source (`files`: train and validation globs).
+  ),
+)
+# A fine-tuning run (`task` set).
+FINETUNING = dict(
+  task=REQUIRED,  # A module of fm/tasks/.
+  task_args=dict(
+    train_fraction=1.0,  # Share of the training examples kept (seeded by `seed`).
+    split_seed=0,  # Seed of the task's train/validation/test split.
+  ),
+  pretrained=dict(  # The backbone run (fm/runs.py).
+    experiment='',  # An experiment file trained into WORKDIR/pretrained unless finished there.
+    workdir='',  # A finished run's workdir, used as it is; takes precedence over `experiment`.
+    overrides='',  # 'key=value ...' applied to `experiment`'s config (e.g. 'train.steps=100').
+  ),
+  finetune=dict(
+    init='pretrained',  # 'pretrained' (warm start) or 'random' (same architecture, fresh).
+    mode='full',  # One of the task's MODES: full, linear_probe, lora, zero_shot, few_shot.
+    head_lr=0.0,  # The learning rate of a task head (0: optim.lr).
+    lora_rank=8,  # Adapters' rank, for mode lora.
+    lora_alpha=16.0,  # Adapters' scale: alpha / rank.
+    lora_targets=('query', 'key', 'value', 'out', 'gate', 'up', 'down'),
+  ),
+)
+# A pretrained-run spec (`pretrained`, an objective's frozen models).
+RUN_SPEC = dict(FINETUNING['pretrained'])
+
+
+# =============================================================================================
+# Loading experiment files
+# =============================================================================================
+def load(spec: str, key: str) -> ml_collections.ConfigDict:
+  """'experiments/x.py[:variant]' (relative to the working directory or the repository) ->
+  that file's get_config(variant), as `--config` loads it; `key` names the setting in errors."""
+  path, _, arg = spec.partition(':')
+  found = next((p for p in (pathlib.Path(path).expanduser(), REPO / path) if p.is_file()), None)
+  if found is None:
+    raise ConfigError(
+      f'{key}={spec!r}: no such experiment file; give a path like '
+      f'experiments/lm_shakespeare.py (optionally with :smoke).'
+    )
+  module_spec = importlib.util.spec_from_file_location(found.stem, found)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  try:
+    return module.get_config(arg)
+  except ValueError as e:  # An unknown variant.
+    raise ConfigError(f'{key}={spec!r}: {e}') from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: str, key: str) -> None:
+  """Sets 'a.b=value c=value' (Python literals, else strings) on `config`, whose keys must
+  exist, as the command line's --config.a.b=value would."""
+  for item in overrides.split():
+    path, sep, text = item.partition('=')
+    if not sep:
+      raise ConfigError(f'{key}={overrides!r}: {item!r} is not key=value, e.g. train.steps=100.')
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    try:
+      node, last = find(config, path)
+    except ConfigError as e:
+      raise ConfigError(f'{key}: {e}') from None
+    try:
+      node[last] = value
+    except TypeError as e:
+      raise ConfigError(f'{key}: {path}={text} does not fit ({e}).') from None
+
+
+# =============================================================================================
+# Resolving a config
+# =============================================================================================
+def is_finetuning(config: ml_collections.ConfigDict) -> bool:
+  """A config with a `task` adapts a backbone; one without pretrains."""
+  return bool(config.get('task'))
+
+
+def schema(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The keys a run of `config` may set, with their defaults (REQUIRED, FREE or a value)."""
+  if is_finetuning(config):
+    kind = kind_of(registry.get('tasks', config.task))
+    return {
+      **SHARED,
+      **FINETUNING,
+      'task_args': {**FINETUNING['task_args'], **kind.ARGS},
+      'finetune': {**FINETUNING['finetune'], **kind.FINETUNE},
+      # Seed: the order of the training examples.
+      'data': {**{k: REQUIRED for k in kind.DATA_KEYS}, 'seed': 0},
+    }
+  out = {**SHARED, **PRETRAINING}
+  if isinstance(config.get('objective'), str):
+    objective = registry.get('objectives', config.objective)
+    out['objective_args'] = {**objective.ARGS, **{n: RUN_SPEC for n in objective.FROZEN}}
+  if isinstance(config.get('model', {}).get('name'), str):
+    family = registry.get('models', config.model.name)
+    fields = {f: OPTIONAL for f in family.Config.__dataclass_fields__}
+    out['model'] = {**fields, **PRETRAINING['model']}
+  return out
+
+
+def resolve(config: ml_collections.ConfigDict | dict) -> ml_collections.ConfigDict:
+  """A copy of `config` with every default filled in, checked against `schema`; resolving a
+  resolved config changes nothing."""
+  config = ml_collections.ConfigDict(
+    config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+  )
+  _fill(config, schema(config), 'config')
+  return config
+
+
+def _fill(node: ml_collections.ConfigDict, table: dict, where: str) -> None:
+  for name in node:
+    if name not in table:
+      raise ConfigError(unknown_key(where, name, list(table)))
+  for name, default in table.items():
+    if name in node:
+      value = node[name]
+    elif default is REQUIRED:
+      raise ConfigError(f'{where}.{name} is required; set it in the experiment file.')
+    elif default is not OPTIONAL:
+      node[name] = {} if isinstance(default, dict | _Free) else default
+      value = node[name]
+    if isinstance(default, dict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f'{where}.{name}={value!r} must be a dict of: {", ".join(default)}.')
+      _fill(value, default, f'{where}.{name}')
+
+
+def find(config: ml_collections.ConfigDict, path: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(the dict that holds the key `path` ('a.b.c'), its last name); a key that `config` does
+  not set raises a ConfigError naming the closest one."""
+  node, where = config, 'config'
+  for name in path.split('.'):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      choices = list(node) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ConfigError(unknown_key(where, name, choices))
+    parent, node, where = node, node[name], f'{where}.{name}'
+  return parent, name
+
+
+def unknown_key(where: str, name: str, choices: list[str]) -> str:
+  """The sentence for a key `where.name` that is not one of `choices`."""
+  guess = closest(name, choices)
+  return (
+    f'{where}.{name} is not a key of {where}'
+    + (f' (did you mean {guess!r}?)' if guess else '')
+    + f'; its keys: {", ".join(choices)}.'
+  )
+
+
+def closest(name: str, choices: list[str]) -> str | None:
+  """The choice closest to a misspelled `name`, by spelling or by initials
+  (`learning_rate` -> `lr`), or None."""
+  initials = lambda s: ''.join(w[0] for w in s.split('_') if w)
+  found = difflib.get_close_matches(name, choices, 1, 0.6) or [
+    c for c in choices if len(c) > 1 and (initials(name) == c or initials(c) == name)
+  ]
+  return found[0] if found else None

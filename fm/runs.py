@@ -1,0 +1,159 @@
+"""Runs: the entry every config goes through, and the runs a config depends on.
+
+`run(config, workdir)` resolves the config (fm/configs.py) and checks it, then trains or finds
+the runs it depends on (a fine-tuning run's backbone, `config.pretrained`; an objective's frozen
+models such as a distillation teacher, `config.objective_args.<name>`), and hands it to
+pretraining (fm/train.py) or, with a `task`, to adaptation (fm/finetune.py). Neither trainer
+imports the other or this module.
+
+A run spec (`pretrained`, `objective_args.teacher`) names a run in one of two ways:
+  workdir     a run's workdir (or one of its checkpoints), used as it is: its newest checkpoint
+              is read, and nothing is ever trained or written there. Takes precedence.
+  experiment  an experiment file, with `overrides` ('key=value ...') applied to its config,
+              trained into this run's WORKDIR/<name> (pretrained, teacher) unless it is finished
+              there: a later command resumes or reuses it.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import ml_collections
+
+from fm import ConfigError, checkpoint, configs, finetune, sharding, train
+from fm import metrics as metrics_lib
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
+  """Trains and evaluates per `config` in `workdir`, after the runs it depends on; returns the
+  final held-out metrics (and test/* ones), or {} when preempted while training a dependency
+  (rerunning the same command resumes it). Every config check runs before anything is written."""
+  config = configs.resolve(config)
+  workdir = pathlib.Path(workdir).expanduser()
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  shape, batch_ways = dict(mesh.shape), sharding.batch_divisor(mesh, rules)
+  if configs.is_finetuning(config):
+    backbone = dependency(config.pretrained, 'config.pretrained', workdir / 'pretrained')
+    finetune.validate(config, shape, batch_ways, backbone.config)
+    _prepare(workdir)
+    ckpt = None
+    if config.finetune.init == 'pretrained':
+      ckpt = obtain(backbone)
+      if ckpt is None:
+        return {}
+    return finetune.train_and_evaluate(config, workdir, finetune.Backbone(backbone.config, ckpt))
+  objective = train.validate(config, shape, batch_ways)
+  frozen = {
+    name: dependency(config.objective_args[name], f'config.objective_args.{name}', workdir / name)
+    for name in objective.FROZEN
+  }
+  _prepare(workdir)
+  ckpts = {name: obtain(spec) for name, spec in frozen.items()}
+  if None in ckpts.values():
+    return {}
+  return train.train_and_evaluate(config, workdir, ckpts)
+
+
+def _prepare(workdir: pathlib.Path) -> None:
+  """Creates the workdir and proves it is writable, before anything expensive happens."""
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / f'.write-probe-{os.getpid()}'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise ConfigError(
+      f'workdir {workdir} is not writable ({e.strerror}); choose a directory you can write to.'
+    ) from None
+
+
+# =============================================================================================
+# Runs a config depends on
+# =============================================================================================
+@dataclasses.dataclass(frozen=True)
+class Dependency:
+  """A run that another needs, as its spec names it (see the module docstring)."""
+
+  key: str  # Where the spec sits: 'config.pretrained', 'config.objective_args.teacher'.
+  config: ml_collections.ConfigDict  # The run's resolved config.
+  workdir: pathlib.Path
+  experiment: str  # The experiment that trains it; '' for a workdir used as it is.
+  ckpt: pathlib.Path | None  # Its checkpoint, when given by a workdir.
+
+
+def dependency(spec: ml_collections.ConfigDict, key: str, default_workdir: pathlib.Path):
+  """The run a spec names, checked without training anything."""
+  if spec.workdir:
+    ckpt = checkpoint.resolve(spec.workdir, f'{key}.workdir')
+    held = checkpoint.read_meta(ckpt).get('config')
+    if not held:
+      raise ConfigError(
+        f'{key}.workdir={spec.workdir!r}: {ckpt} carries no run config (not an fm '
+        f'checkpoint); point it at the workdir of an fm pretraining run.'
+      )
+    if held.get('task'):
+      raise ConfigError(
+        f'{key}.workdir={spec.workdir!r} holds a fine-tuning run (task {held["task"]!r}), not '
+        f'a pretraining run; point it at a pretraining workdir (a fine-tuning run keeps its '
+        f'backbone in WORKDIR/pretrained).'
+      )
+    return Dependency(key, configs.resolve(held), pathlib.Path(spec.workdir), '', ckpt)
+  if not spec.experiment:
+    raise ConfigError(
+      f'{key} needs a workdir of a finished run (.workdir=PATH) or an experiment that trains '
+      f'one (.experiment=experiments/lm_shakespeare.py).'
+    )
+  config = configs.load(spec.experiment, f'{key}.experiment')
+  configs.apply_overrides(config, spec.overrides, f'{key}.overrides')
+  config = configs.resolve(config)
+  if configs.is_finetuning(config):
+    raise ConfigError(
+      f'{key}.experiment={spec.experiment!r} is a fine-tuning experiment; name a pretraining '
+      f'one, such as experiments/lm_shakespeare.py.'
+    )
+  _check_same_run(default_workdir, config, spec.experiment, key)
+  return Dependency(key, config, default_workdir, spec.experiment, None)
+
+
+def obtain(dependency: Dependency) -> pathlib.Path | None:
+  """The dependency's checkpoint, training it first (or resuming it) when its experiment has
+  not reached its final step in its workdir; None when that training was preempted."""
+  if dependency.ckpt is not None:
+    return dependency.ckpt
+  steps = dependency.config.train.steps
+  if checkpoint.latest_step(dependency.workdir) < steps:
+    metrics_lib.log(
+      f'{dependency.key}: training {dependency.experiment} in {dependency.workdir} first'
+    )
+    run(dependency.config, dependency.workdir)
+    if checkpoint.latest_step(dependency.workdir) < steps:
+      metrics_lib.log(f'stopped while training {dependency.key}; rerun the same command to resume.')
+      return None
+  return checkpoint.resolve(dependency.workdir, f'{dependency.key}.workdir')
+
+
+def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) -> None:
+  """Refuses a default workdir that holds another run than `experiment` would train (a
+  fine-tuning run, another model or dataset), so its checkpoints are never taken for broken
+  ones or trained further."""
+  path = workdir / 'config.json'
+  if not path.exists():
+    return
+  held = json.loads(path.read_text()).get('config', {})
+  try:
+    held = train.as_json(configs.resolve(held).to_dict())
+  except ConfigError:
+    pass  # Compared as it is: it differs.
+  wanted = train.as_json(config.to_dict())
+  differing = [
+    k
+    for k in ('task', 'objective', 'model', 'data')
+    if (k in held or k in wanted) and held.get(k) != wanted.get(k)
+  ]
+  if differing:
+    raise ConfigError(
+      f'{key}: {workdir} holds another run than {experiment} trains (its config differs in '
+      f'{", ".join(differing)}); move it away, or point {key}.workdir at it to use it as it is.'
+    )

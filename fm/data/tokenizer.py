@@ -7,6 +7,7 @@ loss in nats per token into bits per byte.
 
 import hashlib
 import io
+import os
 import pathlib
 
 import ml_collections
@@ -133,7 +134,8 @@ def build(
   if not path.exists():
     proto = train_sentencepiece(train_docs, vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp')
+    # Each process writes its own file (pytest-xdist workers or hosts may train it at once).
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
     tmp.write_bytes(proto)
     tmp.replace(path)
   return SentencePieceTokenizer(pathlib.Path(path).read_bytes())

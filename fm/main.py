@@ -1,6 +1,7 @@
 """Entry point: python -m fm.main --config experiments/X.py[:variant] --workdir DIR [--config.a.b=v]."""
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -35,9 +36,22 @@ def cluster() -> str | None:
   return None
 
 
+def cpu_threads() -> None:
+  """With N fake CPU devices (--xla_force_host_platform_device_count=N), XLA's CPU client gives
+  its thread pools max(cores, N) threads; a program of each device can hold two at once (one
+  blocked in a collective), and with exactly N a run was seen to wait forever in an all-reduce.
+  Ask for 2N (PJRT_NPROC), unless it is set already. Call before jax starts."""
+  found = re.search(
+    r'--xla_force_host_platform_device_count=(\d+)', os.environ.get('XLA_FLAGS', '')
+  )
+  if found:
+    os.environ.setdefault('PJRT_NPROC', str(2 * int(found.group(1))))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  cpu_threads()
   import jax  # Imported here so flag errors do not pay for it.
 
   if FLAGS.coordinator_address:

@@ -15,7 +15,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # XLA's CPU client sizes its thread pools to max(cores, devices): 8 threads for 8 devices on a
 # 2-core machine. A device's program can hold two of them at once (one blocked in a collective),
 # and a run then waited forever with 7 devices in an all-reduce and the 8th device's work queued
-# behind the blocked threads. Twice the devices leaves room.
+# behind the blocked threads. Twice the devices leaves room (fm.main.cpu_threads does the same).
 os.environ.setdefault('PJRT_NPROC', '16')
 # Many tests compile the same smoke-sized programs, in this process, in subprocesses and in the
 # other pytest-xdist workers of the session (which share its run id): one persistent

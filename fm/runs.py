@@ -147,11 +147,7 @@ def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) ->
   except ConfigError:
     pass  # Compared as it is: it differs.
   wanted = train.as_json(config.to_dict())
-  differing = [
-    k
-    for k in ('task', 'objective', 'model', 'data')
-    if (k in held or k in wanted) and held.get(k) != wanted.get(k)
-  ]
+  differing = [k for k in ('task', 'objective', 'model', 'data') if held.get(k) != wanted.get(k)]
   if differing:
     raise ConfigError(
       f'{key}: {workdir} holds another run than {experiment} trains (its config differs in '

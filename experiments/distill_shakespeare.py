@@ -35,11 +35,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     attention_impl='xla',
   )
   # Must match the teacher's data and tokenizer.
+  # `train`/`validation`: globs of your own files with dataset='files'; `path`: a corpus
+  # written by python -m fm.data.prepare, with dataset='prepared'.
   c.data = dict(
     dataset='shakespeare',
     seq_len=256,
     seed=0,
     tokenizer=dict(kind='sentencepiece', vocab_size=4096),
+    train='',
+    validation='',
+    path='',
   )
   c.train = dict(
     steps=360,

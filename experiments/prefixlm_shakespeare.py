@@ -24,11 +24,16 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     remat='none',
     attention_impl='xla',
   )
+  # `train`/`validation`: globs of your own files with dataset='files'; `path`: a corpus
+  # written by python -m fm.data.prepare, with dataset='prepared'.
   c.data = dict(
     dataset='shakespeare',
     seq_len=256,
     seed=0,
     tokenizer=dict(kind='sentencepiece', vocab_size=4096),
+    train='',
+    validation='',
+    path='',
   )
   c.train = dict(
     steps=360,

@@ -1,8 +1,9 @@
 """Checkpoints: train state, data-iterator state and metadata, saved asynchronously by orbax.
 
 A checkpoint is `WORKDIR/checkpoints/<step>/` with three items: `state` (params, optimizer
-state, step; an orbax PyTree, restorable onto any mesh), `data` (each process's grain iterator
-state as JSON) and `meta` (the resolved config and tokenizer identity as JSON). Orbax writes
+state, step; an orbax PyTree, restorable onto any mesh), `data_state` (the data iterator's
+position, the same on every process: fm/data/pipeline.py's elastic iterators, so it restores
+onto any number of processes) and `meta` (the resolved config and tokenizer identity as JSON). Orbax writes
 to a temporary directory and renames it when complete, so a killed process never leaves a
 half checkpoint that looks whole. No pickle anywhere.
 
@@ -18,7 +19,6 @@ from typing import Any
 
 from absl import logging
 import flax.linen as nn
-import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -67,7 +67,7 @@ class Checkpointer:
       step,
       args=ocp.args.Composite(
         state=ocp.args.PyTreeSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iter),
+        data_state=ocp.args.JsonSave(data_iter.get_state()),
         meta=ocp.args.JsonSave(meta),
       ),
     )
@@ -82,17 +82,23 @@ class Checkpointer:
     deleted) with a warning naming it, and the one before is tried.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
+      path = self.directory / str(step)
+      if (path / 'data').is_dir() and not (path / 'data_state').exists():
+        raise ConfigError(
+          f'{path} keeps the data position per process, as older fm versions did; resume it '
+          f'with the version that wrote it, or start this run in a new workdir.'
+        )
       try:
         restored = self.manager.restore(
           step,
           args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(item=target, restore_args=_restore_args(target)),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
+            data_state=ocp.args.JsonRestore(),
           ),
         )
+        data_iter.set_state(restored['data_state'])
         return restored['state'], step
       except Exception as e:  # Any unreadable file.
-        path = self.directory / str(step)
         self.log(
           f'warning: checkpoint {path} is unreadable ({type(e).__name__}: '
           f'{str(e).splitlines()[0][:200] if str(e) else ""}); moving it to '

@@ -91,15 +91,21 @@ PRETRAINING = dict(
     name=REQUIRED,  # A module of fm/models/.
     variant='tiny',  # One of its VARIANTS; other keys override fields of its Config.
   ),
-  data=dict(
-    dataset=REQUIRED,  # 'shakespeare', 'news' or 'files' (fm/data/sources.py).
+  data=dict(  # A corpus prepared once (fm/data/prepare.py), streamed by fm/data/pipeline.py.
+    dataset=REQUIRED,  # 'shakespeare', 'news' (prepared and cached), 'files' or 'prepared'.
     seq_len=REQUIRED,  # Tokens per packed window.
     seed=0,  # Shuffle order of the windows.
     tokenizer=dict(
-      kind='sentencepiece',  # 'sentencepiece' (trained on the train split, cached) or 'bytes'.
+      kind='sentencepiece',  # 'sentencepiece' (trained on a sample of the corpus) or 'bytes'.
       vocab_size=4096,  # SentencePiece vocabulary size.
     ),
-    source_kwargs=FREE,  # Arguments of the source (`files`: train and validation globs).
+    train='',  # 'files': glob of .txt, .jsonl, .jsonl.gz or .parquet training files.
+    validation='',  # 'files': glob of held-out files ('': validation_fraction of the documents).
+    validation_fraction=0.01,  # 'files' without validation files: share held out, by hash.
+    text_field='text',  # 'files': the field (.jsonl) or column (.parquet) holding the text.
+    encoding_errors='strict',  # 'files': 'replace' turns bytes that are not UTF-8 into U+FFFD.
+    path='',  # 'prepared': the directory python -m fm.data.prepare wrote.
+    workers=0,  # Grain worker processes for windows and host-side transforms (0: in-process).
   ),
 )
 # A fine-tuning run (`task` set).

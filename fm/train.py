@@ -23,7 +23,8 @@ import optax
 
 from fm import ConfigError, checkpoint, optim, registry, sharding
 from fm import metrics as metrics_lib
-from fm.data import pipeline, sources
+from fm.data import pipeline
+from fm.data import prepare as prepare_lib
 
 # {'step', 'params', 'opt_state', 'nonfinite' (count of non-finite steps), 'first_nonfinite'
 # (the first such step, -1 if none)}.
@@ -97,8 +98,7 @@ def validate(
       f'{", ".join(objective.COMPATIBLE_MODELS)}.'
     )
   objective.validate(config.objective_args)
-  if config.data.dataset not in sources.SOURCES and config.data.dataset != 'files':
-    sources.load(config.data.dataset)  # Raises, listing the choices.
+  check_data(config.data)
   check_run(config)
   if config.data.seq_len > model_cfg.max_len:
     raise ConfigError(
@@ -114,6 +114,24 @@ def validate(
     )
   check_batch(config, mesh_shape, batch_ways, processes)
   return objective
+
+
+def check_data(data_cfg: ml_collections.ConfigDict) -> None:
+  """The corpus exists: the named source is known, `files` globs match, a `prepared` directory
+  has a manifest (nothing is read or prepared yet)."""
+  if data_cfg.workers < 0:
+    raise ConfigError(f'config.data.workers={data_cfg.workers} must be >= 0.')
+  if data_cfg.dataset == 'prepared':
+    if not data_cfg.path:
+      raise ConfigError(
+        'config.data.dataset=prepared needs config.data.path, a directory written by '
+        'python -m fm.data.prepare (--config.data.path=DIR).'
+      )
+    prepare_lib.read_manifest(pathlib.Path(data_cfg.path).expanduser())
+    return
+  spec = pipeline.spec_of(data_cfg)
+  prepare_lib.expand(spec.train, 'config.data.train')
+  prepare_lib.expand(spec.validation, 'config.data.validation')
 
 
 def check_batch(
@@ -407,7 +425,14 @@ def train_and_evaluate(
     data.tokenizer.vocab_size, config.objective_args
   )
   train_ds = pipeline.train_dataset(
-    data.train, seq_len, global_batch, config.data.seed, pidx, pcount, transform
+    data.train,
+    seq_len,
+    global_batch,
+    config.data.seed,
+    pidx,
+    pcount,
+    transform,
+    config.data.workers,
   )
   held_out = lambda limit: pipeline.eval_batches(
     data.validation, seq_len, global_batch, limit, pidx, pcount, transform

@@ -10,6 +10,7 @@ import sys
 import time
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,6 +21,7 @@ from workdirs import smoke_config
 from workdirs import train_losses as losses
 
 from fm import ConfigError, checkpoint, optim, runs, sharding, train
+from fm.data import pipeline
 from fm.models import decoder
 from fm.objectives import causal_lm
 
@@ -206,21 +208,9 @@ def test_resume_on_another_mesh(tmp_path, capsys):
     model, tx = decoder.Model(model_cfg), optim.make(config.optim, 8)
     program = train.build(model, tx, loss_fn, config, mesh, rules, sample)
     ckpt = checkpoint.Checkpointer(tmp_path / 'a', config.checkpoint)
-    from fm.data import pipeline
-
-    state, step = ckpt.restore_latest(
-      checkpoint.with_shardings(program.abstract, program.shardings),
-      iter(
-        pipeline.train_dataset(
-          pipeline.Stream(
-            np.zeros(1024, np.int32), np.ones(1024, np.int32), np.ones(4096, np.int32)
-          ),
-          64,
-          8,
-          0,
-        )
-      ),
-    )
+    target = checkpoint.with_shardings(program.abstract, program.shardings)
+    data_iter = iter(pipeline.elastic(grain.MapDataset.range(64), 8, 0, 1))
+    state, step = ckpt.restore_latest(target, data_iter)
     ckpt.close()
   assert step == 8
   mlp_up = state['params']['params']['layer_0']['mlp']['up']

@@ -1,15 +1,51 @@
-"""Real-data sources, lossless tokenizers, and a deterministic, process-disjoint pipeline."""
+"""Real-data sources, prepared corpora (Beam, ArrayRecord, manifest), lossless tokenizers, and a
+deterministic, process-disjoint, elastic pipeline."""
 
+import collections
+import gzip
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
-import ml_collections
 import numpy as np
 import pytest
 
 from fm import ConfigError
-from fm.data import pipeline, sources, tokenizer
+from fm.data import pipeline, prepare, sources, tokenizer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORDS = 'the a river stone light of and in is was quiet north field bright old'.split()
 
 
+def write_corpus(directory: pathlib.Path, files: int = 3, docs: int = 40, seed: int = 0):
+  """`files` jsonl files of `docs` documents of random words each."""
+  rng = np.random.default_rng(seed)
+  directory.mkdir(parents=True, exist_ok=True)
+  for f in range(files):
+    lines = []
+    for _ in range(docs):
+      text = ' '.join(rng.choice(WORDS, rng.integers(5, 60)))
+      lines.append(json.dumps({'text': text, 'id': f}))
+    (directory / f'part-{f}.jsonl').write_text('\n'.join(lines) + '\n')
+  return str(directory / '*.jsonl')
+
+
+def byte_spec(train: str, **fields) -> prepare.Spec:
+  return prepare.Spec(train=(train,), tokenizer='bytes', validation_fraction=0.2, **fields)
+
+
+def shards(directory: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if not p.name.startswith('.')}
+
+
+# =============================================================================================
+# Sources and tokenizers
+# =============================================================================================
 def test_shakespeare_held_out_by_work():
   splits = sources.shakespeare()
   assert len(splits['train']) > 60 and len(splits['validation']) >= 4
@@ -40,8 +76,8 @@ def test_unknown_dataset():
 
 
 def test_tokenizers_round_trip(shakespeare_data):
-  text = shakespeare_data.validation.tokens  # Any real text will do; take the held-out play.
-  sample = shakespeare_data.tokenizer.decode(text[:3000])
+  held_out = shakespeare_data.validation.document(0)  # A held-out play.
+  sample = shakespeare_data.tokenizer.decode(held_out[:3000])
   weird = '  Enter HAMLET.\n\n\tTo be, or not to be — ‘tis naïve 1603 ☃\n'
   for tok in (shakespeare_data.tokenizer, tokenizer.ByteTokenizer()):
     for s in (sample, weird, ''):
@@ -52,18 +88,200 @@ def test_tokenizers_round_trip(shakespeare_data):
   assert tok.token_bytes()[ids].sum() == len(weird.encode('utf-8'))
 
 
-def test_windows_pack_documents(shakespeare_data):
-  stream = pipeline.Stream(
-    np.arange(10, 30, dtype=np.int32),
-    np.array([1] * 5 + [2] * 3 + [3] * 12, np.int32),
-    np.ones(64, np.int32),
+def test_tokenizer_kinds():
+  assert tokenizer.train('bytes', 4096, []).vocab_size == 259
+  with pytest.raises(ConfigError, match='config.data.tokenizer.kind'):
+    tokenizer.train('bpe', 4096, ['text'])
+  with pytest.raises(
+    ConfigError,
+    match=r'vocab_size=4096 is more than this corpus can give a '
+    r'SentencePiece model; set it to at most \d+',
+  ):
+    tokenizer.train('sentencepiece', 4096, ['a small corpus', 'of two lines'])
+
+
+# =============================================================================================
+# Prepare
+# =============================================================================================
+def test_prepare_is_deterministic_with_any_number_of_workers(tmp_path):
+  """The same inputs give byte-identical shards, offsets and manifest, with 1 or 2 workers;
+  each split holds every document once, in input order."""
+  spec = byte_spec(write_corpus(tmp_path / 'in', files=3, docs=2500))
+  one = prepare.prepare(spec, tmp_path / 'one', workers=1)
+  two = prepare.prepare(spec, tmp_path / 'two', workers=2)
+  assert one == two and shards(tmp_path / 'one') == shards(tmp_path / 'two')
+  counts = {s: one['splits'][s]['documents'] for s in prepare.SPLITS}
+  assert sum(counts.values()) == 7500 and 0.15 < counts['validation'] / 7500 < 0.25
+  assert len(one['splits']['train']['shards']) > 3  # Work items of CHUNK_DOCS documents.
+  data = pipeline.Data(
+    None,
+    *(pipeline.Split(tmp_path / 'one', s, one, np.ones(259, np.int32)) for s in prepare.SPLITS),
   )
-  w = stream.window(0, 8)
+  texts = [
+    json.loads(line)['text']
+    for f in sorted((tmp_path / 'in').iterdir())
+    for line in f.read_text().splitlines()
+  ]
+  train = [t for t in texts if not prepare.held_out(t, 0.2)]
+  tok = tokenizer.ByteTokenizer()
+  for n in (0, 1, 2000, len(train) - 1):
+    assert tok.decode(data.train.document(n)[:-1]) == train[n]
+
+
+def test_prepare_killed_then_rerun_gives_the_same_shards(tmp_path):
+  """A prepare killed mid-way leaves no manifest (so nothing that looks complete); run again it
+  writes what a run never killed writes."""
+  corpus = write_corpus(tmp_path / 'in', files=4, docs=3000)
+  command = [
+    sys.executable,
+    '-m',
+    'fm.data.prepare',
+    '--train',
+    corpus,
+    '--tokenizer',
+    'bytes',
+    '--validation_fraction',
+    '0.2',
+  ]
+  clean = subprocess.run(
+    [*command, '--output', str(tmp_path / 'clean')],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert clean.returncode == 0, clean.stderr[-2000:]
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    [*command, '--output', str(killed)],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.time() + 300
+  while not list(killed.glob('*.array_record')) and time.time() < deadline:
+    time.sleep(0.01)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (killed / prepare.MANIFEST).exists()
+  with pytest.raises(ConfigError, match='has no manifest.json: it is not a prepared corpus'):
+    prepare.read_manifest(killed)
+  rerun = subprocess.run(
+    [*command, '--output', str(killed)], cwd=ROOT, capture_output=True, text=True, timeout=600
+  )
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert shards(killed) == shards(tmp_path / 'clean')
+
+
+def test_input_formats_and_validation_files(tmp_path):
+  """.txt (a document per file), .jsonl.gz and .parquet (a named column) read alike; validation
+  files make the held-out split."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  (tmp_path / 'a.txt').write_text('First document.\nTwo lines.')
+  with gzip.open(tmp_path / 'b.jsonl.gz', 'wt') as f:
+    f.write(json.dumps({'body': 'Second document.'}) + '\n\n')
+  pq.write_table(pa.table({'body': ['Third.', 'Fourth.']}), tmp_path / 'c.parquet')
+  (tmp_path / 'held').mkdir()
+  (tmp_path / 'held' / 'v.jsonl').write_text('{"body": "held out one"}\n')
+  spec = prepare.Spec(
+    train=(str(tmp_path / '[bc].*'),),
+    validation=(str(tmp_path / 'held/*'),),
+    text_field='body',
+    tokenizer='bytes',
+  )
+  manifest = prepare.prepare(spec, tmp_path / 'out')
+  assert [manifest['splits'][s]['documents'] for s in prepare.SPLITS] == [3, 1]
+  split = pipeline.Split(tmp_path / 'out', 'train', manifest, np.ones(259, np.int32))
+  tok = tokenizer.ByteTokenizer()
+  assert [tok.decode(split.document(n)[:-1]) for n in range(3)] == [
+    'Second document.',
+    'Third.',
+    'Fourth.',
+  ]
+
+
+BAD_FILES = [
+  ('x.md', 'text', r'x.md: unknown file type; give .txt, .jsonl, .jsonl.gz, .parquet files'),
+  ('x.jsonl', '', r'x.jsonl is empty; remove it or give it text'),
+  ('x.jsonl', '{"text": "ok"}\n{"text": \n', r'x.jsonl:2: not JSON .*; fix the line'),
+  (
+    'x.jsonl',
+    '{"text": "ok"}\n{"body": "no"}\n',
+    r"x.jsonl:2: no string field 'text'; set "
+    r'--text_field \(config.data.text_field\)',
+  ),
+  (
+    'x.jsonl',
+    b'{"text": "caf\xe9"}\n',
+    r'x.jsonl: bytes at offset 13 are not UTF-8; fix the '
+    r'file or prepare with --encoding_errors=replace',
+  ),
+]
+
+
+@pytest.mark.parametrize('name,content,message', BAD_FILES)
+def test_bad_input_files_are_one_sentence(name, content, message, tmp_path):
+  path = tmp_path / 'in' / name
+  path.parent.mkdir()
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(ConfigError, match=message):
+    prepare.prepare(byte_spec(str(path)), tmp_path / 'out')
+  assert not (tmp_path / 'out' / prepare.MANIFEST).exists()
+
+
+def test_bad_input_edge_cases(tmp_path):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.data.train pattern '.*nothing/\*.jsonl' matches "
+    r'no file; fix the path',
+  ):
+    prepare.prepare(byte_spec(str(tmp_path / 'nothing/*.jsonl')), tmp_path / 'out')
+  (tmp_path / 'x.jsonl').write_bytes(b''.join(b'{"text": "caf\xe9 %d"}\n' % i for i in range(20)))
+  spec = prepare.Spec(
+    train=(str(tmp_path / 'x.jsonl'),),
+    tokenizer='bytes',
+    validation_fraction=0.5,
+    encoding_errors='replace',
+  )
+  manifest = prepare.prepare(spec, tmp_path / 'replaced')
+  assert (
+    manifest['splits']['train']['documents'] + manifest['splits']['validation']['documents'] == 20
+  )
+  (tmp_path / 'replaced' / prepare.MANIFEST).write_text('{"version": 1')
+  with pytest.raises(ConfigError, match=r'manifest.json is damaged; prepare .* again'):
+    prepare.read_manifest(tmp_path / 'replaced')
+
+
+# =============================================================================================
+# Windows and the pipeline
+# =============================================================================================
+@pytest.fixture(scope='module')
+def small(tmp_path_factory):
+  """A prepared corpus of documents of 5, 3 and 12 bytes (EOS included) plus others."""
+  root = tmp_path_factory.mktemp('small')
+  (root / 'train.jsonl').write_text(
+    ''.join(
+      json.dumps({'text': t}) + '\n' for t in ['abcd', 'ef', 'ghijklmnopq'] + ['rst uvw'] * 60
+    )
+  )
+  (root / 'valid.jsonl').write_text(json.dumps({'text': 'held out'}) + '\n')
+  spec = prepare.Spec(
+    train=(str(root / 'train.jsonl'),), validation=(str(root / 'valid.jsonl'),), tokenizer='bytes'
+  )
+  manifest = prepare.prepare(spec, root / 'out')
+  return pipeline.Split(root / 'out', 'train', manifest, np.ones(259, np.int32))
+
+
+def test_windows_pack_documents(small):
+  w = small.window(0, 8)
   np.testing.assert_array_equal(w['segment_ids'], [1, 1, 1, 1, 1, 2, 2, 2])
   np.testing.assert_array_equal(w['positions'], [0, 1, 2, 3, 4, 0, 1, 2])
-  w = stream.window(1, 8)
+  w = small.window(1, 8)  # Inside the 12-token document.
   np.testing.assert_array_equal(w['segment_ids'], [1] * 8)
   np.testing.assert_array_equal(w['positions'], range(8))
+  assert bytes((w['tokens'] - 3).astype(np.uint8)).decode() == 'ghijklmn'
 
 
 def take(ds, n):
@@ -71,66 +289,76 @@ def take(ds, n):
   return [next(it) for _ in range(n)]
 
 
-def test_pipeline_deterministic_and_disjoint_across_processes(shakespeare_data):
-  stream = shakespeare_data.train
-  a = take(pipeline.train_dataset(stream, 64, 8, seed=3), 4)
-  b = take(pipeline.train_dataset(stream, 64, 8, seed=3), 4)
-  c = take(pipeline.train_dataset(stream, 64, 8, seed=4), 4)
+@pytest.fixture(scope='module')
+def varied(tmp_path_factory):
+  """A prepared corpus of random words (bytes), whose windows all differ."""
+  root = tmp_path_factory.mktemp('varied')
+  manifest = prepare.prepare(byte_spec(write_corpus(root / 'in', files=1, docs=50)), root / 'out')
+  return pipeline.Split(root / 'out', 'train', manifest, np.ones(259, np.int32))
+
+
+@pytest.mark.parametrize('processes', [1, 2, 4])
+def test_every_window_once_per_epoch_on_any_number_of_processes(varied, processes):
+  """Over an epoch the processes read disjoint rows, together the single process's batches,
+  and no window twice (windows are compared as multisets: a few coincide)."""
+  windows = varied.num_windows(16)
+  steps = windows // 8
+  as_rows = lambda batch: [r.tobytes() for r in batch['tokens']]
+  single = [as_rows(b) for b in take(pipeline.train_dataset(varied, 16, 8, seed=3), steps)]
+  parts = [
+    take(pipeline.train_dataset(varied, 16, 8, 3, p, processes), steps) for p in range(processes)
+  ]
+  epoch = []
+  for step in range(steps):
+    rows = [r for part in parts for r in as_rows(part[step])]
+    assert sorted(rows) == sorted(single[step])
+    epoch += rows
+  every = collections.Counter(varied.window(i, 16)['tokens'].tobytes() for i in range(windows))
+  read = collections.Counter(epoch)
+  assert sum(read.values()) == steps * 8 and all(read[w] <= every[w] for w in read)
+
+
+def test_pipeline_deterministic(shakespeare_data):
+  split = shakespeare_data.train
+  a = take(pipeline.train_dataset(split, 64, 8, seed=3), 4)
+  b = take(pipeline.train_dataset(split, 64, 8, seed=3), 4)
+  c = take(pipeline.train_dataset(split, 64, 8, seed=4), 4)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x['tokens'], y['tokens'])
   assert not np.array_equal(a[0]['tokens'], c[0]['tokens'])
 
-  shards = [
-    take(pipeline.train_dataset(stream, 64, 8, seed=3, process_index=p, process_count=2), 4)
-    for p in range(2)
-  ]
-  for step in range(4):
-    rows0, rows1 = shards[0][step]['tokens'], shards[1][step]['tokens']
-    assert rows0.shape == rows1.shape == (4, 64)
-    as_set = lambda rows: {r.tobytes() for r in rows}
-    assert not as_set(rows0) & as_set(rows1)
-    # Together the two processes hold exactly the single-process global batch.
-    assert as_set(rows0) | as_set(rows1) == as_set(a[step]['tokens'])
 
-
-def test_iterator_state_resumes_exactly(shakespeare_data):
+def test_iterator_state_resumes_on_another_number_of_processes(shakespeare_data):
+  """The saved state is the job's position: restored into 1, 2 or 4 processes, they read the
+  global batches an uninterrupted single process reads next."""
   ds = pipeline.train_dataset(shakespeare_data.train, 64, 8, seed=0)
   it = iter(ds)
   for _ in range(3):
     next(it)
   state = it.get_state()
-  expected = next(it)
-  it2 = iter(ds)
-  it2.set_state(state)
-  np.testing.assert_array_equal(next(it2)['tokens'], expected['tokens'])
+  expected = [next(it)['tokens'] for _ in range(2)]
+  for processes in (1, 2, 4):
+    rows = [[], []]
+    for p in range(processes):
+      resumed = iter(pipeline.train_dataset(shakespeare_data.train, 64, 8, 0, p, processes))
+      resumed.set_state(state)
+      for step in range(2):
+        rows[step] += [r.tobytes() for r in next(resumed)['tokens']]
+    for step in range(2):
+      assert sorted(rows[step]) == sorted(r.tobytes() for r in expected[step])
+
+
+def test_workers_give_the_same_batches(varied):
+  """Windows made (and transformed) in grain worker processes equal the in-process ones."""
+  plain = take(pipeline.train_dataset(varied, 16, 8, seed=1), 3)
+  workers = take(pipeline.train_dataset(varied, 16, 8, seed=1, workers=2), 3)
+  for x, y in zip(plain, workers):
+    np.testing.assert_array_equal(x['tokens'], y['tokens'])
 
 
 def test_eval_batches_cover_validation_once(shakespeare_data):
-  stream = shakespeare_data.validation
-  batches = list(pipeline.eval_batches(stream, 256, 16, -1))
+  split = shakespeare_data.validation
+  batches = list(pipeline.eval_batches(split, 256, 16, -1))
   weights = sum((b['segment_ids'] > 0).sum() for b in batches)
-  assert weights == stream.num_windows(256) * 256
-  assert len(list(pipeline.eval_batches(stream, 256, 16, 3))) == 3
-
-
-def test_byte_tokenizer_config():
-  tok_cfg = ml_collections.ConfigDict(dict(kind='bytes', vocab_size=4096))
-  assert tokenizer.build(tok_cfg, [], 'x', '').vocab_size == 259
-  tok_cfg.kind = 'bpe'
-  with pytest.raises(ConfigError, match='config.data.tokenizer.kind'):
-    tokenizer.build(tok_cfg, [], 'x', '')
-
-
-def test_bring_your_own_files(tmp_path):
-  (tmp_path / 'a.txt').write_text('First document.\nTwo lines.')
-  (tmp_path / 'b.txt').write_text('Second document.')
-  (tmp_path / 'val.jsonl').write_text('{"text": "held out one"}\n{"text": "held out two"}\n')
-  splits = sources.load(
-    'files', train=str(tmp_path / '*.txt'), validation=str(tmp_path / '*.jsonl')
-  )
-  assert splits == {
-    'train': ['First document.\nTwo lines.', 'Second document.'],
-    'validation': ['held out one', 'held out two'],
-  }
-  with pytest.raises(ConfigError, match='matches no file'):
-    sources.load('files', train=str(tmp_path / '*.md'), validation=str(tmp_path / '*.jsonl'))
+  assert weights == split.num_windows(256) * 256
+  assert len(list(pipeline.eval_batches(split, 256, 16, 3))) == 3

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from workdirs import load_experiment, smoke_config, train_losses
 
@@ -271,6 +272,31 @@ def test_unwritable_workdir(tmp_path):
     ConfigError, match=r'workdir .*/file/w is not writable .*; choose a directory'
   ):
     runs.run(smoke_config(), blocker / 'w')
+
+
+def test_bring_your_own_files_from_the_command_line(tmp_path):
+  """Any experiment trains on your own files with --config.data.dataset=files
+  --config.data.train=GLOB (a held-out fraction when no validation files are given)."""
+  rng = np.random.default_rng(0)
+  words = 'the a river stone light of and in is was quiet north field bright old'.split()
+  (tmp_path / 'in').mkdir()
+  for part in range(2):
+    lines = [json.dumps({'text': ' '.join(rng.choice(words, 40))}) for _ in range(300)]
+    (tmp_path / 'in' / f'{part}.jsonl').write_text('\n'.join(lines))
+  result = run_main(
+    '--config',
+    'experiments/prefixlm_shakespeare.py:smoke',
+    '--workdir',
+    str(tmp_path / 'w'),
+    '--config.data.dataset=files',
+    f'--config.data.train={tmp_path}/in/*.jsonl',
+    '--config.data.tokenizer.kind=bytes',
+    '--config.train.steps=2',
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'final eval @ 2' in result.stdout
+  prepared = json.loads((tmp_path / 'w' / 'config.json').read_text())['tokenizer']
+  assert prepared == {'kind': 'bytes', 'vocab_size': 259}
 
 
 def test_distill_trains_the_teacher_once(tmp_path):

@@ -1,39 +1,84 @@
-"""grain input pipelines: tokenized documents packed into fixed-length windows.
+"""grain input pipelines over prepared corpora: packed windows, read on demand.
 
-Each split is tokenized once (cached) into one stream of tokens, every document ending in EOS,
-and cut into windows of `seq_len` tokens. A window carries `segment_ids` (documents numbered
-from 1 inside the window, 0 for padding) and `positions` (restarting at each document), so
-attention never crosses documents. Training windows are shuffled with a seed (a new order each
-epoch), sharded by JAX process and batched; the iterator's state is a step count, so a resumed
-run sees exactly the batches it would have seen.
+A split of a prepared corpus (fm/data/prepare.py) is its documents in order, each ending in EOS,
+cut into windows of `seq_len` tokens. A window carries `segment_ids` (documents numbered from 1
+inside the window, 0 for padding) and `positions` (restarting at each document), so attention
+never crosses documents. A window reads only the documents it overlaps (ArrayRecord random
+access; the cumulative token counts are memory-mapped), so host memory does not grow with the
+corpus. Training windows are shuffled with a seed (a new order each epoch), transformed by the
+objective (in `data.workers` grain worker processes), then sharded over the processes and batched
+by grain's ElasticIterator: its state is the number of windows the whole job has read, so a
+checkpoint resumes exactly, on any number of processes.
 """
 
+import collections
 from collections.abc import Callable
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import pathlib
 
+from absl import flags
 import grain
 import ml_collections
 import numpy as np
 
+from fm import ConfigError
+from fm.data import prepare as prepare_lib
 from fm.data import sources
 from fm.data import tokenizer as tokenizer_lib
 
+Transform = Callable[[dict, np.random.Generator], dict]
+WINDOW_KEYS = ('tokens', 'segment_ids', 'positions', 'token_bytes')
 
-@dataclasses.dataclass
-class Stream:
-  tokens: np.ndarray  # int32 [N]
-  doc_ids: np.ndarray  # int32 [N], document number of each token
-  token_bytes: np.ndarray  # int32 [V], UTF-8 bytes each token id stands for
+
+class Split:
+  """One split of a prepared corpus: its documents in ArrayRecord shards, read on demand (and
+  the few last ones kept, since neighbouring windows share them). Picklable for grain workers:
+  each process opens the files itself."""
+
+  CACHED_DOCUMENTS = 8
+
+  def __init__(self, directory: pathlib.Path, split: str, manifest: dict, token_bytes: np.ndarray):
+    info = manifest['splits'][split]
+    self.paths = [str(directory / shard['file']) for shard in info['shards']]
+    self.offsets_path = directory / f'{split}.offsets.npy'
+    self.num_tokens = info['tokens']
+    self.token_bytes = token_bytes
+    self._open = None
+
+  def __getstate__(self):
+    return {**self.__dict__, '_open': None}
+
+  def _files(self):
+    if self._open is None:
+      source = grain.sources.ArrayRecordDataSource(self.paths)
+      self._open = (source, np.load(self.offsets_path, mmap_mode='r'), collections.OrderedDict())
+    return self._open
 
   def num_windows(self, seq_len: int) -> int:
-    return len(self.tokens) // seq_len
+    return self.num_tokens // seq_len
+
+  def document(self, n: int) -> np.ndarray:
+    source, _, cache = self._files()
+    if n not in cache:
+      cache[n] = np.frombuffer(source[n], np.int32)
+      if len(cache) > self.CACHED_DOCUMENTS:
+        cache.popitem(last=False)
+    return cache[n]
 
   def window(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
-    sl = slice(index * seq_len, (index + 1) * seq_len)
-    tokens, docs = self.tokens[sl], self.doc_ids[sl]
+    _, offsets, _ = self._files()
+    start, end = index * seq_len, (index + 1) * seq_len
+    first = int(np.searchsorted(offsets, start, 'right')) - 1
+    last = int(np.searchsorted(offsets, end, 'left'))  # Exclusive.
+    tokens = np.concatenate([self.document(n) for n in range(first, last)])
+    lengths = np.diff(offsets[first : last + 1])
+    docs = np.repeat(np.arange(first, last, dtype=np.int32), lengths)
+    cut = slice(start - int(offsets[first]), end - int(offsets[first]))
+    tokens, docs = tokens[cut], docs[cut]
     segment_ids = (docs - docs[0] + 1).astype(np.int32)
     starts = np.flatnonzero(np.r_[True, docs[1:] != docs[:-1]])
     positions = (
@@ -47,71 +92,129 @@ class Stream:
     }
 
 
-def tokenize(docs: list[str], tok, cache_key: str) -> tuple[np.ndarray, np.ndarray]:
-  """Flat token stream and document ids for `docs`, cached under $FM_DATA_DIR/prepared."""
-  path = sources.cache_dir() / 'prepared' / f'{cache_key}.npz'
-  if path.exists():
-    with np.load(path) as f:
-      return f['tokens'], f['doc_ids']
-  ids = [tok.encode(d) + [tok.eos_id] for d in docs]
-  tokens = np.fromiter((t for doc in ids for t in doc), np.int32)
-  doc_ids = np.repeat(np.arange(1, len(ids) + 1, dtype=np.int32), [len(d) for d in ids])
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'{path.stem}.{os.getpid()}.tmp.npz')
-  np.savez(tmp, tokens=tokens, doc_ids=doc_ids)
-  tmp.replace(path)
-  return tokens, doc_ids
-
-
 @dataclasses.dataclass
 class Data:
   tokenizer: object
-  train: Stream
-  validation: Stream
+  train: Split
+  validation: Split
 
 
-def _load(data_cfg: ml_collections.ConfigDict):
-  """(documents by split, their digests, the tokenizer) of `config.data`."""
-  name = data_cfg.dataset
-  splits = sources.load(name, **dict(data_cfg.source_kwargs))
-  digests = {
-    split: hashlib.sha256('\0'.join(docs).encode('utf-8')).hexdigest()
-    for split, docs in splits.items()
-  }
-  tok = tokenizer_lib.build(data_cfg.tokenizer, splits['train'], name, digests['train'])
-  return splits, digests, tok
+def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
+  """The prepared corpus of `config.data`: a named source or `files`, prepared once into
+  $FM_DATA_DIR/prepared (a file's size or time changing prepares it anew), or `prepared`'s
+  own `data.path`."""
+  if data_cfg.dataset == 'prepared':
+    return pathlib.Path(data_cfg.path).expanduser()
+  spec = spec_of(data_cfg)
+  key = spec.key()
+  if data_cfg.dataset == 'files':  # Its files' sizes and times, without reading them.
+    stats = [
+      (p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
+      for p in prepare_lib.expand(spec.train + spec.validation, 'config.data.train')
+    ]
+    key = hashlib.sha256((key + json.dumps(stats)).encode()).hexdigest()
+  directory = sources.cache_dir() / 'prepared' / f'{data_cfg.dataset}-{key[:16]}'
+  prepare_lib.prepare(spec, directory)
+  return directory
+
+
+DATASETS = (*sources.SOURCES, 'files', 'prepared')
+
+
+def spec_of(data_cfg: ml_collections.ConfigDict) -> prepare_lib.Spec:
+  """What `prepare` makes of a named source (its own splits) or of `files` under `config.data`."""
+  tokenizer = dict(tokenizer=data_cfg.tokenizer.kind, vocab_size=data_cfg.tokenizer.vocab_size)
+  if data_cfg.dataset in sources.SOURCES:
+    return prepare_lib.Spec(source=data_cfg.dataset, **tokenizer)
+  if data_cfg.dataset != 'files':
+    raise ConfigError(
+      f'config.data.dataset={data_cfg.dataset!r} is unknown; choose one of: {", ".join(DATASETS)}.'
+    )
+  if not data_cfg.train:
+    raise ConfigError(
+      'config.data.dataset=files needs config.data.train, a glob of .txt, .jsonl, .jsonl.gz or '
+      '.parquet files (--config.data.train=GLOB).'
+    )
+  return prepare_lib.Spec(
+    train=(data_cfg.train,),
+    validation=(data_cfg.validation,) if data_cfg.validation else (),
+    validation_fraction=data_cfg.validation_fraction,
+    text_field=data_cfg.text_field,
+    encoding_errors=data_cfg.encoding_errors,
+    **tokenizer,
+  )
+
+
+def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict | None = None):
+  """(manifest, tokenizer) of a prepared directory; with `data_cfg`, a tokenizer other than
+  `config.data.tokenizer` is an error naming both."""
+  manifest = prepare_lib.read_manifest(directory)
+  identity = manifest['tokenizer']
+  if data_cfg is not None and data_cfg.dataset == 'prepared':
+    wanted = data_cfg.tokenizer
+    if identity['kind'] != wanted.kind or (
+      wanted.kind == 'sentencepiece' and identity['vocab_size'] != wanted.vocab_size
+    ):
+      raise ConfigError(
+        f'config.data.path={str(directory)!r} was prepared with tokenizer {identity}, the run '
+        f'asks for config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match '
+        f'or prepare the corpus again with that tokenizer.'
+      )
+  proto = b''
+  if identity['kind'] == 'sentencepiece':
+    path = directory / 'tokenizer.model'
+    if not path.exists():
+      raise ConfigError(f'{path} is missing; prepare {directory} again.')
+    proto = path.read_bytes()
+    if hashlib.sha256(proto).hexdigest() != identity['sha256']:
+      raise ConfigError(f'{path} does not match its manifest; prepare {directory} again.')
+  return manifest, tokenizer_lib.from_identity(identity, proto)
 
 
 def load_tokenizer(data_cfg: ml_collections.ConfigDict):
-  """The tokenizer a run with this `config.data` uses (trained once, then cached)."""
-  return _load(data_cfg)[2]
+  """The tokenizer a run with this `config.data` uses (its corpus prepared first if need be)."""
+  return open_prepared(prepared_directory(data_cfg), data_cfg)[1]
 
 
 def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
-  """Loads the dataset named by `config.data`, its tokenizer, and both tokenized splits."""
-  name = data_cfg.dataset
-  splits, digests, tok = _load(data_cfg)
-  tok_key = hashlib.sha256(json.dumps(tok.identity, sort_keys=True).encode()).hexdigest()[:12]
+  """The tokenizer and both splits of `config.data`'s prepared corpus."""
+  directory = prepared_directory(data_cfg)
+  manifest, tok = open_prepared(directory, data_cfg)
   token_bytes = tok.token_bytes()
-  streams = {}
-  for split, docs in splits.items():
-    tokens, doc_ids = tokenize(docs, tok, f'{name}-{split}-{digests[split][:12]}-{tok_key}')
-    streams[split] = Stream(tokens, doc_ids, token_bytes)
-  return Data(tok, streams['train'], streams['validation'])
+  return Data(
+    tok,
+    Split(directory, 'train', manifest, token_bytes),
+    Split(directory, 'validation', manifest, token_bytes),
+  )
 
 
-Transform = Callable[[dict, np.random.Generator], dict]
+def elastic(
+  ds: grain.MapDataset, global_batch: int, process_index: int, process_count: int, workers: int = 0
+) -> grain.IterDataset:
+  """Batches of `ds` for this process: global batch k is elements [k*B, (k+1)*B), of which
+  process p takes every P-th. The iterator's state is the global position, the same on every
+  process, so it restores onto any number of them; `workers` > 0 runs the dataset's
+  transformations in that many processes."""
+  if workers and not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()  # Grain's workers read its absl flags: their defaults here.
+  return grain.experimental.ElasticIterator(
+    ds,
+    global_batch,
+    grain.sharding.ShardOptions(process_index, process_count),
+    multiprocessing_options=grain.MultiprocessingOptions(num_workers=workers) if workers else None,
+  )
 
 
 def train_dataset(
-  stream: Stream,
+  split: Split,
   seq_len: int,
   global_batch: int,
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
   transform: Transform | None = None,
-) -> grain.MapDataset:
+  workers: int = 0,
+) -> grain.IterDataset:
   """Infinite, shuffled (reshuffled every epoch), per-process batches of packed windows.
 
   Global batch k holds the shuffled windows [k*B, (k+1)*B); process p takes every P-th of them,
@@ -119,22 +222,24 @@ def train_dataset(
   objective's host-side `transform` (masking, corruption) draws from a generator seeded by the
   window's global position, so it too is independent of the number of processes.
   """
-  ds = grain.MapDataset.range(stream.num_windows(seq_len)).shuffle(seed=seed).repeat()
-  ds = ds.map(lambda i: stream.window(int(i), seq_len))
+  ds = grain.MapDataset.range(split.num_windows(seq_len)).shuffle(seed=seed).repeat()
+  ds = ds.map(functools.partial(_window, split, seq_len))
   if transform is not None:
     ds = ds.random_map(transform, seed=seed)
-  return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+  return elastic(ds, global_batch, process_index, process_count, workers)
+
+
+def _window(split: Split, seq_len: int, index) -> dict[str, np.ndarray]:
+  return split.window(int(index), seq_len)
 
 
 def padding_window(seq_len: int) -> dict[str, np.ndarray]:
-  """A window of no document (segment ids 0, so weight 0), shaped like Stream.window's."""
-  return {
-    k: np.zeros(seq_len, np.int32) for k in ('tokens', 'segment_ids', 'positions', 'token_bytes')
-  }
+  """A window of no document (segment ids 0, so weight 0), shaped like Split.window's."""
+  return {k: np.zeros(seq_len, np.int32) for k in WINDOW_KEYS}
 
 
 def eval_batches(
-  stream: Stream,
+  split: Split,
   seq_len: int,
   global_batch: int,
   max_batches: int,
@@ -144,14 +249,14 @@ def eval_batches(
 ):
   """The first `max_batches` (all if -1) batches of validation windows, in order, the last one
   padded with zero segment ids (weight 0). Same batches every eval."""
-  n = stream.num_windows(seq_len)
+  n = split.num_windows(seq_len)
   num_batches = -(-n // global_batch)
   if max_batches > 0:
     num_batches = min(num_batches, max_batches)
   per_process = global_batch // process_count
   pad = padding_window(seq_len)
   ds = grain.MapDataset.range(num_batches * global_batch)
-  ds = ds.map(lambda i: stream.window(int(i), seq_len) if i < n else pad)
+  ds = ds.map(lambda i: split.window(int(i), seq_len) if i < n else pad)
   if transform is not None:
     ds = ds.random_map(transform, seed=0)  # The same corruption at every eval.
   return ds[process_index::process_count].batch(per_process, drop_remainder=True)
@@ -166,13 +271,13 @@ def example_dataset(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
-) -> grain.MapDataset:
+) -> grain.IterDataset:
   """Infinite, shuffled (every epoch anew), per-process batches of rows of `arrays`; the same
   global batches for any number of processes, and resumable like `train_dataset`."""
   n = len(next(iter(arrays.values())))
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
   ds = ds.map(lambda i: {**{k: v[int(i)] for k, v in arrays.items()}, 'weight': np.float32(1)})
-  return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+  return elastic(ds, global_batch, process_index, process_count)
 
 
 def example_batches(

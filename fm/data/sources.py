@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import pathlib
 import random
@@ -177,38 +176,14 @@ def news(validation_fraction: float = 0.05, seed: int = 0) -> dict[str, list[str
   return split
 
 
-def text_files(train: str, validation: str) -> dict[str, list[str]]:
-  """Bring-your-own data: glob patterns of .txt (one document per file) or .jsonl (`text` field)."""
-
-  def read(pattern: str) -> list[str]:
-    paths = (
-      sorted(pathlib.Path().glob(pattern))
-      if not os.path.isabs(pattern)
-      else sorted(pathlib.Path('/').glob(pattern.lstrip('/')))
-    )
-    if not paths:
-      raise ConfigError(f'config.data.files pattern {pattern!r} matches no file; fix the path.')
-    docs = []
-    for p in paths:
-      if p.suffix == '.jsonl':
-        docs += [json.loads(line)['text'] for line in p.read_text().splitlines() if line.strip()]
-      else:
-        docs.append(p.read_text())
-    return docs
-
-  return {'train': read(train), 'validation': read(validation)}
-
-
 SOURCES = {'shakespeare': shakespeare, 'news': news}
 
 
-def load(name: str, **kwargs) -> dict[str, list[str]]:
+def load(name: str) -> dict[str, list[str]]:
   """Documents of a named source, split into train and validation."""
-  if name == 'files':
-    return text_files(**kwargs)
   if name not in SOURCES:
     raise ConfigError(
       f'config.data.dataset={name!r} is unknown; choose one of: '
-      f'{", ".join(sorted(SOURCES) + ["files"])}.'
+      f'{", ".join([*SOURCES, "files", "prepared"])}.'
     )
-  return SOURCES[name](**kwargs)
+  return SOURCES[name]()

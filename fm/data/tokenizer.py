@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece trained on a dataset's train split (cached), or raw bytes.
+"""Tokenizers: SentencePiece trained on a bounded sample of a corpus (fm/data/prepare.py stores
+it with the prepared corpus), or raw bytes.
 
 Both are lossless (`decode(encode(text)) == text`) and reserve ids 0 (pad) and the EOS that
 ends every document. `token_bytes()` gives the UTF-8 bytes each id stands for, which turns a
@@ -7,15 +8,12 @@ loss in nats per token into bits per byte.
 
 import hashlib
 import io
-import os
-import pathlib
+import re
 
-import ml_collections
 import numpy as np
 import sentencepiece as spm
 
 from fm import ConfigError
-from fm.data import sources
 
 PAD_ID = 0
 
@@ -88,54 +86,60 @@ def declared_vocab_size(tok_cfg) -> int:
   return ByteTokenizer().vocab_size if tok_cfg.kind == 'bytes' else tok_cfg.vocab_size
 
 
-def train_sentencepiece(docs: list[str], vocab_size: int, seed: int = 0) -> bytes:
-  lines = [line for doc in docs for line in doc.split('\n') if line.strip()]
+KINDS = ('sentencepiece', 'bytes')
+
+
+def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> bytes:
+  """A SentencePiece model (unigram, lossless) trained on `lines`."""
   model = io.BytesIO()
   spm.set_random_generator_seed(seed)  # Sentence sampling on large corpora.
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(lines),
-    model_writer=model,
-    vocab_size=vocab_size,
-    model_type='unigram',
-    normalization_rule_name='identity',
-    add_dummy_prefix=False,
-    remove_extra_whitespaces=False,
-    allow_whitespace_only_pieces=True,
-    byte_fallback=True,
-    user_defined_symbols=['\n'],
-    split_digits=True,
-    character_coverage=1.0,
-    pad_id=PAD_ID,
-    unk_id=1,
-    bos_id=2,
-    eos_id=3,
-    num_threads=2,
-    minloglevel=2,
-    input_sentence_size=300_000,
-    shuffle_input_sentence=True,
-  )
+  try:
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type='unigram',
+      normalization_rule_name='identity',
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True,
+      byte_fallback=True,
+      user_defined_symbols=['\n'],
+      split_digits=True,
+      character_coverage=1.0,
+      pad_id=PAD_ID,
+      unk_id=1,
+      bos_id=2,
+      eos_id=3,
+      num_threads=2,
+      minloglevel=2,
+      input_sentence_size=300_000,
+      shuffle_input_sentence=True,
+    )
+  except RuntimeError as e:
+    found = re.search(
+      r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e)
+    )
+    if found:
+      raise ConfigError(
+        f'config.data.tokenizer.vocab_size={found.group(1)} is more than this corpus can give '
+        f'a SentencePiece model; set it to at most {found.group(2)}, or add text.'
+      ) from None
+    raise ConfigError(f'SentencePiece could not train on this corpus ({e}).') from None
   return model.getvalue()
 
 
-def build(
-  tok_cfg: ml_collections.ConfigDict, train_docs: list[str], dataset: str, corpus_digest: str
-):
-  """The tokenizer named by `config.data.tokenizer`, training and caching SentencePiece once
-  per train corpus (`corpus_digest`, the sha256 of its documents)."""
-  kind = tok_cfg.kind
+def train(kind: str, vocab_size: int, lines: list[str]):
+  """The tokenizer of a prepared corpus: SentencePiece trained on `lines`, or bytes."""
   if kind == 'bytes':
     return ByteTokenizer()
   if kind != 'sentencepiece':
     raise ConfigError(
-      f'config.data.tokenizer.kind={kind!r} is unknown; choose sentencepiece or bytes.'
+      f'config.data.tokenizer.kind={kind!r} is unknown; choose one of: {", ".join(KINDS)}.'
     )
-  vocab_size = declared_vocab_size(tok_cfg)
-  path = sources.cache_dir() / 'tokenizers' / f'{dataset}-sp{vocab_size}-{corpus_digest[:16]}.model'
-  if not path.exists():
-    proto = train_sentencepiece(train_docs, vocab_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Each process writes its own file (pytest-xdist workers or hosts may train it at once).
-    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
-    tmp.write_bytes(proto)
-    tmp.replace(path)
-  return SentencePieceTokenizer(pathlib.Path(path).read_bytes())
+  return SentencePieceTokenizer(train_sentencepiece(lines, vocab_size))
+
+
+def from_identity(identity: dict, proto: bytes = b''):
+  """The tokenizer an identity names (a SentencePiece one from its model bytes)."""
+  return ByteTokenizer() if identity['kind'] == 'bytes' else SentencePieceTokenizer(proto)

@@ -36,7 +36,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   )
   # Must match the teacher's data and tokenizer.
   # `train`/`validation`: globs of your own files with dataset='files'; `path`: a corpus
-  # written by python -m fm.data.prepare, with dataset='prepared'.
+  # written by python -m fm.data.prepare, with dataset='prepared'; `workers`: grain processes.
   c.data = dict(
     dataset='shakespeare',
     seq_len=256,
@@ -45,6 +45,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     train='',
     validation='',
     path='',
+    workers=0,
   )
   c.train = dict(
     steps=360,

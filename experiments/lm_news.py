@@ -24,7 +24,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     attention_impl='xla',
   )
   # `train`/`validation`: globs of your own files with dataset='files'; `path`: a corpus
-  # written by python -m fm.data.prepare, with dataset='prepared'.
+  # written by python -m fm.data.prepare, with dataset='prepared'; `workers`: grain processes.
   c.data = dict(
     dataset='news',
     seq_len=256,
@@ -33,6 +33,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     train='',
     validation='',
     path='',
+    workers=0,
   )
   c.train = dict(
     steps=360,

@@ -105,6 +105,7 @@ PRETRAINING = dict(
     text_field='text',  # 'files': the field (.jsonl) or column (.parquet) holding the text.
     encoding_errors='strict',  # 'files': 'replace' turns bytes that are not UTF-8 into U+FFFD.
     path='',  # 'prepared': the directory python -m fm.data.prepare wrote.
+    mixture=(),  # 'prepared': ((directory, weight), ...) drawn in proportion, instead of path.
     workers=0,  # Grain worker processes for windows and host-side transforms (0: in-process).
   ),
 )

@@ -122,12 +122,15 @@ def check_data(data_cfg: ml_collections.ConfigDict) -> None:
   if data_cfg.workers < 0:
     raise ConfigError(f'config.data.workers={data_cfg.workers} must be >= 0.')
   if data_cfg.dataset == 'prepared':
-    if not data_cfg.path:
+    if not data_cfg.path and not data_cfg.mixture:
       raise ConfigError(
         'config.data.dataset=prepared needs config.data.path, a directory written by '
-        'python -m fm.data.prepare (--config.data.path=DIR).'
+        'python -m fm.data.prepare (--config.data.path=DIR), or config.data.mixture.'
       )
-    prepare_lib.read_manifest(pathlib.Path(data_cfg.path).expanduser())
+    for path, weight in data_cfg.mixture or ((data_cfg.path, 1.0),):
+      prepare_lib.read_manifest(pathlib.Path(path).expanduser())
+      if not weight > 0:
+        raise ConfigError(f'config.data.mixture: the weight of {path} is {weight}; give it > 0.')
     return
   spec = pipeline.spec_of(data_cfg)
   prepare_lib.expand(spec.train, 'config.data.train')

@@ -56,7 +56,9 @@ def final_params(workdir, step=STEPS):
 ON_REFERENCE = pytest.mark.xdist_group('checkpoint_reference')
 
 
-@pytest.fixture(scope='module')
+# Session-wide: xdist may run other modules' tests between these on the same worker, which
+# would tear down a module fixture and run it again.
+@pytest.fixture(scope='session')
 def reference(tmp_path_factory):
   """A finished 16-step run of the smoke experiment, saved every 4 steps."""
   workdir = tmp_path_factory.mktemp('reference')

@@ -61,6 +61,11 @@ class Split:
   def num_windows(self, seq_len: int) -> int:
     return self.num_tokens // seq_len
 
+  def shuffled(self, seq_len: int, seed: int) -> grain.MapDataset:
+    """Its windows, shuffled with `seed`, anew every epoch, without end."""
+    ds = grain.MapDataset.range(self.num_windows(seq_len)).shuffle(seed=seed).repeat()
+    return ds.map(functools.partial(_window, self, seq_len))
+
   def document(self, n: int) -> np.ndarray:
     source, _, cache = self._files()
     if n not in cache:
@@ -92,11 +97,33 @@ class Split:
     }
 
 
+class Mixture:
+  """Several corpora's splits as one: training windows drawn by weight (deterministically, in
+  proportion: grain's MapDataset.mix), held-out windows one corpus after the other."""
+
+  def __init__(self, splits: list[Split], weights: list[float]):
+    self.splits, self.weights = splits, weights
+
+  def shuffled(self, seq_len: int, seed: int) -> grain.MapDataset:
+    parts = [split.shuffled(seq_len, seed + i) for i, split in enumerate(self.splits)]
+    return grain.MapDataset.mix(parts, self.weights)
+
+  def num_windows(self, seq_len: int) -> int:
+    return sum(split.num_windows(seq_len) for split in self.splits)
+
+  def window(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
+    for split in self.splits:
+      if index < split.num_windows(seq_len):
+        return split.window(index, seq_len)
+      index -= split.num_windows(seq_len)
+    raise IndexError(index)
+
+
 @dataclasses.dataclass
 class Data:
   tokenizer: object
-  train: Split
-  validation: Split
+  train: Split | Mixture
+  validation: Split | Mixture
 
 
 def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -177,7 +204,10 @@ def load_tokenizer(data_cfg: ml_collections.ConfigDict):
 
 
 def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
-  """The tokenizer and both splits of `config.data`'s prepared corpus."""
+  """The tokenizer and both splits of `config.data`'s prepared corpus, or of the mixture of
+  prepared corpora `data.mixture` names (which must share one tokenizer)."""
+  if data_cfg.dataset == 'prepared' and data_cfg.mixture:
+    return _mixture(data_cfg)
   directory = prepared_directory(data_cfg)
   manifest, tok = open_prepared(directory, data_cfg)
   token_bytes = tok.token_bytes()
@@ -186,6 +216,22 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
     Split(directory, 'train', manifest, token_bytes),
     Split(directory, 'validation', manifest, token_bytes),
   )
+
+
+def _mixture(data_cfg: ml_collections.ConfigDict) -> Data:
+  directories = [pathlib.Path(path).expanduser() for path, _ in data_cfg.mixture]
+  opened = [open_prepared(d, data_cfg) for d in directories]
+  tok = opened[0][1]
+  for directory, (_, other) in zip(directories, opened):
+    if other.identity != tok.identity:
+      raise ConfigError(
+        f'config.data.mixture: {directory} was prepared with tokenizer {other.identity}, '
+        f'{directories[0]} with {tok.identity}; prepare them with one tokenizer.'
+      )
+  token_bytes = tok.token_bytes()
+  weights = [float(weight) for _, weight in data_cfg.mixture]
+  split = lambda name: [Split(d, name, m, token_bytes) for d, (m, _) in zip(directories, opened)]
+  return Data(tok, Mixture(split('train'), weights), Mixture(split('validation'), weights))
 
 
 def elastic(
@@ -206,7 +252,7 @@ def elastic(
 
 
 def train_dataset(
-  split: Split,
+  split: Split | Mixture,
   seq_len: int,
   global_batch: int,
   seed: int,
@@ -222,8 +268,7 @@ def train_dataset(
   objective's host-side `transform` (masking, corruption) draws from a generator seeded by the
   window's global position, so it too is independent of the number of processes.
   """
-  ds = grain.MapDataset.range(split.num_windows(seq_len)).shuffle(seed=seed).repeat()
-  ds = ds.map(functools.partial(_window, split, seq_len))
+  ds = split.shuffled(seq_len, seed)
   if transform is not None:
     ds = ds.random_map(transform, seed=seed)
   return elastic(ds, global_batch, process_index, process_count, workers)
@@ -239,7 +284,7 @@ def padding_window(seq_len: int) -> dict[str, np.ndarray]:
 
 
 def eval_batches(
-  split: Split,
+  split: Split | Mixture,
   seq_len: int,
   global_batch: int,
   max_batches: int,

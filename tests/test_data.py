@@ -397,3 +397,46 @@ def test_a_mixture_draws_its_corpora_by_weight(tmp_path):
   (tmp_path / 'b-out' / 'tokenizer.model').write_bytes(b'x')
   with pytest.raises(ConfigError, match='prepared with tokenizer'):
     pipeline.prepare(data_cfg)
+
+
+def test_a_missing_or_damaged_shard_is_named(varied):
+  """A shard that is gone or of another size is named when the split opens; bytes damaged in
+  place are named when a window reads them."""
+  directory = pathlib.Path(varied.paths[0]).parent
+  manifest = prepare.read_manifest(directory)
+  shard = pathlib.Path(varied.paths[0])
+  original = shard.read_bytes()
+  try:
+    shard.write_bytes(original[:-10])
+    with pytest.raises(
+      ConfigError,
+      match=rf'{shard.name} is {len(original) - 10} bytes, not '
+      rf'{len(original)}; prepare .* again',
+    ):
+      pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
+    damaged = bytearray(original)
+    for i in range(100, 300):  # Inside the first chunk of records.
+      damaged[i] ^= 0xFF
+    shard.write_bytes(bytes(damaged))
+    split = pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
+    with pytest.raises(
+      ConfigError,
+      match=rf'{shard.name}: document \d+ cannot be read|a shard '
+      rf'of {directory} cannot be opened',
+    ):
+      for n in range(manifest['splits']['train']['documents']):
+        split.document(n)
+    shard.unlink()
+    with pytest.raises(ConfigError, match=rf'{shard.name} is missing; prepare'):
+      pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
+  finally:
+    shard.write_bytes(original)
+
+
+def test_lines_too_long_for_the_tokenizer_trainer_are_one_sentence():
+  with pytest.raises(
+    ConfigError,
+    match=r'50 of its 50 sampled lines are longer than the 4192 '
+    r'bytes SentencePiece reads: split documents into lines',
+  ):
+    tokenizer.train('sentencepiece', 300, ['word ' * 2000] * 50)

@@ -44,6 +44,14 @@ class Split:
   def __init__(self, directory: pathlib.Path, split: str, manifest: dict, token_bytes: np.ndarray):
     info = manifest['splits'][split]
     self.paths = [str(directory / shard['file']) for shard in info['shards']]
+    for path, shard in zip(self.paths, info['shards']):  # Cheap checks: no shard is read.
+      size, wanted = (os.stat(path).st_size if os.path.exists(path) else None), shard['bytes']
+      if size != wanted:
+        state = 'missing' if size is None else f'{size} bytes, not {wanted}'
+        raise ConfigError(
+          f'{path} is {state}; prepare {directory} again (python -m fm.data.prepare).'
+        )
+    self.first = np.cumsum([0] + [shard['documents'] for shard in info['shards']])
     self.offsets_path = directory / f'{split}.offsets.npy'
     self.num_tokens = info['tokens']
     self.token_bytes = token_bytes
@@ -54,7 +62,13 @@ class Split:
 
   def _files(self):
     if self._open is None:
-      source = grain.sources.ArrayRecordDataSource(self.paths)
+      try:
+        source = grain.sources.ArrayRecordDataSource(self.paths)
+      except Exception as e:  # The reader's errors are not public; it names the shard.
+        raise ConfigError(
+          f'a shard of {self.offsets_path.parent} cannot be opened ({str(e).splitlines()[0]}); '
+          f'prepare the corpus again (python -m fm.data.prepare).'
+        ) from None
       self._open = (source, np.load(self.offsets_path, mmap_mode='r'), collections.OrderedDict())
     return self._open
 
@@ -69,7 +83,14 @@ class Split:
   def document(self, n: int) -> np.ndarray:
     source, _, cache = self._files()
     if n not in cache:
-      cache[n] = np.frombuffer(source[n], np.int32)
+      try:
+        cache[n] = np.frombuffer(source[n], np.int32)
+      except Exception as e:  # The reader's errors are not public; say which shard.
+        path = self.paths[int(np.searchsorted(self.first, n, 'right')) - 1]
+        raise ConfigError(
+          f'{path}: document {n} cannot be read ({type(e).__name__}); the shard is damaged, '
+          f'prepare its corpus again (python -m fm.data.prepare).'
+        ) from None
       if len(cache) > self.CACHED_DOCUMENTS:
         cache.popitem(last=False)
     return cache[n]

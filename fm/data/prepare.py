@@ -321,11 +321,13 @@ def _write_item(indexed: tuple[int, Item], spec: Spec, identity: dict, proto: by
     writer.close()
     counts = np.asarray(lengths[split], np.int32)
     _atomic_bytes(final[split].with_suffix('.lengths.npy'), _npy_bytes(counts))
+    data = partial[split].read_bytes()
     stats = {
       'file': final[split].name,
       'documents': len(counts),
       'tokens': int(counts.sum()),
-      'sha256': hashlib.sha256(partial[split].read_bytes()).hexdigest(),
+      'bytes': len(data),
+      'sha256': hashlib.sha256(data).hexdigest(),
     }
     _atomic_bytes(final[split].with_suffix('.json'), json.dumps(stats).encode())
     os.replace(partial[split], final[split])
@@ -508,4 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  # Through the package, so the pipeline's work items pickle as fm.data.prepare.Item (workers
+  # import that module; they have no __main__ of ours).
+  from fm.data import prepare as _prepare  # noqa: PLW0406
+
+  sys.exit(_prepare.main())

@@ -87,6 +87,7 @@ def declared_vocab_size(tok_cfg) -> int:
 
 
 KINDS = ('sentencepiece', 'bytes')
+MAX_LINE_BYTES = 4192  # SentencePiece's trainer skips longer lines (max_sentence_length).
 
 
 def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> bytes:
@@ -117,15 +118,25 @@ def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> byt
       shuffle_input_sentence=True,
     )
   except RuntimeError as e:
+    long = sum(len(line.encode('utf-8')) > MAX_LINE_BYTES for line in lines)
+    skipped = (
+      f' ({long} of its {len(lines)} sampled lines are longer than the {MAX_LINE_BYTES} bytes '
+      f'SentencePiece reads: split documents into lines, such as paragraphs)'
+      if long
+      else ''
+    )
     found = re.search(
       r'Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)', str(e)
     )
     if found:
       raise ConfigError(
         f'config.data.tokenizer.vocab_size={found.group(1)} is more than this corpus can give '
-        f'a SentencePiece model; set it to at most {found.group(2)}, or add text.'
+        f'a SentencePiece model{skipped}; set it to at most {found.group(2)}, or add text.'
       ) from None
-    raise ConfigError(f'SentencePiece could not train on this corpus ({e}).') from None
+    raise ConfigError(
+      f'SentencePiece could not train on this corpus{skipped}; or use '
+      f'config.data.tokenizer.kind=bytes ({str(e).splitlines()[0][:200]}).'
+    ) from None
   return model.getvalue()
 
 

@@ -51,7 +51,7 @@ SPLITS = ('train', 'validation')
 SAMPLE_LINES = 300_000  # The tokenizer's sample (SentencePiece reads at most this many lines).
 CHUNK_DOCS = 2_000  # Documents per pipeline work item in line-addressed files.
 MANIFEST = 'manifest.json'
-VERSION = 1  # Of the on-disk layout.
+VERSION = 2  # Of the on-disk layout.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,7 +395,10 @@ def prepare(spec: Spec, output: str | pathlib.Path, workers: int = 1, beam_args=
   """Prepares `spec` into `output` (see the module docstring); returns the manifest. A
   directory with a manifest of the same spec is returned as it is."""
   output = pathlib.Path(output)
-  existing = read_manifest(output, must_exist=False)
+  try:
+    existing = read_manifest(output, must_exist=False)
+  except ConfigError:  # Damaged, or written by another layout version: prepared anew.
+    existing = None
   if existing and existing['spec'] == json.loads(json.dumps(dataclasses.asdict(spec))):
     return existing
   output.mkdir(parents=True, exist_ok=True)

@@ -41,7 +41,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     dataset='shakespeare',
     seq_len=256,
     seed=0,
-    tokenizer=dict(kind='sentencepiece', vocab_size=4096),
+    tokenizer=dict(kind='sentencepiece', vocab_size=4096, model=''),
     train='',
     validation='',
     path='',

@@ -40,7 +40,7 @@ def get_config(arg: str = '8b') -> ml_collections.ConfigDict:
     dataset='news',
     seq_len=4096,
     seed=0,
-    tokenizer=dict(kind='sentencepiece', vocab_size=4096),
+    tokenizer=dict(kind='sentencepiece', vocab_size=4096, model=''),
     train='',
     validation='',
     path='',

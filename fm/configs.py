@@ -98,6 +98,7 @@ PRETRAINING = dict(
     tokenizer=dict(
       kind='sentencepiece',  # 'sentencepiece' (trained on a sample of the corpus) or 'bytes'.
       vocab_size=4096,  # SentencePiece vocabulary size.
+      model='',  # A SentencePiece .model to use instead of training one (vocab_size is its own).
     ),
     train='',  # 'files': glob of .txt, .jsonl, .jsonl.gz or .parquet training files.
     validation='',  # 'files': glob of held-out files ('': validation_fraction of the documents).

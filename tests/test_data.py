@@ -3,6 +3,7 @@ deterministic, process-disjoint, elastic pipeline."""
 
 import collections
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -103,29 +104,39 @@ def test_tokenizer_kinds():
 # =============================================================================================
 # Prepare
 # =============================================================================================
-def test_prepare_is_deterministic_with_any_number_of_workers(tmp_path):
+def test_prepare_is_deterministic_with_any_number_of_workers(tmp_path, monkeypatch):
   """The same inputs give byte-identical shards, offsets and manifest, with 1 or 2 workers;
-  each split holds every document once, in input order."""
+  work items are byte ranges of the files, and each split holds every document once, in input
+  order."""
+  monkeypatch.setattr(prepare, 'CHUNK_BYTES', 50_000)
   spec = byte_spec(write_corpus(tmp_path / 'in', files=3, docs=2500))
   one = prepare.prepare(spec, tmp_path / 'one', workers=1)
   two = prepare.prepare(spec, tmp_path / 'two', workers=2)
   assert one == two and shards(tmp_path / 'one') == shards(tmp_path / 'two')
   counts = {s: one['splits'][s]['documents'] for s in prepare.SPLITS}
   assert sum(counts.values()) == 7500 and 0.15 < counts['validation'] / 7500 < 0.25
-  assert len(one['splits']['train']['shards']) > 3  # Work items of CHUNK_DOCS documents.
-  data = pipeline.Data(
-    None,
-    *(pipeline.Split(tmp_path / 'one', s, one, np.ones(259, np.int32)) for s in prepare.SPLITS),
-  )
-  texts = [
-    json.loads(line)['text']
-    for f in sorted((tmp_path / 'in').iterdir())
-    for line in f.read_text().splitlines()
-  ]
-  train = [t for t in texts if not prepare.held_out(t, 0.2)]
+  files = sorted((tmp_path / 'in').iterdir())
+  assert len(one['splits']['train']['shards']) >= sum(f.stat().st_size for f in files) // 50_000
+  assert [i['path'] for i in one['inputs']] == [str(f) for f in files]
+  assert one['inputs'][0]['sha256'] == hashlib.sha256(files[0].read_bytes()).hexdigest()
+  texts = [json.loads(line)['text'] for f in files for line in f.read_text().splitlines()]
   tok = tokenizer.ByteTokenizer()
-  for n in (0, 1, 2000, len(train) - 1):
-    assert tok.decode(data.train.document(n)[:-1]) == train[n]
+  for split, want in (
+    ('train', [t for t in texts if not prepare.held_out(t, 0.2)]),
+    ('validation', [t for t in texts if prepare.held_out(t, 0.2)]),
+  ):
+    data = pipeline.Split(tmp_path / 'one', split, one, np.ones(259, np.int32))
+    assert [tok.decode(data.document(n)[:-1]) for n in range(len(want))] == want
+
+
+def test_the_tokenizer_sample_is_bounded(monkeypatch):
+  """The driver reads every work item of a small corpus and evenly spaced ones of about
+  SAMPLE_BYTES of a large one."""
+  items = [prepare.Item(bytes=10) for _ in range(100)]
+  assert prepare.sampled_items(items) == list(range(100))
+  monkeypatch.setattr(prepare, 'SAMPLE_BYTES', 95)
+  chosen = prepare.sampled_items(items)
+  assert len(chosen) == 10 and chosen == list(range(0, 100, 10))
 
 
 def test_prepare_killed_then_rerun_gives_the_same_shards(tmp_path):
@@ -379,7 +390,7 @@ def test_a_mixture_draws_its_corpora_by_weight(tmp_path):
     dict(
       dataset='prepared',
       path='',
-      tokenizer=dict(kind='bytes', vocab_size=4096),
+      tokenizer=dict(kind='bytes', vocab_size=4096, model=''),
       mixture=((str(tmp_path / 'a-out'), 3.0), (str(tmp_path / 'b-out'), 1.0)),
     )
   )
@@ -440,3 +451,93 @@ def test_lines_too_long_for_the_tokenizer_trainer_are_one_sentence():
     r'bytes SentencePiece reads: split documents into lines',
   ):
     tokenizer.train('sentencepiece', 300, ['word ' * 2000] * 50)
+
+
+def test_corpora_prepared_with_one_tokenizer_mix(tmp_path):
+  """--tokenizer_model: a corpus prepared with another's SentencePiece model shares its
+  tokenizer, so the two mix (and a run may name the model); a changed model file prepares the
+  corpus anew; a file that is not a model is one sentence."""
+  import ml_collections
+
+  spec = lambda name, **kw: prepare.Spec(
+    train=(write_corpus(tmp_path / name, files=1, docs=400, seed=len(name)),), **kw
+  )
+  first = prepare.prepare(spec('a', vocab_size=300), tmp_path / 'a-out')
+  model = tmp_path / 'a-out' / 'tokenizer.model'
+  second = prepare.prepare(spec('bb', tokenizer_model=str(model)), tmp_path / 'b-out')
+  assert second['tokenizer'] == first['tokenizer']
+  data_cfg = ml_collections.ConfigDict(
+    dict(
+      dataset='prepared',
+      path='',
+      tokenizer=dict(kind='sentencepiece', vocab_size=4096, model=str(model)),
+      mixture=((str(tmp_path / 'a-out'), 1.0), (str(tmp_path / 'b-out'), 1.0)),
+    )
+  )
+  assert pipeline.prepare(data_cfg).tokenizer.identity == first['tokenizer']
+  copy = tmp_path / 'other.model'
+  prepare.prepare(spec('ccc', vocab_size=280), tmp_path / 'c-out')
+  copy.write_bytes((tmp_path / 'c-out' / 'tokenizer.model').read_bytes())
+  changed = prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out')
+  assert changed['tokenizer']['vocab_size'] == 280
+  copy.write_bytes((tmp_path / 'a-out' / 'tokenizer.model').read_bytes())
+  again = prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out')
+  assert again['tokenizer'] == first['tokenizer']
+  with pytest.raises(ConfigError, match=r"config.data.tokenizer.model='.*' is not a SentencePiece"):
+    prepare.prepare(
+      spec('bb', tokenizer_model=str(tmp_path / 'a' / 'part-0.jsonl')), tmp_path / 'd'
+    )
+  assert not (tmp_path / 'd').exists()
+
+
+def test_a_bad_line_found_by_a_worker_process_is_one_sentence(tmp_path):
+  """On 2 worker processes a bad line is the command's last line of output (exit 2), and
+  nothing of the item is left."""
+  lines = [json.dumps({'text': f'line {i}'}) for i in range(3000)] + ['{"text": broken']
+  (tmp_path / 'x.jsonl').write_text('\n'.join(lines) + '\n')
+  done = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'fm.data.prepare',
+      '--train',
+      str(tmp_path / 'x.jsonl'),
+      '--output',
+      str(tmp_path / 'out'),
+      '--tokenizer',
+      'bytes',
+      '--workers',
+      '2',
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines()[-1] == (
+    f'error: {tmp_path / "x.jsonl"}:3001: not JSON (Expecting value); fix the line.'
+  )
+  assert not [p for p in (tmp_path / 'out').iterdir() if not p.name.startswith('input-')]
+
+
+@pytest.mark.slow
+def test_data_benchmark_smoke(tmp_path):
+  """experiments/data_bench.py --smoke measures every column for corpora of 1 and 2 copies."""
+  done = subprocess.run(
+    [sys.executable, 'experiments/data_bench.py', '--workdir', str(tmp_path), '--smoke'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((tmp_path / 'data_bench.json').read_text())
+  for size in ('1', '2'):
+    row = results[size]
+    assert {'prepare_1', 'prepare_2', 'given_1', 'given_2', 'train'} <= set(row)
+    assert row['prepare_1']['tokenizer_trained_at'] > 0 and row['pipeline_windows_per_sec'] > 0
+  rows = [
+    line for line in done.stdout.splitlines() if line.startswith('| 1x') or line.startswith('| 2x')
+  ]
+  assert len(rows) == 2 and all(line.count(' s, ') == 4 for line in rows)

@@ -171,7 +171,12 @@ DATASETS = (*sources.SOURCES, 'files', 'prepared')
 
 def spec_of(data_cfg: ml_collections.ConfigDict) -> prepare_lib.Spec:
   """What `prepare` makes of a named source (its own splits) or of `files` under `config.data`."""
-  tokenizer = dict(tokenizer=data_cfg.tokenizer.kind, vocab_size=data_cfg.tokenizer.vocab_size)
+  tok_cfg = data_cfg.tokenizer
+  tokenizer = dict(
+    tokenizer=tok_cfg.kind,
+    vocab_size=0 if tok_cfg.model else tok_cfg.vocab_size,
+    tokenizer_model=tok_cfg.model,
+  )
   if data_cfg.dataset in sources.SOURCES:
     return prepare_lib.Spec(source=data_cfg.dataset, **tokenizer)
   if data_cfg.dataset != 'files':
@@ -200,8 +205,10 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
   identity = manifest['tokenizer']
   if data_cfg is not None and data_cfg.dataset == 'prepared':
     wanted = data_cfg.tokenizer
+    given = wanted.model and tokenizer_lib.train(wanted.kind, 0, [], wanted.model).identity
     if identity['kind'] != wanted.kind or (
-      wanted.kind == 'sentencepiece' and identity['vocab_size'] != wanted.vocab_size
+      wanted.kind == 'sentencepiece'
+      and (identity != given if given else identity['vocab_size'] != wanted.vocab_size)
     ):
       raise ConfigError(
         f'config.data.path={str(directory)!r} was prepared with tokenizer {identity}, the run '
@@ -247,7 +254,8 @@ def _mixture(data_cfg: ml_collections.ConfigDict) -> Data:
     if other.identity != tok.identity:
       raise ConfigError(
         f'config.data.mixture: {directory} was prepared with tokenizer {other.identity}, '
-        f'{directories[0]} with {tok.identity}; prepare them with one tokenizer.'
+        f'{directories[0]} with {tok.identity}; prepare them with one tokenizer '
+        f'(python -m fm.data.prepare --tokenizer_model {directories[0] / "tokenizer.model"}).'
       )
   token_bytes = tok.token_bytes()
   weights = [float(weight) for _, weight in data_cfg.mixture]

@@ -3,33 +3,37 @@ manifest, written by an Apache Beam pipeline.
 
   python -m fm.data.prepare --train 'corpus/*.jsonl' --output DIR [--validation 'held/*.jsonl' |
       --validation_fraction 0.01] [--text_field text] [--tokenizer sentencepiece --vocab_size 4096
-      | --tokenizer bytes] [--workers 2] [-- BEAM_OPTIONS...]
+      | --tokenizer_model OTHER/tokenizer.model | --tokenizer bytes] [--workers 2]
+      [-- BEAM_OPTIONS...]
   python -m fm.data.prepare --source shakespeare --output DIR
 
 Inputs: `.txt` (one document per file), `.jsonl` / `.jsonl.gz` (a document per line, in the
 `text_field`) and `.parquet` (that column), local or on any filesystem `etils.epath` opens; or a
 named source (fm/data/sources.py). The steps:
-  1. On the driver, one streaming pass over the inputs: each file's size and sha256, the
-     documents of each split (by the validation globs, else by a hash of each document's text),
-     and a bounded, seeded sample of training lines for the tokenizer (memory does not grow with
-     the corpus).
-  2. The tokenizer is trained on that sample (SentencePiece) or is the byte tokenizer.
-  3. A Beam pipeline reads the documents again in chunks of up to CHUNK_DOCS (a work item
-     each), tokenizes them and writes each chunk's documents of each split as one shard, under a
-     temporary name renamed when whole: shards hold their split's documents in input order, so
-     record n of the split's shards read in order is document n. Nothing is grouped, so no
-     worker holds more than a chunk. Locally it runs on Beam's DirectRunner with `--workers`
-     processes; the same pipeline runs on Dataflow, Flink or Spark with their runner options
-     after `--`.
+  1. On the driver, from the file listing alone: work items (ranges of CHUNK_BYTES of .jsonl
+     files, runs of .txt files, a .jsonl.gz or .parquet file whole), and a bounded, seeded
+     sample of training lines for the tokenizer read from items spread over the corpus, about
+     SAMPLE_BYTES in all: the driver's time and memory do not grow with the corpus.
+  2. The tokenizer is trained on that sample (SentencePiece), or is a given SentencePiece model
+     (--tokenizer_model: corpora to be mixed share one), or the byte tokenizer.
+  3. A Beam pipeline reads each work item, splits its documents (by the validation globs, else
+     by a hash of each document's text), tokenizes them and writes its documents of each split
+     as one shard, under a temporary name renamed when whole, then the item's record
+     (`item-N.json`) last; in parallel it takes each input file's size and sha256. Shards hold
+     their split's documents in input order, so record n of the split's shards read in order is
+     document n. Nothing is grouped, so no worker holds more than an item. Locally it runs on
+     Beam's DirectRunner with `--workers` processes; the same pipeline runs on Dataflow, Flink
+     or Spark with their runner options after `--`.
   4. Per split, the tokens of each document (`{split}.offsets.npy`, cumulative, read memory-mapped
      by training), then the manifest: tokenizer identity, inputs (sizes, sha256), shards
      (documents, tokens, sha256). The manifest is written last: a directory without one is not a
-     prepared corpus, and rerunning the command finishes it. Same inputs and tokenizer: the same
-     bytes.
+     prepared corpus, and rerunning the command finishes it (recorded items are kept). Same
+     inputs and tokenizer: the same bytes.
 """
 
 import argparse
 from collections.abc import Iterator
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -39,6 +43,7 @@ import os
 import pathlib
 import random
 import sys
+import time
 
 import numpy as np
 
@@ -49,9 +54,11 @@ from fm.data import tokenizer as tokenizer_lib
 FORMATS = ('.txt', '.jsonl', '.jsonl.gz', '.parquet')
 SPLITS = ('train', 'validation')
 SAMPLE_LINES = 300_000  # The tokenizer's sample (SentencePiece reads at most this many lines).
-CHUNK_DOCS = 2_000  # Documents per pipeline work item in line-addressed files.
+SAMPLE_BYTES = 64 << 20  # About how much input the driver reads for that sample.
+CHUNK_BYTES = 16 << 20  # Input bytes per pipeline work item (a range of a .jsonl file).
+CHUNK_DOCS = 2_000  # Documents (.txt files, a named source's texts) per work item.
 MANIFEST = 'manifest.json'
-VERSION = 2  # Of the on-disk layout.
+VERSION = 3  # Of the on-disk layout.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +71,8 @@ class Spec:
   validation_fraction: float = 0.01
   text_field: str = 'text'
   tokenizer: str = 'sentencepiece'  # or 'bytes'
-  vocab_size: int = 4096
+  vocab_size: int = 4096  # Of a trained SentencePiece model.
+  tokenizer_model: str = ''  # A SentencePiece .model file to use instead of training one.
   encoding_errors: str = 'strict'  # 'replace' turns bytes that are not UTF-8 into U+FFFD.
 
   def key(self) -> str:
@@ -120,18 +128,16 @@ def _decode(data: bytes, path: str, offset: int, errors: str) -> str:
     ) from None
 
 
-def documents(
-  path: str, spec: Spec, start_line: int = 0, stop_line: int | None = None
-) -> Iterator[tuple[int, str]]:
-  """(line or row number, text) of the documents of a file, from `start_line` to `stop_line`
-  (line-addressed formats; a .txt file is one document, number 0)."""
-  fmt = _format(path)
+def documents(part: 'Part', spec: Spec) -> Iterator[str]:
+  """The texts of the documents of a part of a file: a .txt file is one document; a .jsonl range
+  holds the lines that start inside it."""
+  path, fmt = part.path, _format(part.path)
   if fmt == '.txt':
     with _open(path) as f:
       data = f.read()
     if not data.strip():
       raise ConfigError(f'{path} is empty; remove it or give it text.')
-    yield 0, _decode(data, path, 0, spec.encoding_errors)
+    yield _decode(data, path, 0, spec.encoding_errors)
     return
   if fmt == '.parquet':
     import pyarrow.parquet as pq
@@ -143,32 +149,47 @@ def documents(
           f'{path} has no column {spec.text_field!r} (columns: '
           f'{", ".join(table.schema_arrow.names)}); set --text_field (config.data.text_field).'
         )
-      row = 0
       for batch in table.iter_batches(columns=[spec.text_field]):
-        for text in batch.column(0).to_pylist():
-          if start_line <= row and (stop_line is None or row < stop_line) and text:
-            yield row, text
-          row += 1
+        yield from (text for text in batch.column(0).to_pylist() if text)
     return
-  opener = gzip.open if fmt == '.jsonl.gz' else (lambda f: f)
-  with _open(path) as raw, opener(raw) as f:
-    offset = 0
-    for number, line in enumerate(f):
-      if stop_line is not None and number >= stop_line:
+  with _open(path) as raw:
+    offset = part.start
+    if offset:  # Skip the line that started before the range (its own range reads it).
+      raw.seek(offset - 1)
+      offset += len(raw.readline()) - 1
+    lines = gzip.open(raw) if fmt == '.jsonl.gz' else raw
+    for line in lines:
+      if part.stop is not None and offset >= part.stop:
         return
-      if number >= start_line and line.strip():
-        text = _decode(line, path, offset, spec.encoding_errors)
-        try:
-          record = json.loads(text)
-        except json.JSONDecodeError as e:
-          raise ConfigError(f'{path}:{number + 1}: not JSON ({e.msg}); fix the line.') from None
-        if not isinstance(record, dict) or not isinstance(record.get(spec.text_field), str):
-          raise ConfigError(
-            f'{path}:{number + 1}: no string field {spec.text_field!r}; set --text_field '
-            f'(config.data.text_field) to the field that holds the text.'
-          )
-        yield number, record[spec.text_field]
+      if line.strip():
+        yield _json_text(line, path, offset, spec)
       offset += len(line)
+
+
+def _json_text(line: bytes, path: str, offset: int, spec: Spec) -> str:
+  text = _decode(line, path, offset, spec.encoding_errors)
+  try:
+    record = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ConfigError(
+      f'{path}:{_line_number(path, offset)}: not JSON ({e.msg}); fix the line.'
+    ) from None
+  if not isinstance(record, dict) or not isinstance(record.get(spec.text_field), str):
+    raise ConfigError(
+      f'{path}:{_line_number(path, offset)}: no string field {spec.text_field!r}; set '
+      f'--text_field (config.data.text_field) to the field that holds the text.'
+    )
+  return record[spec.text_field]
+
+
+def _line_number(path: str, offset: int) -> int:
+  """The number of the line at byte `offset` of a (decompressed) file: only for messages."""
+  with _open(path) as raw:
+    f = gzip.open(raw) if path.endswith('.gz') else raw
+    number, left = 1, offset
+    while left > 0 and (block := f.read(min(left, 1 << 20))):
+      number, left = number + block.count(b'\n'), left - len(block)
+  return number
 
 
 def held_out(text: str, fraction: float) -> bool:
@@ -179,21 +200,79 @@ def held_out(text: str, fraction: float) -> bool:
 
 
 # =============================================================================================
-# 1. The driver's pass: inputs, documents per split, the tokenizer's sample
+# 1. The driver: work items and the tokenizer's sample
 # =============================================================================================
-@dataclasses.dataclass
-class Item:
-  """A pipeline work item: documents of one file (or of a named source), with the ordinal of
-  its first document in each split."""
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """A file, or the byte range [start, stop) of a .jsonl file (the lines starting inside it)."""
 
-  split_by: str  # 'file' (the file's split), 'hash' (per document) or 'source'.
-  first: dict[str, int]  # Ordinal of its first document of each split.
-  path: str = ''
-  split: str = ''
-  start_line: int = 0
-  stop_line: int | None = None
-  texts: tuple = ()  # A named source's (split, text) pairs.
-  documents: dict[str, int] = dataclasses.field(default_factory=dict)  # Per split.
+  path: str
+  split: str  # The file's split ('train' or 'validation'); '' splits each document by hash.
+  start: int = 0
+  stop: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """A pipeline work item: parts of files in input order, or a named source's (split, text)
+  pairs; its shards hold its documents of each split in that order."""
+
+  parts: tuple[Part, ...] = ()
+  texts: tuple[tuple[str, str], ...] = ()
+  bytes: int = 0
+
+
+def work_items(spec: Spec) -> tuple[list[Item], list[str]]:
+  """(work items, input files), from the file listing alone: .jsonl files in ranges of
+  CHUNK_BYTES, runs of .txt files up to CHUNK_BYTES (and CHUNK_DOCS files), a .jsonl.gz or
+  .parquet file whole."""
+  if spec.source:
+    docs = sources.load(spec.source)
+    pairs = [(split, text) for split in SPLITS for text in docs[split]]
+    chunks = [tuple(pairs[i : i + CHUNK_DOCS]) for i in range(0, len(pairs), CHUNK_DOCS)]
+    return [Item(texts=c, bytes=sum(len(t) for _, t in c)) for c in chunks], []
+  from etils import epath
+
+  files = [(p, 'train') for p in expand(spec.train, 'config.data.train')]
+  files += [(p, 'validation') for p in expand(spec.validation, 'config.data.validation')]
+  items, run = [], []
+
+  def flush():
+    items.append(Item(parts=tuple(p for p, _ in run), bytes=sum(n for _, n in run)))
+    run.clear()
+
+  for path, file_split in files:
+    fmt, size = _format(path), epath.Path(path).stat().length
+    if not size:
+      raise ConfigError(f'{path} is empty; remove it or give it text.')
+    split = file_split if spec.validation else ''
+    if fmt == '.txt':
+      if run and (sum(n for _, n in run) + size > CHUNK_BYTES or len(run) == CHUNK_DOCS):
+        flush()
+      run.append((Part(path, split), size))
+      continue
+    if run:
+      flush()
+    if fmt == '.jsonl':
+      for start in range(0, size, CHUNK_BYTES):
+        stop = min(start + CHUNK_BYTES, size)
+        items.append(
+          Item((Part(path, split, start, None if stop == size else stop),), bytes=stop - start)
+        )
+    else:
+      items.append(Item((Part(path, split),), bytes=size))
+  if run:
+    flush()
+  return items, [p for p, _ in files]
+
+
+def item_documents(item: Item, spec: Spec) -> Iterator[tuple[str, str]]:
+  """(split, text) of a work item's documents, in order."""
+  yield from item.texts
+  for part in item.parts:
+    for text in documents(part, spec):
+      hashed = 'validation' if held_out(text, spec.validation_fraction) else 'train'
+      yield part.split or hashed, text
 
 
 class _Sample:
@@ -215,82 +294,25 @@ class _Sample:
           self.lines[j] = line
 
 
-def survey(spec: Spec) -> tuple[list[Item], dict[str, int], list[str], list[dict]]:
-  """(work items, documents per split, the tokenizer's sample of training lines, inputs with
-  their sizes and sha256), from one streaming pass."""
-  counts = dict.fromkeys(SPLITS, 0)
-  sample = _Sample(SAMPLE_LINES)
-  items, inputs = [], []
-  if spec.source:
-    docs = sources.load(spec.source)
-    pairs = [(split, text) for split in SPLITS for text in docs[split]]
-    for start in range(0, len(pairs), CHUNK_DOCS):
-      chunk = tuple(pairs[start : start + CHUNK_DOCS])
-      item = Item('source', dict(counts), texts=chunk)
-      for split, text in chunk:
-        counts[split] += 1
-        if split == 'train':
-          sample.add(text)
-      item.documents = {s: counts[s] - item.first[s] for s in SPLITS}
-      items.append(item)
-    return items, counts, sample.lines, [{'source': spec.source}]
-  files = [(p, 'train') for p in expand(spec.train, 'config.data.train')]
-  files += [(p, 'validation') for p in expand(spec.validation, 'config.data.validation')]
-  for path, file_split in files:
-    digest, size = hashlib.sha256(), 0
-    with _open(path) as f:
-      for block in iter(lambda: f.read(1 << 20), b''):
-        digest.update(block)
-        size += len(block)
-    if not size:
-      raise ConfigError(f'{path} is empty; remove it or give it text.')
-    inputs.append({'path': path, 'bytes': size, 'sha256': digest.hexdigest()})
-    split_by = 'file' if spec.validation else 'hash'
-    item = Item(split_by, dict(counts), path=path, split=file_split)
-    for n, (line, text) in enumerate(documents(path, spec)):
-      if n and n % CHUNK_DOCS == 0:  # A new work item every CHUNK_DOCS documents.
-        item.stop_line = line
-        item.documents = {s: counts[s] - item.first[s] for s in SPLITS}
-        items.append(item)
-        item = Item(split_by, dict(counts), path=path, split=file_split, start_line=line)
-      split = (
-        file_split
-        if spec.validation
-        else ('validation' if held_out(text, spec.validation_fraction) else 'train')
-      )
-      counts[split] += 1
+def sampled_items(items: list[Item]) -> list[int]:
+  """The items the tokenizer's sample reads: all of them up to SAMPLE_BYTES, else evenly spaced
+  ones of about SAMPLE_BYTES in all (so the driver's time and memory do not grow with the
+  corpus)."""
+  total = sum(item.bytes for item in items)
+  if total <= SAMPLE_BYTES:
+    return list(range(len(items)))
+  k = -(-len(items) * SAMPLE_BYTES // total)
+  return sorted({j * len(items) // k for j in range(k)})
+
+
+def sample(items: list[Item], spec: Spec) -> list[str]:
+  """A bounded, seeded sample of training lines (SAMPLE_LINES at most) from `sampled_items`."""
+  reservoir = _Sample(SAMPLE_LINES)
+  for index in sampled_items(items):
+    for split, text in item_documents(items[index], spec):
       if split == 'train':
-        sample.add(text)
-    item.documents = {s: counts[s] - item.first[s] for s in SPLITS}
-    items.append(item)
-  for split in SPLITS:
-    if not counts[split]:
-      raise ConfigError(
-        f'the inputs give no {split} documents; add files'
-        + (' or raise --validation_fraction.' if split == 'validation' else '.')
-      )
-  return items, counts, sample.lines, inputs
-
-
-def _item_documents(item: Item, spec: Spec) -> Iterator[tuple[str, int, str]]:
-  """(split, ordinal, text) of a work item's documents."""
-  next_ordinal = dict(item.first)
-  if item.split_by == 'source':
-    pairs = item.texts
-  else:
-    docs = documents(item.path, spec, item.start_line, item.stop_line)
-    pairs = (
-      (
-        item.split
-        if item.split_by == 'file'
-        else ('validation' if held_out(text, spec.validation_fraction) else 'train'),
-        text,
-      )
-      for _, text in docs
-    )
-  for split, text in pairs:
-    yield split, next_ordinal[split], text
-    next_ordinal[split] += 1
+        reservoir.add(text)
+  return reservoir.lines
 
 
 # =============================================================================================
@@ -300,37 +322,70 @@ def shard_name(split: str, item: int) -> str:
   return f'{split}-{item:05d}.array_record'
 
 
+def _item_key(item: Item, spec: Spec, identity: dict) -> str:
+  """What an item's outputs are made of: a finished item of the same key is not redone."""
+  text = json.dumps([dataclasses.asdict(item), dataclasses.asdict(spec), identity], sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _write_item(indexed: tuple[int, Item], spec: Spec, identity: dict, proto: bytes, output: str):
   """Tokenizes one work item and writes its documents of each split as one shard, with the
-  tokens of each document and the shard's stats; every file under a temporary name, renamed
-  when whole (the shard last)."""
+  tokens of each document, then the item's record (`item-N.json`: its shards' documents,
+  tokens, size and sha256); each file under a temporary name renamed when whole, the record
+  last. An item already recorded with the same key is left as it is; a bad input is written to
+  `error-N.txt` for the driver to report."""
   from array_record.python import array_record_module
 
   index, item = indexed
+  out = pathlib.Path(output)
+  key = _item_key(item, spec, identity)
+  record = out / f'item-{index:05d}.json'
+  if record.exists() and json.loads(record.read_text()).get('key') == key:
+    return
   tok = tokenizer_lib.from_identity(identity, proto)
   writers, lengths = {}, {s: [] for s in SPLITS}
-  final = {s: pathlib.Path(output) / shard_name(s, index) for s in SPLITS}
+  final = {s: out / shard_name(s, index) for s in SPLITS}
   partial = {s: p.with_name(f'.{p.name}.{os.getpid()}.partial') for s, p in final.items()}
-  for split, _, text in _item_documents(item, spec):
-    if split not in writers:
-      writers[split] = array_record_module.ArrayRecordWriter(str(partial[split]), 'group_size:1')
-    tokens = np.asarray(tok.encode(text) + [tok.eos_id], np.int32)
-    writers[split].write(tokens.tobytes())
-    lengths[split].append(len(tokens))
+  try:
+    for split, text in item_documents(item, spec):
+      if split not in writers:
+        writers[split] = array_record_module.ArrayRecordWriter(str(partial[split]), 'group_size:1')
+      tokens = np.asarray(tok.encode(text) + [tok.eos_id], np.int32)
+      writers[split].write(tokens.tobytes())
+      lengths[split].append(len(tokens))
+  except ConfigError as e:
+    for split, writer in writers.items():
+      writer.close()
+      partial[split].unlink()
+    _atomic_bytes(out / f'error-{index:05d}.txt', str(e).encode())
+    raise
+  shards = {}
   for split, writer in writers.items():
     writer.close()
     counts = np.asarray(lengths[split], np.int32)
     _atomic_bytes(final[split].with_suffix('.lengths.npy'), _npy_bytes(counts))
     data = partial[split].read_bytes()
-    stats = {
+    os.replace(partial[split], final[split])
+    shards[split] = {
       'file': final[split].name,
       'documents': len(counts),
       'tokens': int(counts.sum()),
       'bytes': len(data),
       'sha256': hashlib.sha256(data).hexdigest(),
     }
-    _atomic_bytes(final[split].with_suffix('.json'), json.dumps(stats).encode())
-    os.replace(partial[split], final[split])
+  _atomic_bytes(record, json.dumps({'key': key, 'shards': shards}).encode())
+
+
+def _digest(indexed: tuple[int, str], output: str) -> None:
+  """An input file's size and sha256, as `input-N.json`."""
+  index, path = indexed
+  digest, size = hashlib.sha256(), 0
+  with _open(path) as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+      size += len(block)
+  entry = {'path': path, 'bytes': size, 'sha256': digest.hexdigest()}
+  _atomic_bytes(pathlib.Path(output) / f'input-{index:05d}.json', json.dumps(entry).encode())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -364,9 +419,12 @@ def _import_beam():
   return apache_beam
 
 
-def run_pipeline(items: list[Item], spec: Spec, tok, output, workers: int, beam_args) -> None:
+def run_pipeline(
+  items: list[Item], files: list[str], spec: Spec, tok, output, workers: int, beam_args
+) -> None:
   """Runs step 3 (see the module docstring) on Beam's DirectRunner with `workers` processes,
-  or on the runner `beam_args` name."""
+  or on the runner `beam_args` name. A bad input found by a worker is raised here as the one
+  sentence it wrote."""
   beam = _import_beam()
   PipelineOptions = beam.options.pipeline_options.PipelineOptions  # noqa: N806
 
@@ -379,58 +437,132 @@ def run_pipeline(items: list[Item], spec: Spec, tok, output, workers: int, beam_
     options.view_as(
       beam.options.pipeline_options.DirectOptions
     ).direct_running_mode = 'multi_processing'
-  with beam.Pipeline(options=options) as p:
-    _ = (
-      p
-      | 'Items' >> beam.Create(list(enumerate(items)))
-      | 'Spread' >> beam.Reshuffle()
-      | 'Write' >> beam.Map(_write_item, spec, tok.identity, tok_proto(tok), str(output))
-    )
+  log = pathlib.Path(output) / '.workers.log'
+  try:
+    with _stderr_to(log if workers > 1 else None), beam.Pipeline(options=options) as p:
+      _ = (
+        p
+        | 'Items' >> beam.Create(list(enumerate(items)))
+        | 'Spread' >> beam.Reshuffle()
+        | 'Write' >> beam.Map(_write_item, spec, tok.identity, tok_proto(tok), str(output))
+      )
+      _ = (
+        p
+        | 'Inputs' >> beam.Create(list(enumerate(files)))
+        | 'SpreadInputs' >> beam.Reshuffle()
+        | 'Digest' >> beam.Map(_digest, str(output))
+      )
+  except Exception as e:
+    errors = sorted(pathlib.Path(output).glob('error-*.txt'))
+    if errors:
+      message = errors[0].read_text()
+      for error in errors:
+        error.unlink()
+      log.unlink(missing_ok=True)
+      raise ConfigError(message) from None
+    if workers > 1:
+      e.add_note(f"The workers' log: {log}")
+    raise
+  log.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _stderr_to(path: pathlib.Path | None):
+  """Standard error (file descriptor 2, which DirectRunner's worker processes inherit, with the
+  log lines they relay) into `path` for the duration."""
+  if path is None:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(path, 'ab') as f:
+    os.dup2(f.fileno(), 2)
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
 
 
 # =============================================================================================
 # The command
 # =============================================================================================
-def prepare(spec: Spec, output: str | pathlib.Path, workers: int = 1, beam_args=()) -> dict:
+def prepare(
+  spec: Spec, output: str | pathlib.Path, workers: int = 1, beam_args=(), say=lambda _: None
+) -> dict:
   """Prepares `spec` into `output` (see the module docstring); returns the manifest. A
-  directory with a manifest of the same spec is returned as it is."""
-  output = pathlib.Path(output)
+  directory with a manifest of the same spec is returned as it is; one that a killed prepare
+  left is finished (its finished items kept). `say` gets a line per step, with its time."""
+  output, started = pathlib.Path(output), time.perf_counter()
+  step = lambda what: say(f'[{time.perf_counter() - started:6.1f} s] {what}')
+  given = spec.tokenizer_model and tokenizer_lib.train(spec.tokenizer, 0, [], spec.tokenizer_model)
   try:
     existing = read_manifest(output, must_exist=False)
   except ConfigError:  # Damaged, or written by another layout version: prepared anew.
     existing = None
-  if existing and existing['spec'] == json.loads(json.dumps(dataclasses.asdict(spec))):
+  if (
+    existing
+    and existing['spec'] == json.loads(json.dumps(dataclasses.asdict(spec)))
+    and (not given or existing['tokenizer'] == given.identity)  # The model file unchanged.
+  ):
     return existing
   output.mkdir(parents=True, exist_ok=True)
   for stale in output.glob('.*.partial'):  # Left by a killed prepare (not by a running one).
     if not _running(int(stale.name.rsplit('.', 2)[1])):
       stale.unlink(missing_ok=True)
-  items, counts, sample, inputs = survey(spec)
-  tok = tokenizer_lib.train(spec.tokenizer, spec.vocab_size, sample)
+  for stale in output.glob('error-*.txt'):
+    stale.unlink()
+  items, files = work_items(spec)
+  step(f'{len(items)} work items of {sum(i.bytes for i in items):,} bytes in all')
+  tok = given
+  if not tok:
+    lines = sample(items, spec) if spec.tokenizer == 'sentencepiece' else []
+    if lines:
+      step(f"the tokenizer's sample: {len(lines):,} lines from {len(sampled_items(items))} items")
+    tok = tokenizer_lib.train(spec.tokenizer, spec.vocab_size, lines)
   if tok.identity['kind'] == 'sentencepiece':
     _atomic_bytes(output / 'tokenizer.model', tok.proto)
-  run_pipeline(items, spec, tok, output, workers, beam_args)
+    step(f'the tokenizer {"given" if given else "trained"}: {tok.identity["sha256"][:12]}')
+  run_pipeline(items, files, spec, tok, output, workers, beam_args)
+  step(f'the pipeline wrote {len(items)} items with {workers} worker(s)')
+  manifest = _write_manifest(output, spec, tok, items, files)
+  step('the manifest written')
+  return manifest
+
+
+def _write_manifest(output: pathlib.Path, spec: Spec, tok, items: list[Item], files) -> dict:
+  """Step 4: per split, the offsets of its documents' tokens; then the manifest."""
+  records = []
+  for index in range(len(items)):
+    path = output / f'item-{index:05d}.json'
+    if not path.exists():
+      raise ConfigError(f'prepare wrote no {path.name} in {output}; run it again.')
+    records.append(json.loads(path.read_text())['shards'])
   manifest = {
     'version': VERSION,
     'spec': dataclasses.asdict(spec),
     'tokenizer': tok.identity,
-    'inputs': inputs,
+    'inputs': [json.loads((output / f'input-{i:05d}.json').read_text()) for i in range(len(files))]
+    or [{'source': spec.source}],
     'splits': {},
   }
   for split in SPLITS:
-    shards = [
-      output / shard_name(split, i) for i, item in enumerate(items) if item.documents[split]
-    ]
-    missing = [p.name for p in shards if not p.exists()]
-    if missing:
-      raise ConfigError(f'prepare wrote no {", ".join(missing[:3])} in {output}; run it again.')
-    lengths = np.concatenate([np.load(p.with_suffix('.lengths.npy')) for p in shards])
+    shards = [r[split] for r in records if split in r]
+    if not shards:
+      raise ConfigError(
+        f'the inputs give no {split} documents; add files'
+        + (' or raise --validation_fraction.' if split == 'validation' else '.')
+      )
+    lengths = np.concatenate(
+      [np.load((output / s['file']).with_suffix('.lengths.npy')) for s in shards]
+    )
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     _atomic_bytes(output / f'{split}.offsets.npy', _npy_bytes(offsets))
     manifest['splits'][split] = {
-      'documents': counts[split],
+      'documents': sum(s['documents'] for s in shards),
       'tokens': int(offsets[-1]),
-      'shards': [json.loads(p.with_suffix('.json').read_text()) for p in shards],
+      'shards': shards,
     }
   _atomic_bytes(output / MANIFEST, json.dumps(manifest, indent=1).encode())
   return manifest
@@ -483,6 +615,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--text_field', default=Spec.text_field)
   parser.add_argument('--tokenizer', default=Spec.tokenizer, choices=('sentencepiece', 'bytes'))
   parser.add_argument('--vocab_size', type=int, default=Spec.vocab_size)
+  parser.add_argument(
+    '--tokenizer_model',
+    default='',
+    help="a SentencePiece .model to use instead of training one (another corpus's tokenizer.model)",
+  )
   parser.add_argument('--encoding_errors', default='strict', choices=('strict', 'replace'))
   parser.add_argument('--workers', type=int, default=1, help='DirectRunner worker processes')
   args = parser.parse_args(ours)
@@ -496,10 +633,13 @@ def main(argv: list[str] | None = None) -> int:
     args.text_field,
     args.tokenizer,
     args.vocab_size,
+    args.tokenizer_model,
     args.encoding_errors,
   )
   try:
-    manifest = prepare(spec, args.output, args.workers, beam_args)
+    manifest = prepare(
+      spec, args.output, args.workers, beam_args, lambda line: print(line, file=sys.stderr)
+    )
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

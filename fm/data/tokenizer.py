@@ -83,7 +83,34 @@ class SentencePieceTokenizer:
 
 def declared_vocab_size(tok_cfg) -> int:
   """The vocabulary size `config.data.tokenizer` promises, without loading any data."""
-  return ByteTokenizer().vocab_size if tok_cfg.kind == 'bytes' else tok_cfg.vocab_size
+  if tok_cfg.kind == 'bytes':
+    return ByteTokenizer().vocab_size
+  return load_sentencepiece(tok_cfg.model).vocab_size if tok_cfg.model else tok_cfg.vocab_size
+
+
+def load_sentencepiece(path: str) -> SentencePieceTokenizer:
+  """A given SentencePiece model (`config.data.tokenizer.model`), such as the tokenizer.model
+  of another prepared corpus."""
+  from etils import epath
+
+  key = f'config.data.tokenizer.model={path!r}'
+  try:
+    proto = epath.Path(path).expanduser().read_bytes()
+  except (FileNotFoundError, IsADirectoryError):
+    raise ConfigError(
+      f'{key} is not a file; give a SentencePiece .model file, such as the tokenizer.model of a '
+      f'prepared corpus.'
+    ) from None
+  try:
+    tok = SentencePieceTokenizer(proto)
+  except RuntimeError:
+    raise ConfigError(
+      f'{key} is not a SentencePiece model; give a .model file, such as the tokenizer.model of '
+      f'a prepared corpus.'
+    ) from None
+  if tok.eos_id < 0:
+    raise ConfigError(f'{key} has no end-of-sequence piece; give a model with one (eos_id).')
+  return tok
 
 
 KINDS = ('sentencepiece', 'bytes')
@@ -140,14 +167,22 @@ def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> byt
   return model.getvalue()
 
 
-def train(kind: str, vocab_size: int, lines: list[str]):
-  """The tokenizer of a prepared corpus: SentencePiece trained on `lines`, or bytes."""
-  if kind == 'bytes':
-    return ByteTokenizer()
-  if kind != 'sentencepiece':
+def train(kind: str, vocab_size: int, lines: list[str], model: str = ''):
+  """The tokenizer of a prepared corpus: SentencePiece trained on `lines` (or the given
+  `model` file), or bytes."""
+  if kind not in KINDS:
     raise ConfigError(
       f'config.data.tokenizer.kind={kind!r} is unknown; choose one of: {", ".join(KINDS)}.'
     )
+  if model and kind != 'sentencepiece':
+    raise ConfigError(
+      f'config.data.tokenizer.model={model!r} is a SentencePiece model; set '
+      f"config.data.tokenizer.kind=sentencepiece, or model to ''."
+    )
+  if kind == 'bytes':
+    return ByteTokenizer()
+  if model:
+    return load_sentencepiece(model)
   return SentencePieceTokenizer(train_sentencepiece(lines, vocab_size))
 
 

@@ -7,6 +7,8 @@ Corpora of 1x, 4x, 16x and 64x the Shakespeare plays (one .jsonl file per copy, 
 document marked with its copy number; 64x is about 0.5 GB of text). Per size it measures:
   - `python -m fm.data.prepare` with 1 and 2 DirectRunner workers: wall time and the peak memory
     of the whole process tree (sampled resident set sizes, summed over the driver and workers);
+    once training the tokenizer on the driver (a fixed cost, about 8 s here, that workers do not
+    share) and once given it (--tokenizer_model, as corpora to be mixed are prepared);
   - the default experiment (experiments/lm_shakespeare.py) training 20 steps on the prepared
     corpus (--config.data.dataset=prepared): the training process's peak resident set;
   - the input pipeline alone, with BERT masking as its host-side transform: windows per second,
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -110,24 +113,20 @@ def run(workdir: pathlib.Path, sizes, steps: int) -> dict:
     row = results.setdefault(str(size), {})
     corpus = write_corpus(workdir / f'corpus-{size}', size)
     row['text_bytes'] = sum(p.stat().st_size for p in (workdir / f'corpus-{size}').glob('*.jsonl'))
-    for workers in (1, 2):
-      key = f'prepare_{workers}'
-      output = workdir / f'prepared-{size}-w{workers}'
+    for tokenizer, workers in (('trained', 1), ('trained', 2), ('given', 1), ('given', 2)):
+      key = f'prepare_{workers}' if tokenizer == 'trained' else f'given_{workers}'
+      suffix = '' if tokenizer == 'trained' else '-given'
+      output = workdir / f'prepared-{size}-w{workers}{suffix}'
       if key not in row:
-        result = measure(
-          [
-            sys.executable,
-            '-m',
-            'fm.data.prepare',
-            '--train',
-            corpus,
-            '--output',
-            str(output),
-            '--workers',
-            str(workers),
-          ]
-        )
+        command = [sys.executable, '-m', 'fm.data.prepare', '--train', corpus]
+        command += ['--output', str(output), '--workers', str(workers)]
+        if tokenizer == 'given':
+          command += ['--tokenizer_model', str(workdir / f'prepared-{size}-w1' / 'tokenizer.model')]
+        result = measure(command)
         row[key] = {'seconds': result['seconds'], 'peak_rss': result['peak_rss']}
+        trained = re.search(r'\[ *([0-9.]+) s\] the tokenizer trained', result['output'])
+        if trained:
+          row[key]['tokenizer_trained_at'] = float(trained.group(1))
         _save(results_path, results)
     if 'train' not in row:
       train_dir = workdir / f'train-{size}'
@@ -175,25 +174,33 @@ def _save(path: pathlib.Path, results: dict) -> None:
 
 def table(results: dict) -> str:
   gib = lambda x: f'{x / 2**30:.2f} GiB'
+  cell = lambda r: f'{r["seconds"]:.1f} s, {gib(r["peak_rss"])}' if r else ''
+  ratio = lambda a, b: f'{a["seconds"] / b["seconds"]:.2f}x' if a and b else ''
   lines = [
-    '| corpus | text | prepare, 1 worker | prepare, 2 workers | speed-up | training peak RSS '
+    '| corpus | text | prepare, 1 worker | 2 workers | speed-up '
+    '| tokenizer given: 1 worker | 2 workers | speed-up | training peak RSS '
     '| pipeline windows/s (masking) | step consumes windows/s |',
-    '|---|---|---|---|---|---|---|---|',
+    '|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for size, row in sorted(results.items(), key=lambda kv: int(kv[0])):
     one, two = row.get('prepare_1'), row.get('prepare_2')
-    train = row.get('train', {})
-    lines.append(
-      f'| {size}x | {row["text_bytes"] / 2**20:.0f} MiB | '
-      + (f'{one["seconds"]:.0f} s, {gib(one["peak_rss"])} | ' if one else '| ')
-      + (f'{two["seconds"]:.0f} s, {gib(two["peak_rss"])} | ' if two else '| ')
-      + (f'{one["seconds"] / two["seconds"]:.2f}x | ' if one and two else '| ')
-      + (f'{gib(train["peak_rss"])} | ' if train else '| ')
-      + (
-        f'{row["pipeline_windows_per_sec"]:,.0f} | ' if 'pipeline_windows_per_sec' in row else '| '
-      )
-      + (f'{train["windows_per_sec"]:,.1f} |' if train else '|')
-    )
+    given_one, given_two = row.get('given_1'), row.get('given_2')
+    train = row.get('train')
+    pipe = row.get('pipeline_windows_per_sec')
+    cells = [
+      f'{size}x',
+      f'{row["text_bytes"] / 2**20:.0f} MiB',
+      cell(one),
+      cell(two),
+      ratio(one, two),
+      cell(given_one),
+      cell(given_two),
+      ratio(given_one, given_two),
+      gib(train['peak_rss']) if train else '',
+      f'{pipe:,.0f}' if pipe else '',
+      f'{train["windows_per_sec"]:,.1f}' if train else '',
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 

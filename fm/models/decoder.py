@@ -71,6 +71,8 @@ class Config:
   max_len: int = 512
   rope_theta: float = 10000.0
   tie_embeddings: bool = True
+  scale_tied_logits: bool = True  # Tied logits times d_model**-0.5 (published models: False).
+  qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen2).
   norm_eps: float = 1e-6
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
@@ -106,6 +108,7 @@ def param_count(model_cfg: Config) -> dict[str, int]:
   """Parameter counts from the shapes alone (no init)."""
   D, F, K = model_cfg.d_model, model_cfg.mlp_dim, model_cfg.head_dim
   attn = D * K * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads)
+  attn += K * (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * model_cfg.qkv_bias
   block = attn + 3 * D * F + 2 * D
   embed = model_cfg.vocab_size * D * (1 if model_cfg.tie_embeddings else 2)
   return {
@@ -135,7 +138,7 @@ class Block(nn.Module):
     c = self.model_cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     attn_cfg = layers.AttentionConfig(
-      c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl
+      c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl, c.qkv_bias
     )
     h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='attn_norm')(x_BLD)
     x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')(
@@ -195,7 +198,7 @@ class Model(nn.Module):
       return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(x_BLD, segment_ids_BL)
     if c.tie_embeddings:
       # Scaled so tied logits start near unit variance like an untied head.
-      logits_BLV = embed.attend(x_BLD) * (c.d_model**-0.5)
+      logits_BLV = embed.attend(x_BLD) * (c.d_model**-0.5 if c.scale_tied_logits else 1.0)
     else:
       w_DV = layers.param_with_axes(
         self,

@@ -220,6 +220,7 @@ class AttentionConfig:
   head_dim: int
   rope_theta: float = 10000.0
   implementation: str = 'xla'  # jax.nn.dot_product_attention: xla or cudnn.
+  qkv_bias: bool = False  # Biases on the query, key and value projections.
 
 
 class Attention(nn.Module):
@@ -256,6 +257,13 @@ class Attention(nn.Module):
     q_BLHK = jnp.einsum('BLD,DHK->BLHK', x_BLD, wq_DHK)
     k_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
     v_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
+    if c.qkv_bias:
+      b = lambda name, heads, axis: param_with_axes(
+        self, name, nn.initializers.zeros, (heads, c.head_dim), (axis, 'head_dim'), self.param_dtype
+      ).astype(self.dtype)[None, None]
+      q_BLHK = q_BLHK + b('query_bias', c.num_heads, 'heads')
+      k_BSGK = k_BSGK + b('key_bias', c.num_kv_heads, 'kv_heads')
+      v_BSGK = v_BSGK + b('value_bias', c.num_kv_heads, 'kv_heads')
     if not cross:
       q_BLHK = rope(q_BLHK, positions_BL, c.rope_theta)
       k_BSGK = rope(k_BSGK, positions_BL, c.rope_theta)

@@ -1,0 +1,268 @@
+"""Published models in and out: Hugging Face checkpoints <-> fm checkpoints.
+
+  python -m fm.convert import HF_DIR WORKDIR [--overwrite]
+  python -m fm.convert export CHECKPOINT HF_DIR [--overwrite] [--shard_mb 2048]
+
+`import` reads an HF directory (config.json and model.safetensors, or the shards its
+model.safetensors.index.json names), one tensor at a time, and writes WORKDIR/checkpoints/0 (the
+params as an orbax PyTree, the model's fields and the source in meta): a checkpoint that
+`init.from_checkpoint`, `python -m fm.checkpoint inspect` and decoding read like a pretrained
+one. `export` writes a checkpoint (a workdir's newest, or one directory) in HF layout:
+config.json and float32 safetensors shards with their index. Both write under a temporary name
+and rename when whole.
+
+Each family is mapped in one module of this package (fm/convert/llama.py: MODEL_TYPES, FAMILY,
+`config`, `hf_config`, `exported`, `tensors`); this module only reads, reshapes and writes.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import sys
+
+import numpy as np
+
+from fm import ConfigError
+from fm.convert import llama
+
+FAMILIES = (llama,)
+MODEL_TYPES = {kind: family for family in FAMILIES for kind in family.MODEL_TYPES}
+
+
+def family_of_type(model_type: str, where: str):
+  if model_type not in MODEL_TYPES:
+    raise ConfigError(
+      f'{where}: model_type {model_type!r} is not supported; fm converts '
+      f'{", ".join(sorted(MODEL_TYPES))}.'
+    )
+  return MODEL_TYPES[model_type]
+
+
+class Reader:
+  """The tensors of an HF directory, each read from its safetensors shard when asked for."""
+
+  def __init__(self, directory: str | pathlib.Path):
+    self.directory = pathlib.Path(directory).expanduser()
+    config = self.directory / 'config.json'
+    if not config.is_file():
+      raise ConfigError(f'{config} is missing: {self.directory} is not an HF model directory.')
+    self.config = json.loads(config.read_text())
+    index = self.directory / 'model.safetensors.index.json'
+    single = self.directory / 'model.safetensors'
+    if index.is_file():
+      self.weight_map = json.loads(index.read_text())['weight_map']
+    elif single.is_file():
+      self.weight_map = dict.fromkeys(self._open(single).keys(), single.name)
+    else:
+      raise ConfigError(
+        f'{self.directory} has neither model.safetensors nor model.safetensors.index.json; '
+        f'fm reads safetensors checkpoints.'
+      )
+    self.handles = {}
+
+  def _open(self, path: pathlib.Path):
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework='numpy')
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.weight_map:
+      raise ConfigError(f'{self.directory} has no tensor {name}; is it a complete checkpoint?')
+    path = self.directory / self.weight_map[name]
+    if path not in self.handles:
+      if not path.is_file():
+        raise ConfigError(
+          f'{path} is missing (model.safetensors.index.json puts {name} there); download it.'
+        )
+      self.handles = {path: self._open(path)}  # One shard open at a time.
+    return self.handles[path].get_tensor(name)
+
+
+def _hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
+  if n_in > 0:
+    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+  return (math.prod(shape),) if n_in < 0 else tuple(shape)
+
+
+def to_fm(array: np.ndarray, shape: tuple[int, ...], n_in: int) -> np.ndarray:
+  return (array.T if n_in > 0 else array).reshape(shape)
+
+
+def to_hf(array: np.ndarray, n_in: int) -> np.ndarray:
+  if n_in > 0:
+    return np.ascontiguousarray(array.reshape(math.prod(array.shape[:n_in]), -1).T)
+  return np.ascontiguousarray(array.reshape(-1) if n_in < 0 else array)
+
+
+def _nest(flat: dict[str, np.ndarray]) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split('/')
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _shapes(model_family, model_cfg) -> dict[str, tuple[int, ...]]:
+  """fm param path -> shape, from the model's abstract init."""
+  import jax
+  import jax.numpy as jnp
+
+  from fm import sharding
+  from fm.checkpoint import key_name
+
+  sample = model_family.inputs(model_cfg, jnp.zeros((1, 8), jnp.int32))
+  abstract = jax.eval_shape(model_family.Model(model_cfg).init, jax.random.key(0), *sample)
+  params = sharding.unbox(abstract)['params']
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  return {key_name(path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _target(path: str | pathlib.Path, overwrite: bool, key: str) -> pathlib.Path:
+  path = pathlib.Path(path).expanduser().absolute()
+  if path.exists() and any(path.iterdir()) and not overwrite:
+    raise ConfigError(f'{key} {path} exists; give another or add --overwrite to replace it.')
+  return path
+
+
+def _publish(partial: pathlib.Path, final: pathlib.Path) -> None:
+  """Renames a whole `partial` directory to `final`, replacing what was there."""
+  old = final.with_name(f'.{final.name}.{os.getpid()}.old')
+  if final.exists():
+    final.rename(old)
+  partial.rename(final)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> pathlib.Path:
+  """Converts an HF directory into WORKDIR/checkpoints/0; returns that checkpoint directory."""
+  import orbax.checkpoint as ocp
+
+  from fm import registry
+
+  reader = Reader(hf_dir)
+  family = family_of_type(reader.config.get('model_type'), str(reader.directory / 'config.json'))
+  model_family = registry.get('models', family.FAMILY)
+  model_cfg = model_family.Config(**family.config(reader.config))
+  fields = dataclasses.asdict(model_cfg)
+  shapes = _shapes(model_family, model_cfg)
+  flat = {}
+  for fm_path, hf_name, n_in in family.tensors(fields):
+    array, want = reader.get(hf_name), _hf_shape(shapes[fm_path], n_in)
+    if tuple(array.shape) != want:
+      raise ConfigError(
+        f'{reader.directory}: tensor {hf_name} has shape {tuple(array.shape)}, but config.json '
+        f'makes it {want}; the checkpoint and its config.json do not match.'
+      )
+    flat[fm_path] = to_fm(array.astype(np.float32), shapes[fm_path], n_in)
+  missing = sorted(set(shapes) - set(flat))
+  assert not missing, f'{family.__name__} maps no HF tensor to {missing}'
+  out = _target(workdir, overwrite, 'WORKDIR')
+  partial = out.with_name(f'.{out.name}.{os.getpid()}.partial')
+  shutil.rmtree(partial, ignore_errors=True)
+  ckpt = partial / 'checkpoints' / '0'
+  ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': {'params': _nest(flat)}})
+  meta = {
+    'family': family.FAMILY,
+    'model': fields,
+    'source': {'hf': str(reader.directory), 'config': reader.config},
+  }
+  (ckpt / 'meta').mkdir()
+  (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta, indent=1))
+  _publish(partial, out)
+  return out / 'checkpoints' / '0'
+
+
+def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_mb: int = 2048):
+  """Writes a checkpoint in HF layout into `hf_dir`; returns the HF config."""
+  import jax
+  import ml_collections
+  import safetensors.numpy
+
+  from fm import checkpoint, sharding
+
+  ckpt = checkpoint.resolve(checkpoint_path, 'CHECKPOINT')
+  meta = checkpoint.read_meta(ckpt)
+  families = {f.FAMILY: f for f in FAMILIES}
+  name = checkpoint.family(meta)
+  if name not in families:
+    raise ConfigError(
+      f'{ckpt} is a {name} model; fm exports {", ".join(sorted(families))} models so far.'
+    )
+  family, fields = families[name], dict(meta['model'])
+  if fields.get('lora_rank') or fields.get('num_classes'):
+    raise ConfigError(
+      f'{ckpt} has LoRA adapters or a classification head; export a pretrained model, or merge '
+      f'adapters first (python -m fm.finetune merge).'
+    )
+  out = _target(hf_dir, overwrite, 'HF_DIR')
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
+  )
+  with sharding.use(mesh, sharding.DEFAULT_RULES):
+    _, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
+  flat = {
+    checkpoint.key_name(path): np.asarray(leaf, np.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params['params'])[0]
+  }
+  fields, flat = family.exported(fields, flat)
+  partial = out.with_name(f'.{out.name}.{os.getpid()}.partial')
+  shutil.rmtree(partial, ignore_errors=True)
+  partial.mkdir(parents=True)
+  shards, current, size = [], {}, 0
+  for fm_path, hf_name, n_in in family.tensors(fields):
+    array = to_hf(flat[fm_path], n_in)
+    if current and size + array.nbytes > shard_mb << 20:
+      shards.append(current)
+      current, size = {}, 0
+    current[hf_name], size = array, size + array.nbytes
+  shards.append(current)
+  names = (
+    ['model.safetensors']
+    if len(shards) == 1
+    else [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
+  )
+  for shard_name, tensors in zip(names, shards):
+    safetensors.numpy.save_file(tensors, str(partial / shard_name), metadata={'format': 'pt'})
+  if len(shards) > 1:
+    index = {
+      'metadata': {'total_size': sum(a.nbytes for s in shards for a in s.values())},
+      'weight_map': {t: n for n, s in zip(names, shards) for t in s},
+    }
+    (partial / 'model.safetensors.index.json').write_text(json.dumps(index, indent=1))
+  hf = family.hf_config(fields)
+  (partial / 'config.json').write_text(json.dumps(hf, indent=1))
+  _publish(partial, out)
+  return hf
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m fm.convert', description=__doc__.split('\n')[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+  read = commands.add_parser('import', help='an HF directory into an fm workdir')
+  read.add_argument('hf_dir')
+  read.add_argument('workdir')
+  read.add_argument('--overwrite', action='store_true')
+  write = commands.add_parser('export', help='an fm checkpoint into an HF directory')
+  write.add_argument('checkpoint', help='a workdir (its newest checkpoint) or a checkpoint dir')
+  write.add_argument('hf_dir')
+  write.add_argument('--overwrite', action='store_true')
+  write.add_argument('--shard_mb', type=int, default=2048, help='largest safetensors shard')
+  args = parser.parse_args(argv)
+  try:
+    if args.command == 'import':
+      ckpt = import_hf(args.hf_dir, args.workdir, args.overwrite)
+      print(f'imported {args.hf_dir} into {ckpt}')
+    else:
+      hf = export_hf(args.checkpoint, args.hf_dir, args.overwrite, args.shard_mb)
+      print(f'exported {args.checkpoint} as {hf["model_type"]} into {args.hf_dir}')
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0

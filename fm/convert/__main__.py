@@ -1,0 +1,5 @@
+import sys
+
+from fm.convert import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""Hugging Face checkpoints in and out (fm/convert), against fixtures transformers wrote
+(tests/fixtures/hf/make.py: tiny random models, their logits and greedy ids)."""
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fm import ConfigError, checkpoint, convert, decoding, sharding
+from fm.models import decoder
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / 'tests' / 'fixtures' / 'hf'
+NAMES = ('llama', 'llama-tied', 'qwen2')
+
+
+def restored(ckpt):
+  """(model, params) of a checkpoint on one device."""
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
+  )
+  with sharding.use(mesh, sharding.DEFAULT_RULES):
+    model, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
+  return model, params
+
+
+@pytest.fixture(scope='module')
+def imported(tmp_path_factory):
+  root = tmp_path_factory.mktemp('imported')
+  return {name: convert.import_hf(FIXTURES / name, root / name) for name in NAMES}
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_imported_logits_and_greedy_ids_match_transformers(imported, name):
+  reference = np.load(FIXTURES / name / 'reference.npz')
+  model, params = restored(imported[name])
+  logits = model.apply(params, jnp.asarray(reference['inputs']))
+  np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
+  prompt = jnp.asarray(reference['prompt'])
+  new = reference['generated'].shape[1] - prompt.shape[1]
+  ids = decoding.greedy('decoder', model.model_cfg, params, prompt, jnp.ones_like(prompt), new)
+  np.testing.assert_array_equal(ids, reference['generated'][:, prompt.shape[1] :])
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_export_then_import_is_bit_identical(imported, name, tmp_path):
+  """Exported tensors are the fixture's bit for bit (sharded, with an index); imported again,
+  the params are the first import's."""
+  config = convert.export_hf(imported[name], tmp_path / 'hf', shard_mb=0)
+  assert (
+    config['model_type'] == json.loads((FIXTURES / name / 'config.json').read_text())['model_type']
+  )
+  original, exported = convert.Reader(FIXTURES / name), convert.Reader(tmp_path / 'hf')
+  assert set(exported.weight_map) == set(original.weight_map)
+  assert len(set(exported.weight_map.values())) > 1
+  for tensor in original.weight_map:
+    a, b = original.get(tensor), exported.get(tensor)
+    assert a.dtype == b.dtype and np.array_equal(a, b), tensor
+  again = convert.import_hf(tmp_path / 'hf', tmp_path / 'again')
+  first, second = restored(imported[name])[1], restored(again)[1]
+  assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), first, second))
+
+
+def fm_checkpoint(directory: pathlib.Path, **fields) -> tuple[pathlib.Path, decoder.Config]:
+  """A randomly initialised fm decoder saved as a checkpoint (fm's own tied, scaled logits)."""
+  model_cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 300, **fields})
+  variables = decoder.Model(model_cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
+  params = {'params': sharding.unbox(variables)['params']}
+  ckpt = directory / 'checkpoints' / '7'
+  ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': params})
+  (ckpt / 'meta').mkdir()
+  meta = {'family': 'decoder', 'model': dataclasses.asdict(model_cfg)}
+  (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta))
+  return ckpt, model_cfg
+
+
+TOKENS = np.random.default_rng(0).integers(0, 300, (2, 12))
+
+
+def test_an_fm_model_exports_as_llama(tmp_path):
+  """fm's tied logits scaled by d_model**-0.5 leave as an untied head: the model imported back
+  gives the same logits."""
+  ckpt, _ = fm_checkpoint(tmp_path / 'fm')
+  config = convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
+  assert config['model_type'] == 'llama' and not config['tie_word_embeddings']
+  assert (tmp_path / 'hf' / 'model.safetensors').exists()
+  model, params = restored(ckpt)
+  back_model, back_params = restored(convert.import_hf(tmp_path / 'hf', tmp_path / 'back'))
+  np.testing.assert_allclose(
+    back_model.apply(back_params, jnp.asarray(TOKENS)),
+    model.apply(params, jnp.asarray(TOKENS)),
+    atol=1e-5,
+  )
+
+
+def copy_fixture(tmp_path: pathlib.Path, name: str = 'llama') -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
+def test_bad_input_is_one_sentence(tmp_path):
+  hf = copy_fixture(tmp_path)
+  config = json.loads((hf / 'config.json').read_text())
+  (hf / 'config.json').write_text(json.dumps({**config, 'model_type': 'mamba'}))
+  with pytest.raises(ConfigError, match=r"model_type 'mamba' is not supported; fm converts llama"):
+    convert.import_hf(hf, tmp_path / 'out')
+  (hf / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 100}))
+  with pytest.raises(
+    ConfigError,
+    match=r'tensor model.layers.0.mlp.gate_proj.weight has shape \(96, 64\), but config.json '
+    r'makes it \(100, 64\)',
+  ):
+    convert.import_hf(hf, tmp_path / 'out')
+  (hf / 'config.json').write_text(json.dumps(config))
+  shard = sorted(hf.glob('model-*.safetensors'))[1]
+  shard.unlink()
+  with pytest.raises(ConfigError, match=rf'{shard.name} is missing \(model.safetensors.index.json'):
+    convert.import_hf(hf, tmp_path / 'out')
+  assert not (tmp_path / 'out').exists() and not list(tmp_path.glob('.out.*'))
+
+
+def test_the_command_refuses_an_existing_target(tmp_path):
+  command = [sys.executable, '-m', 'fm.convert']
+  run = lambda *args: subprocess.run(
+    [*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  done = run('import', FIXTURES / 'llama', tmp_path / 'w')
+  assert done.returncode == 0, done.stderr[-2000:]
+  (tmp_path / 'hf').mkdir()
+  (tmp_path / 'hf' / 'keep.txt').write_text('mine')
+  done = run('export', tmp_path / 'w', tmp_path / 'hf')
+  assert done.returncode == 2
+  assert done.stderr.strip() == (
+    f'error: HF_DIR {tmp_path / "hf"} exists; give another or add --overwrite to replace it.'
+  )
+  assert (tmp_path / 'hf' / 'keep.txt').read_text() == 'mine'
+  done = run('export', tmp_path / 'w', tmp_path / 'hf', '--overwrite')
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert (tmp_path / 'hf' / 'config.json').exists() and not (tmp_path / 'hf' / 'keep.txt').exists()
+
+
+@pytest.mark.slow
+def test_transformers_reads_an_exported_fm_model(tmp_path):
+  """With transformers installed (not a dependency), it computes an exported fm model's
+  logits."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  ckpt, _ = fm_checkpoint(tmp_path / 'fm')
+  convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
+  model, params = restored(ckpt)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+  with torch.no_grad():
+    logits = theirs(torch.tensor(TOKENS)).logits.numpy()
+  np.testing.assert_allclose(logits, model.apply(params, jnp.asarray(TOKENS)), atol=1e-4)

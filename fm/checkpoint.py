@@ -194,9 +194,8 @@ def restore_model(ckpt: pathlib.Path, mesh, rules) -> tuple[nn.Module, Any, dict
   `sharding.use(mesh, rules)`."""
   meta = read_meta(ckpt)
   model_family = registry.get('models', family(meta))
-  fields = dict(meta['model'])
-  if 'lora_targets' in fields:  # JSON turned the tuple into a list.
-    fields['lora_targets'] = tuple(fields['lora_targets'])
+  # JSON turned tuples (lora_targets, rope_scaling) into lists.
+  fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model'].items()}
   model_cfg = model_family.Config(**fields)
   model = model_family.Model(model_cfg)
   sample = model_family.inputs(model_cfg, jnp.zeros((1, 16), jnp.int32))

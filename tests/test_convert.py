@@ -20,7 +20,7 @@ from fm.models import decoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'hf'
-NAMES = ('llama', 'llama-tied', 'qwen2')
+NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3')
 
 
 def restored(ckpt):

@@ -206,7 +206,8 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
     ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
   )
   with sharding.use(mesh, sharding.DEFAULT_RULES):
-    _, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
+    model, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
+  fields = dataclasses.asdict(model.model_cfg)  # With the defaults of fields added since.
   flat = {
     checkpoint.key_name(path): np.asarray(leaf, np.float32)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params['params'])[0]

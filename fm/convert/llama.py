@@ -11,6 +11,8 @@ from fm import ConfigError
 MODEL_TYPES = ('llama', 'mistral', 'qwen2')
 FAMILY = 'decoder'
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+# Llama 3.1's RoPE scaling keys, in the order of the decoder's Config.rope_scaling.
+LLAMA3_ROPE = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
 
 
 def config(hf: dict) -> dict:
@@ -24,7 +26,7 @@ def config(hf: dict) -> dict:
   unsupported = {
     'hidden_act': hf.get('hidden_act', 'silu') not in ('silu', 'swish'),
     'mlp_bias': bool(hf.get('mlp_bias')),
-    f'rope scaling {rope_type!r}': rope_type != 'default',
+    f'rope scaling {rope_type!r}': rope_type not in ('default', 'llama3'),
     'attention_bias (on the output projection too)': kind != 'qwen2'
     and bool(hf.get('attention_bias')),
     'sliding_window': kind == 'mistral'
@@ -47,6 +49,7 @@ def config(hf: dict) -> dict:
     tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
     scale_tied_logits=False,
     qkv_bias=kind == 'qwen2',
+    rope_scaling=tuple(float(rope[k]) for k in LLAMA3_ROPE) if rope_type == 'llama3' else (),
     norm_eps=float(hf['rms_norm_eps']),
   )
 
@@ -56,6 +59,9 @@ def hf_config(fields: dict) -> dict:
   untied head: see `tensors`)."""
   kind = 'qwen2' if fields['qkv_bias'] else 'llama'
   tied = fields['tie_embeddings'] and not fields['scale_tied_logits']
+  scaling = dict(zip(LLAMA3_ROPE, fields['rope_scaling']))
+  if scaling:
+    scaling['original_max_position_embeddings'] = int(scaling['original_max_position_embeddings'])
   return {
     'architectures': [ARCHITECTURES[kind]],
     'model_type': kind,
@@ -70,7 +76,12 @@ def hf_config(fields: dict) -> dict:
     'max_position_embeddings': fields['max_len'],
     'rms_norm_eps': fields['norm_eps'],
     'rope_theta': fields['rope_theta'],
-    'rope_parameters': {'rope_type': 'default', 'rope_theta': fields['rope_theta']},
+    'rope_parameters': {
+      'rope_type': 'llama3' if scaling else 'default',
+      **scaling,
+      'rope_theta': fields['rope_theta'],
+    },
+    'rope_scaling': {'rope_type': 'llama3', **scaling} if scaling else None,
     'tie_word_embeddings': tied,
     'attention_bias': False,
     'mlp_bias': False,

@@ -73,6 +73,8 @@ class Config:
   tie_embeddings: bool = True
   scale_tied_logits: bool = True  # Tied logits times d_model**-0.5 (published models: False).
   qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen2).
+  # Llama 3.1 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_len).
+  rope_scaling: tuple[float, ...] = ()
   norm_eps: float = 1e-6
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
@@ -138,7 +140,13 @@ class Block(nn.Module):
     c = self.model_cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     attn_cfg = layers.AttentionConfig(
-      c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl, c.qkv_bias
+      c.num_heads,
+      c.num_kv_heads,
+      c.head_dim,
+      c.rope_theta,
+      c.attention_impl,
+      c.qkv_bias,
+      tuple(c.rope_scaling),
     )
     h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='attn_norm')(x_BLD)
     x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')(

@@ -183,10 +183,31 @@ class Embed(nn.Module):
     return jnp.einsum('BLD,VD->BLV', x_BLD, self.embedding_VD.astype(self.dtype))
 
 
-def rope(x_BLHK: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
-  """Rotary position embedding (rotate-half form) applied to queries or keys."""
-  half = x_BLHK.shape[-1] // 2
+def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jax.Array:
+  """RoPE's angular frequencies, (head_dim // 2,). `scaling` = (factor, low_freq_factor,
+  high_freq_factor, original_max_len) applies Llama 3.1's rule: wavelengths longer than
+  original_max_len / low_freq_factor are stretched by `factor`, shorter than original_max_len /
+  high_freq_factor kept, and those between interpolated."""
+  half = head_dim // 2
   freqs_K = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if not scaling:
+    return freqs_K
+  factor, low, high, original = scaling
+  wavelen_K = 2 * math.pi / freqs_K
+  smooth_K = (original / wavelen_K - low) / (high - low)
+  blended_K = (1 - smooth_K) * freqs_K / factor + smooth_K * freqs_K
+  return jnp.where(
+    wavelen_K > original / low,
+    freqs_K / factor,
+    jnp.where(wavelen_K < original / high, freqs_K, blended_K),
+  )
+
+
+def rope(
+  x_BLHK: jax.Array, positions_BL: jax.Array, theta: float, scaling: tuple = ()
+) -> jax.Array:
+  """Rotary position embedding (rotate-half form) applied to queries or keys."""
+  freqs_K = rope_frequencies(x_BLHK.shape[-1], theta, scaling)
   angles_BLK = positions_BL[..., None].astype(jnp.float32) * freqs_K[None, None]
   sin, cos = jnp.sin(angles_BLK)[:, :, None, :], jnp.cos(angles_BLK)[:, :, None, :]
   x1, x2 = jnp.split(x_BLHK.astype(jnp.float32), 2, axis=-1)
@@ -221,6 +242,7 @@ class AttentionConfig:
   rope_theta: float = 10000.0
   implementation: str = 'xla'  # jax.nn.dot_product_attention: xla or cudnn.
   qkv_bias: bool = False  # Biases on the query, key and value projections.
+  rope_scaling: tuple = ()  # (factor, low_freq_factor, high_freq_factor, original_max_len).
 
 
 class Attention(nn.Module):
@@ -265,8 +287,8 @@ class Attention(nn.Module):
       k_BSGK = k_BSGK + b('key_bias', c.num_kv_heads, 'kv_heads')
       v_BSGK = v_BSGK + b('value_bias', c.num_kv_heads, 'kv_heads')
     if not cross:
-      q_BLHK = rope(q_BLHK, positions_BL, c.rope_theta)
-      k_BSGK = rope(k_BSGK, positions_BL, c.rope_theta)
+      q_BLHK = rope(q_BLHK, positions_BL, c.rope_theta, c.rope_scaling)
+      k_BSGK = rope(k_BSGK, positions_BL, c.rope_theta, c.rope_scaling)
     q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
     k_BSGK = constrain(k_BSGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     v_BSGK = constrain(v_BSGK, ('act_batch', 'act_length', 'act_kv_heads', None))

@@ -96,9 +96,11 @@ PRETRAINING = dict(
     seq_len=REQUIRED,  # Tokens per packed window.
     seed=0,  # Shuffle order of the windows.
     tokenizer=dict(
-      kind='sentencepiece',  # 'sentencepiece' (trained on a sample of the corpus) or 'bytes'.
+      # 'sentencepiece' (trained on a sample of the corpus, or `model`), 'bytes', or 'hf' (the
+      # tokenizer.json of the Hugging Face model directory `model`).
+      kind='sentencepiece',
       vocab_size=4096,  # SentencePiece vocabulary size.
-      model='',  # A SentencePiece .model to use instead of training one (vocab_size is its own).
+      model='',  # A SentencePiece .model instead of training one, or (hf) a model directory.
     ),
     train='',  # 'files': glob of .txt, .jsonl, .jsonl.gz or .parquet training files.
     validation='',  # 'files': glob of held-out files ('': validation_fraction of the documents).

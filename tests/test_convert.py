@@ -20,7 +20,7 @@ from fm.models import decoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'hf'
-NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3')
+NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3', 'gpt2')
 
 
 def restored(ckpt):
@@ -110,7 +110,10 @@ def test_bad_input_is_one_sentence(tmp_path):
   hf = copy_fixture(tmp_path)
   config = json.loads((hf / 'config.json').read_text())
   (hf / 'config.json').write_text(json.dumps({**config, 'model_type': 'mamba'}))
-  with pytest.raises(ConfigError, match=r"model_type 'mamba' is not supported; fm converts llama"):
+  with pytest.raises(
+    ConfigError,
+    match=r"model_type 'mamba' is not supported; fm converts gpt2, llama, mistral, qwen2.",
+  ):
     convert.import_hf(hf, tmp_path / 'out')
   (hf / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 100}))
   with pytest.raises(
@@ -160,3 +163,52 @@ def test_transformers_reads_an_exported_fm_model(tmp_path):
   with torch.no_grad():
     logits = theirs(torch.tensor(TOKENS)).logits.numpy()
   np.testing.assert_allclose(logits, model.apply(params, jnp.asarray(TOKENS)), atol=1e-4)
+
+
+def test_hf_tokenizer_matches_transformers(tmp_path):
+  """kind=hf: the gpt2 fixture's tokenizer.json gives the ids transformers gives, decodes back
+  losslessly, and counts bytes exactly; a corpus prepares with it; an import carries it."""
+  from fm.data import pipeline, prepare, tokenizer
+
+  reference = np.load(FIXTURES / 'gpt2' / 'reference.npz')
+  text = str(reference['text'])
+  tok = tokenizer.load_hf(str(FIXTURES / 'gpt2'))
+  ids = tok.encode(text)
+  assert ids == reference['text_ids'].tolist() and tok.decode(ids) == text
+  assert tok.token_bytes()[ids].sum() == len(text.encode('utf-8'))
+  assert tok.vocab_size == 300 and tok.eos_id == tok.bos_id == 0
+  (tmp_path / 'in.jsonl').write_text(
+    ''.join(json.dumps({'text': f'{text} {i}'}) + '\n' for i in range(40))
+  )
+  spec = prepare.Spec(
+    train=(str(tmp_path / 'in.jsonl'),),
+    tokenizer='hf',
+    tokenizer_model=str(FIXTURES / 'gpt2'),
+    validation_fraction=0.2,
+  )
+  manifest = prepare.prepare(spec, tmp_path / 'prepared')
+  assert manifest['tokenizer'] == tok.identity
+  data_cfg = ml_collections.ConfigDict(
+    dict(
+      dataset='prepared',
+      path=str(tmp_path / 'prepared'),
+      mixture=(),
+      tokenizer=dict(kind='hf', vocab_size=4096, model=str(FIXTURES / 'gpt2')),
+    )
+  )
+  data = pipeline.prepare(data_cfg)
+  assert data.tokenizer.decode(data.train.document(0)[:-1]).startswith(text)
+  convert.import_hf(FIXTURES / 'gpt2', tmp_path / 'w')
+  assert tokenizer.load_hf(str(tmp_path / 'w' / 'tokenizer')).identity == tok.identity
+  convert.export_hf(tmp_path / 'w', tmp_path / 'hf')
+  assert (tmp_path / 'hf' / 'tokenizer.json').read_bytes() == tok.proto
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+  hf = copy_fixture(tmp_path)  # 256 embedding rows.
+  for name in ('tokenizer.json', 'tokenizer_config.json'):
+    shutil.copy(FIXTURES / 'gpt2' / name, hf / name)
+  with pytest.raises(
+    ConfigError, match=r"tokenizer.json has 300 tokens, more than the 256 rows of the model's"
+  ):
+    convert.import_hf(hf, tmp_path / 'out')

@@ -10,7 +10,7 @@ import optax
 import pytest
 from workdirs import smoke_config
 
-from fm import models, registry, train
+from fm import ConfigError, models, registry, train
 from fm.models import decoder, encdec, encoder
 from fm.objectives import causal_lm
 
@@ -226,3 +226,28 @@ def test_gradient_accumulation_matches_the_whole_batch_and_saves_memory():
   for a, b in zip(jax.tree.leaves(accumulated['params']), jax.tree.leaves(whole['params'])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert temp[1] < temp[0], temp
+
+
+@pytest.mark.parametrize(
+  'fields',
+  [
+    dict(norm='layer', mlp='gelu_tanh', positions='learned', bias=True),  # GPT-2
+    dict(qkv_bias=True, tie_embeddings=False),  # Qwen2
+    dict(mlp='gelu', rope_scaling=(8.0, 1.0, 4.0, 64.0), scale_tied_logits=False),
+  ],
+)
+def test_architecture_fields(fields):
+  """The decoder's published-architecture fields: param_count agrees with the init, the model
+  runs finite; the encoder-decoder refuses them; an unknown choice names the key."""
+  cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], **fields})
+  tokens = jnp.ones((2, 16), jnp.int32)
+  params = decoder.Model(cfg).init(jax.random.key(0), tokens)
+  assert sum(x.size for x in jax.tree.leaves(params)) == decoder.param_count(cfg)['total']
+  assert np.isfinite(np.asarray(decoder.Model(cfg).apply(params, tokens))).all()
+  name = next(k for k in fields if k in encdec.DECODER_ONLY)
+  with pytest.raises(ConfigError, match=rf'config.model.{name}=.* is a decoder option'):
+    encdec.Model(cfg).init(jax.random.key(0), tokens, tokens)
+  with pytest.raises(
+    ConfigError, match=r"config.model.norm='batch' is unknown; choose one of: rms"
+  ):
+    decoder.Config(norm='batch')

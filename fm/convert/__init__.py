@@ -5,14 +5,17 @@
 
 `import` reads an HF directory (config.json and model.safetensors, or the shards its
 model.safetensors.index.json names), one tensor at a time, and writes WORKDIR/checkpoints/0 (the
-params as an orbax PyTree, the model's fields and the source in meta): a checkpoint that
+params as an orbax PyTree, the model's fields, the source and the tokenizer's identity in meta)
+and the tokenizer's files into WORKDIR/tokenizer (--config.data.tokenizer.kind=hf
+--config.data.tokenizer.model=WORKDIR/tokenizer): a checkpoint that
 `init.from_checkpoint`, `python -m fm.checkpoint inspect` and decoding read like a pretrained
 one. `export` writes a checkpoint (a workdir's newest, or one directory) in HF layout:
 config.json and float32 safetensors shards with their index. Both write under a temporary name
 and rename when whole.
 
-Each family is mapped in one module of this package (fm/convert/llama.py: MODEL_TYPES, FAMILY,
-`config`, `hf_config`, `exported`, `tensors`); this module only reads, reshapes and writes.
+Each family is mapped in one module of this package (llama.py, gpt2.py: MODEL_TYPES, FAMILY,
+`config`, `hf_config`, `exports`, `exported`, `tensors`); this module only reads, reshapes,
+splits fused tensors and writes.
 """
 
 import argparse
@@ -27,9 +30,9 @@ import sys
 import numpy as np
 
 from fm import ConfigError
-from fm.convert import llama
+from fm.convert import gpt2, llama
 
-FAMILIES = (llama,)
+FAMILIES = (llama, gpt2)
 MODEL_TYPES = {kind: family for family in FAMILIES for kind in family.MODEL_TYPES}
 
 
@@ -82,20 +85,44 @@ class Reader:
     return self.handles[path].get_tensor(name)
 
 
-def _hf_shape(shape: tuple[int, ...], n_in: int) -> tuple[int, ...]:
+def _entry(entry: tuple) -> tuple[tuple[str, ...], str, int, bool]:
+  """(fm paths, HF name, n_in, HF holds (outputs, inputs)) of a family's `tensors` entry:
+  (fm path or paths fused along the outputs, HF name, n_in[, 'linear' or 'conv1d'])."""
+  fm, hf, n_in, *layout = entry
+  return (
+    (fm,) if isinstance(fm, str) else tuple(fm),
+    hf,
+    n_in,
+    (layout or ['linear'])[0] == 'linear',
+  )
+
+
+def _hf_shape(shapes: list[tuple[int, ...]], n_in: int, transposed: bool) -> tuple[int, ...]:
+  """The HF shape of the fm tensors `shapes`: n_in > 0 marks a projection whose first n_in fm
+  dims are its inputs, 0 a tensor held as it is, -1 one held flattened (biases)."""
   if n_in > 0:
-    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-  return (math.prod(shape),) if n_in < 0 else tuple(shape)
+    ins, outs = math.prod(shapes[0][:n_in]), sum(math.prod(s[n_in:]) for s in shapes)
+    return (outs, ins) if transposed else (ins, outs)
+  return (sum(math.prod(s) for s in shapes),) if n_in < 0 else tuple(shapes[0])
 
 
-def to_fm(array: np.ndarray, shape: tuple[int, ...], n_in: int) -> np.ndarray:
-  return (array.T if n_in > 0 else array).reshape(shape)
-
-
-def to_hf(array: np.ndarray, n_in: int) -> np.ndarray:
+def to_fm(array: np.ndarray, shapes: list, n_in: int, transposed: bool) -> list[np.ndarray]:
+  if n_in == 0:
+    return [array.reshape(shapes[0])]
   if n_in > 0:
-    return np.ascontiguousarray(array.reshape(math.prod(array.shape[:n_in]), -1).T)
-  return np.ascontiguousarray(array.reshape(-1) if n_in < 0 else array)
+    array = array.T if transposed else array
+  sizes = [math.prod(s[n_in:]) if n_in > 0 else math.prod(s) for s in shapes]
+  parts = np.split(array, np.cumsum(sizes)[:-1], axis=-1)
+  return [p.reshape(s) for p, s in zip(parts, shapes)]
+
+
+def to_hf(arrays: list[np.ndarray], n_in: int, transposed: bool) -> np.ndarray:
+  if n_in == 0:
+    return np.ascontiguousarray(arrays[0])
+  if n_in < 0:
+    return np.concatenate([a.reshape(-1) for a in arrays])
+  joined = np.concatenate([a.reshape(math.prod(a.shape[:n_in]), -1) for a in arrays], axis=1)
+  return np.ascontiguousarray(joined.T if transposed else joined)
 
 
 def _nest(flat: dict[str, np.ndarray]) -> dict:
@@ -140,6 +167,26 @@ def _publish(partial: pathlib.Path, final: pathlib.Path) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
+TOKENIZER = 'tokenizer'  # WORKDIR/tokenizer: --config.data.tokenizer.model with kind=hf.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+
+
+def _tokenizer(directory: pathlib.Path, vocab_size: int):
+  """The HF directory's tokenizer, if it has one; more tokens than the embedding has rows is
+  an error."""
+  from fm.data import tokenizer as tokenizer_lib
+
+  if not (directory / 'tokenizer.json').exists():
+    return None
+  tok = tokenizer_lib.load_hf(str(directory))
+  if tok.vocab_size > vocab_size:
+    raise ConfigError(
+      f'{directory / "tokenizer.json"} has {tok.vocab_size} tokens, more than the {vocab_size} '
+      f"rows of the model's embedding (config.json vocab_size); they belong to different models."
+    )
+  return tok
+
+
 def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> pathlib.Path:
   """Converts an HF directory into WORKDIR/checkpoints/0; returns that checkpoint directory."""
   import orbax.checkpoint as ocp
@@ -153,25 +200,35 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> pathlib.Pat
   fields = dataclasses.asdict(model_cfg)
   shapes = _shapes(model_family, model_cfg)
   flat = {}
-  for fm_path, hf_name, n_in in family.tensors(fields):
-    array, want = reader.get(hf_name), _hf_shape(shapes[fm_path], n_in)
+  for entry in family.tensors(fields):
+    fm_paths, hf_name, n_in, transposed = _entry(entry)
+    want = _hf_shape([shapes[p] for p in fm_paths], n_in, transposed)
+    array = reader.get(hf_name)
     if tuple(array.shape) != want:
       raise ConfigError(
         f'{reader.directory}: tensor {hf_name} has shape {tuple(array.shape)}, but config.json '
         f'makes it {want}; the checkpoint and its config.json do not match.'
       )
-    flat[fm_path] = to_fm(array.astype(np.float32), shapes[fm_path], n_in)
+    parts = to_fm(array.astype(np.float32), [shapes[p] for p in fm_paths], n_in, transposed)
+    flat.update(zip(fm_paths, parts))
   missing = sorted(set(shapes) - set(flat))
   assert not missing, f'{family.__name__} maps no HF tensor to {missing}'
+  tok = _tokenizer(reader.directory, model_cfg.vocab_size)
   out = _target(workdir, overwrite, 'WORKDIR')
   partial = out.with_name(f'.{out.name}.{os.getpid()}.partial')
   shutil.rmtree(partial, ignore_errors=True)
   ckpt = partial / 'checkpoints' / '0'
+  if tok:
+    (partial / TOKENIZER).mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+      if (reader.directory / name).exists():
+        shutil.copy(reader.directory / name, partial / TOKENIZER / name)
   ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': {'params': _nest(flat)}})
   meta = {
     'family': family.FAMILY,
     'model': fields,
     'source': {'hf': str(reader.directory), 'config': reader.config},
+    'tokenizer': tok.identity if tok else None,
   }
   (ckpt / 'meta').mkdir()
   (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta, indent=1))
@@ -189,13 +246,12 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
 
   ckpt = checkpoint.resolve(checkpoint_path, 'CHECKPOINT')
   meta = checkpoint.read_meta(ckpt)
-  families = {f.FAMILY: f for f in FAMILIES}
-  name = checkpoint.family(meta)
-  if name not in families:
+  name, fields = checkpoint.family(meta), dict(meta['model'])
+  if name not in {f.FAMILY for f in FAMILIES}:
     raise ConfigError(
-      f'{ckpt} is a {name} model; fm exports {", ".join(sorted(families))} models so far.'
+      f'{ckpt} is a {name} model; fm exports {", ".join(sorted({f.FAMILY for f in FAMILIES}))} '
+      f'models so far.'
     )
-  family, fields = families[name], dict(meta['model'])
   if fields.get('lora_rank') or fields.get('num_classes'):
     raise ConfigError(
       f'{ckpt} has LoRA adapters or a classification head; export a pretrained model, or merge '
@@ -208,6 +264,9 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
   with sharding.use(mesh, sharding.DEFAULT_RULES):
     model, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
   fields = dataclasses.asdict(model.model_cfg)  # With the defaults of fields added since.
+  family = next((f for f in FAMILIES if f.FAMILY == name and f.exports(fields)), None)
+  if family is None:
+    raise ConfigError(f'{ckpt}: no HF layout fm writes holds this {name} ({model.model_cfg}).')
   flat = {
     checkpoint.key_name(path): np.asarray(leaf, np.float32)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params['params'])[0]
@@ -217,8 +276,9 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
   shutil.rmtree(partial, ignore_errors=True)
   partial.mkdir(parents=True)
   shards, current, size = [], {}, 0
-  for fm_path, hf_name, n_in in family.tensors(fields):
-    array = to_hf(flat[fm_path], n_in)
+  for entry in family.tensors(fields):
+    fm_paths, hf_name, n_in, transposed = _entry(entry)
+    array = to_hf([flat[p] for p in fm_paths], n_in, transposed)
     if current and size + array.nbytes > shard_mb << 20:
       shards.append(current)
       current, size = {}, 0
@@ -238,6 +298,13 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
     }
     (partial / 'model.safetensors.index.json').write_text(json.dumps(index, indent=1))
   hf = family.hf_config(fields)
+  tokenizer_dir = ckpt.parents[1] / TOKENIZER
+  if (meta.get('tokenizer') or {}).get('kind') == 'hf' and tokenizer_dir.is_dir():
+    tok = _tokenizer(tokenizer_dir, fields['vocab_size'])
+    hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    for name in TOKENIZER_FILES:
+      if (tokenizer_dir / name).exists():
+        shutil.copy(tokenizer_dir / name, partial / name)
   (partial / 'config.json').write_text(json.dumps(hf, indent=1))
   _publish(partial, out)
   return hf

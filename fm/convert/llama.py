@@ -89,6 +89,16 @@ def hf_config(fields: dict) -> dict:
   }
 
 
+def exports(fields: dict) -> bool:
+  """Whether this layout holds a model of these decoder fields."""
+  return (fields['norm'], fields['mlp'], fields['positions'], fields['bias']) == (
+    'rms',
+    'swiglu',
+    'rope',
+    False,
+  )
+
+
 def exported(fields: dict, flat: dict) -> tuple[dict, dict]:
   """(fields, params by path) as HF can hold them: fm's tied logits scaled by d_model**-0.5
   become an untied head holding the scaled embedding."""

@@ -207,8 +207,9 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
     wanted = data_cfg.tokenizer
     given = wanted.model and tokenizer_lib.train(wanted.kind, 0, [], wanted.model).identity
     if identity['kind'] != wanted.kind or (
-      wanted.kind == 'sentencepiece'
-      and (identity != given if given else identity['vocab_size'] != wanted.vocab_size)
+      identity != given
+      if given
+      else wanted.kind == 'sentencepiece' and identity['vocab_size'] != wanted.vocab_size
     ):
       raise ConfigError(
         f'config.data.path={str(directory)!r} was prepared with tokenizer {identity}, the run '
@@ -216,8 +217,8 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
         f'or prepare the corpus again with that tokenizer.'
       )
   proto = b''
-  if identity['kind'] == 'sentencepiece':
-    path = directory / 'tokenizer.model'
+  if identity['kind'] in tokenizer_lib.FILES:
+    path = directory / tokenizer_lib.FILES[identity['kind']]
     if not path.exists():
       raise ConfigError(f'{path} is missing; prepare {directory} again.')
     proto = path.read_bytes()

@@ -70,9 +70,10 @@ class Spec:
   source: str = ''
   validation_fraction: float = 0.01
   text_field: str = 'text'
-  tokenizer: str = 'sentencepiece'  # or 'bytes'
+  tokenizer: str = 'sentencepiece'  # or 'bytes', or 'hf' (with tokenizer_model)
   vocab_size: int = 4096  # Of a trained SentencePiece model.
-  tokenizer_model: str = ''  # A SentencePiece .model file to use instead of training one.
+  # A SentencePiece .model file to use instead of training one; with 'hf', an HF model directory.
+  tokenizer_model: str = ''
   encoding_errors: str = 'strict'  # 'replace' turns bytes that are not UTF-8 into U+FFFD.
 
   def key(self) -> str:
@@ -401,7 +402,7 @@ def _atomic_bytes(path: pathlib.Path, data: bytes) -> None:
 
 
 def tok_proto(tok) -> bytes:
-  return tok.proto if tok.identity['kind'] == 'sentencepiece' else b''
+  return tok.proto if tok.identity['kind'] in tokenizer_lib.FILES else b''
 
 
 def _import_beam():
@@ -521,8 +522,8 @@ def prepare(
     if lines:
       step(f"the tokenizer's sample: {len(lines):,} lines from {len(sampled_items(items))} items")
     tok = tokenizer_lib.train(spec.tokenizer, spec.vocab_size, lines)
-  if tok.identity['kind'] == 'sentencepiece':
-    _atomic_bytes(output / 'tokenizer.model', tok.proto)
+  if tok.identity['kind'] in tokenizer_lib.FILES:
+    _atomic_bytes(output / tokenizer_lib.FILES[tok.identity['kind']], tok.proto)
     step(f'the tokenizer {"given" if given else "trained"}: {tok.identity["sha256"][:12]}')
   run_pipeline(items, files, spec, tok, output, workers, beam_args)
   step(f'the pipeline wrote {len(items)} items with {workers} worker(s)')
@@ -613,12 +614,13 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--output', required=True, help='directory to write')
   parser.add_argument('--validation_fraction', type=float, default=Spec.validation_fraction)
   parser.add_argument('--text_field', default=Spec.text_field)
-  parser.add_argument('--tokenizer', default=Spec.tokenizer, choices=('sentencepiece', 'bytes'))
+  parser.add_argument('--tokenizer', default=Spec.tokenizer, choices=tokenizer_lib.KINDS)
   parser.add_argument('--vocab_size', type=int, default=Spec.vocab_size)
   parser.add_argument(
     '--tokenizer_model',
     default='',
-    help="a SentencePiece .model to use instead of training one (another corpus's tokenizer.model)",
+    help="a SentencePiece .model to use instead of training one (another corpus's "
+    'tokenizer.model); with --tokenizer hf, a Hugging Face model directory',
   )
   parser.add_argument('--encoding_errors', default='strict', choices=('strict', 'replace'))
   parser.add_argument('--workers', type=int, default=1, help='DirectRunner worker processes')

@@ -1,13 +1,15 @@
 """Tokenizers: SentencePiece trained on a bounded sample of a corpus (fm/data/prepare.py stores
-it with the prepared corpus), or raw bytes.
+it with the prepared corpus) or given as a .model file, a published model's Hugging Face
+tokenizer (tokenizer.json), or raw bytes.
 
-Both are lossless (`decode(encode(text)) == text`) and reserve ids 0 (pad) and the EOS that
+SentencePiece and bytes are lossless (`decode(encode(text)) == text`) and reserve ids 0 (pad) and the EOS that
 ends every document. `token_bytes()` gives the UTF-8 bytes each id stands for, which turns a
 loss in nats per token into bits per byte.
 """
 
 import hashlib
 import io
+import json
 import re
 
 import numpy as np
@@ -81,10 +83,86 @@ class SentencePieceTokenizer:
     return out
 
 
+class HFTokenizer:
+  """A Hugging Face `tokenizers` tokenizer, as published models ship it (tokenizer.json), with
+  the end-of-sequence (and beginning) token their tokenizer_config.json names."""
+
+  def __init__(self, data: bytes, eos: str, bos: str = ''):
+    from tokenizers import Tokenizer
+
+    self.proto, self.eos, self.bos = data, eos, bos or eos
+    self.tok = Tokenizer.from_str(data.decode('utf-8'))
+    self.eos_id, self.bos_id = self.tok.token_to_id(eos), self.tok.token_to_id(self.bos)
+    if self.eos_id is None or self.bos_id is None:
+      raise ConfigError(f'the tokenizer has no token {eos!r} (or {self.bos!r}); check its files.')
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def identity(self) -> dict:
+    return {
+      'kind': 'hf',
+      'vocab_size': self.vocab_size,
+      'sha256': hashlib.sha256(self.proto).hexdigest(),
+      'eos': self.eos,
+      'bos': self.bos,
+    }
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def token_bytes(self) -> np.ndarray:
+    """Bytes of text per id: a byte-level (GPT-2 style) token's characters each stand for a
+    byte; otherwise SentencePiece's rules (<0xNN> pieces one byte, U+2581 a space); added
+    tokens 0."""
+    byte_level = (json.loads(self.proto).get('decoder') or {}).get('type') == 'ByteLevel'
+    added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+    out = np.zeros(self.vocab_size, np.int32)
+    for piece, i in self.tok.get_vocab(with_added_tokens=True).items():
+      if piece in added:
+        continue
+      if byte_level:
+        out[i] = len(piece)
+      elif re.fullmatch(r'<0x[0-9A-Fa-f]{2}>', piece):
+        out[i] = 1
+      else:
+        out[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
+    return out
+
+
+def load_hf(path: str) -> HFTokenizer:
+  """The tokenizer of a Hugging Face model directory (tokenizer.json, and the special tokens
+  tokenizer_config.json names): `config.data.tokenizer.model` with kind=hf."""
+  from etils import epath
+
+  directory = epath.Path(path).expanduser()
+  key = f'config.data.tokenizer.model={path!r}'
+  if not (directory / 'tokenizer.json').exists():
+    raise ConfigError(f'{key} has no tokenizer.json; give a Hugging Face model directory.')
+  names = {'eos': '', 'bos': ''}
+  if (directory / 'tokenizer_config.json').exists():
+    config = json.loads((directory / 'tokenizer_config.json').read_text())
+    for role in names:
+      token = config.get(f'{role}_token')
+      names[role] = token.get('content', '') if isinstance(token, dict) else token or ''
+  if not names['eos']:
+    raise ConfigError(
+      f'{key}: its tokenizer_config.json names no eos_token, which ends every document; add it.'
+    )
+  return HFTokenizer((directory / 'tokenizer.json').read_bytes(), names['eos'], names['bos'])
+
+
 def declared_vocab_size(tok_cfg) -> int:
   """The vocabulary size `config.data.tokenizer` promises, without loading any data."""
   if tok_cfg.kind == 'bytes':
     return ByteTokenizer().vocab_size
+  if tok_cfg.kind == 'hf':
+    return load_hf(tok_cfg.model).vocab_size
   return load_sentencepiece(tok_cfg.model).vocab_size if tok_cfg.model else tok_cfg.vocab_size
 
 
@@ -113,7 +191,7 @@ def load_sentencepiece(path: str) -> SentencePieceTokenizer:
   return tok
 
 
-KINDS = ('sentencepiece', 'bytes')
+KINDS = ('sentencepiece', 'bytes', 'hf')
 MAX_LINE_BYTES = 4192  # SentencePiece's trainer skips longer lines (max_sentence_length).
 
 
@@ -169,23 +247,35 @@ def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> byt
 
 def train(kind: str, vocab_size: int, lines: list[str], model: str = ''):
   """The tokenizer of a prepared corpus: SentencePiece trained on `lines` (or the given
-  `model` file), or bytes."""
+  `model` file), a Hugging Face model directory's (kind hf), or bytes."""
   if kind not in KINDS:
     raise ConfigError(
       f'config.data.tokenizer.kind={kind!r} is unknown; choose one of: {", ".join(KINDS)}.'
     )
-  if model and kind != 'sentencepiece':
+  if model and kind == 'bytes':
     raise ConfigError(
-      f'config.data.tokenizer.model={model!r} is a SentencePiece model; set '
-      f"config.data.tokenizer.kind=sentencepiece, or model to ''."
+      f'config.data.tokenizer.model={model!r} is given with kind=bytes; set '
+      f'config.data.tokenizer.kind to sentencepiece (a .model file) or hf (a model directory).'
     )
   if kind == 'bytes':
     return ByteTokenizer()
+  if kind == 'hf':
+    if not model:
+      raise ConfigError(
+        'config.data.tokenizer.kind=hf needs config.data.tokenizer.model, a Hugging Face model '
+        'directory (with tokenizer.json).'
+      )
+    return load_hf(model)
   if model:
     return load_sentencepiece(model)
   return SentencePieceTokenizer(train_sentencepiece(lines, vocab_size))
 
 
 def from_identity(identity: dict, proto: bytes = b''):
-  """The tokenizer an identity names (a SentencePiece one from its model bytes)."""
+  """The tokenizer an identity names (SentencePiece and hf ones from their file's bytes)."""
+  if identity['kind'] == 'hf':
+    return HFTokenizer(proto, identity['eos'], identity['bos'])
   return ByteTokenizer() if identity['kind'] == 'bytes' else SentencePieceTokenizer(proto)
+
+
+FILES = {'sentencepiece': 'tokenizer.model', 'hf': 'tokenizer.json'}  # In a prepared corpus.

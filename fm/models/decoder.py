@@ -11,6 +11,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fm import ConfigError
 from fm.models import layers
 from fm.sharding import constrain
 
@@ -56,6 +57,7 @@ VARIANTS = {
 
 
 POOL = 'last'  # The last real token has read the whole text.
+POSITIONS = ('rope', 'learned')
 SEQ2SEQ = 'prefix_lm'  # Reads the source as a bidirectional prefix, then writes the target.
 
 
@@ -75,6 +77,10 @@ class Config:
   qkv_bias: bool = False  # Biases on the query, key and value projections (Qwen2).
   # Llama 3.1 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_len).
   rope_scaling: tuple[float, ...] = ()
+  norm: str = 'rms'  # 'rms' (RMSNorm) or 'layer' (LayerNorm with a bias: GPT-2).
+  mlp: str = 'swiglu'  # 'swiglu', or 'gelu_tanh' / 'gelu': up, GELU, down with biases (GPT-2).
+  positions: str = 'rope'  # 'rope', or 'learned': an embedding per position added (GPT-2).
+  bias: bool = False  # Biases on the query, key, value and output projections (GPT-2).
   norm_eps: float = 1e-6
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
@@ -86,6 +92,19 @@ class Config:
   lora_rank: int = 0  # > 0: LoRA adapters of this rank on `lora_targets`.
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = layers.LoRA.targets
+
+  def __post_init__(self):
+    for name in ('rope_scaling', 'lora_targets'):  # Tuples, also when read back from JSON.
+      object.__setattr__(self, name, tuple(getattr(self, name)))
+    for name, value, choices in (
+      ('norm', self.norm, tuple(layers.NORMS)),
+      ('mlp', self.mlp, layers.MLPS),
+      ('positions', self.positions, POSITIONS),
+    ):
+      if value not in choices:
+        raise ConfigError(
+          f'config.model.{name}={value!r} is unknown; choose one of: {", ".join(choices)}.'
+        )
 
   @property
   def lora(self) -> layers.LoRA | None:
@@ -108,14 +127,18 @@ def inputs(model_cfg: Config, tokens_BL, segment_ids_BL=None, positions_BL=None)
 
 def param_count(model_cfg: Config) -> dict[str, int]:
   """Parameter counts from the shapes alone (no init)."""
-  D, F, K = model_cfg.d_model, model_cfg.mlp_dim, model_cfg.head_dim
-  attn = D * K * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads)
-  attn += K * (model_cfg.num_heads + 2 * model_cfg.num_kv_heads) * model_cfg.qkv_bias
-  block = attn + 3 * D * F + 2 * D
-  embed = model_cfg.vocab_size * D * (1 if model_cfg.tie_embeddings else 2)
+  c = model_cfg
+  D, F, K = c.d_model, c.mlp_dim, c.head_dim
+  attn = D * K * (2 * c.num_heads + 2 * c.num_kv_heads)
+  attn += K * (c.num_heads + 2 * c.num_kv_heads) * (c.qkv_bias or c.bias) + D * c.bias
+  mlp = 3 * D * F if c.mlp == 'swiglu' else 2 * D * F + F + D
+  norm = D * (2 if c.norm == 'layer' else 1)
+  block = attn + mlp + 2 * norm
+  embed = c.vocab_size * D * (1 if c.tie_embeddings else 2)
+  embed += c.max_len * D * (c.positions == 'learned')
   return {
-    'total': model_cfg.num_layers * block + embed + D,
-    'non_embedding': model_cfg.num_layers * block + D,
+    'total': c.num_layers * block + embed + norm,
+    'non_embedding': c.num_layers * block + norm,
     'embedding': embed,
   }
 
@@ -123,9 +146,8 @@ def param_count(model_cfg: Config) -> dict[str, int]:
 def flops_per_token(model_cfg: Config, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores."""
   D, K, H = model_cfg.d_model, model_cfg.head_dim, model_cfg.num_heads
-  matmul = model_cfg.num_layers * (
-    D * K * (2 * H + 2 * model_cfg.num_kv_heads) + 3 * D * model_cfg.mlp_dim
-  )
+  mlp = (3 if model_cfg.mlp == 'swiglu' else 2) * D * model_cfg.mlp_dim
+  matmul = model_cfg.num_layers * (D * K * (2 * H + 2 * model_cfg.num_kv_heads) + mlp)
   matmul += model_cfg.vocab_size * D  # Output projection.
   attention = model_cfg.num_layers * 2 * H * K * seq_len  # QK^T and AV, causal half counted fully.
   return 6.0 * matmul + 6.0 * attention
@@ -145,15 +167,18 @@ class Block(nn.Module):
       c.head_dim,
       c.rope_theta,
       c.attention_impl,
-      c.qkv_bias,
+      c.qkv_bias or c.bias,
       tuple(c.rope_scaling),
+      c.positions == 'rope',
+      c.bias,
     )
-    h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='attn_norm')(x_BLD)
+    norm = lambda name: layers.NORMS[c.norm](c.norm_eps, dt, pdt, name=name)
+    h_BLD = norm('attn_norm')(x_BLD)
     x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')(
       h_BLD, positions_BL, mask_B1LS
     )
-    h_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(x_BLD)
-    x_BLD = x_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, c.lora, name='mlp')(h_BLD)
+    h_BLD = norm('mlp_norm')(x_BLD)
+    x_BLD = x_BLD + layers.mlp(c.mlp, c.mlp_dim, dt, pdt, c.lora, 'mlp')(h_BLD)
     x_BLD = constrain(x_BLD, layers.BLD)
     return (x_BLD, None) if c.scan_layers else x_BLD
 
@@ -183,7 +208,18 @@ class Model(nn.Module):
       )
 
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
-    x_BLD = constrain(embed(tokens_BL), layers.BLD)
+    x_BLD = embed(tokens_BL)
+    if c.positions == 'learned':
+      table_PD = layers.param_with_axes(
+        self,
+        'pos_embed',
+        nn.initializers.normal(0.02),
+        (c.max_len, c.d_model),
+        (None, 'embed'),
+        pdt,
+      )
+      x_BLD = x_BLD + jnp.take(table_PD, jnp.maximum(positions_BL, 0), axis=0).astype(dt)
+    x_BLD = constrain(x_BLD, layers.BLD)
 
     block = Block
     if c.remat != 'none':
@@ -201,7 +237,7 @@ class Model(nn.Module):
       for i in range(c.num_layers):
         x_BLD = block(c, self.decode, name=f'layer_{i}')(x_BLD, positions_BL, mask_B1LS)
 
-    x_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
+    x_BLD = layers.NORMS[c.norm](c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
     if c.num_classes:
       return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(x_BLD, segment_ids_BL)
     if c.tie_embeddings:

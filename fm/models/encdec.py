@@ -12,10 +12,15 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fm import ConfigError
 from fm.models import decoder, layers
 from fm.sharding import constrain
 
 Config = decoder.Config
+# Fields of the decoder's Config that these blocks do not read, with the values they compute.
+DECODER_ONLY = dict(
+  norm='rms', mlp='swiglu', positions='rope', bias=False, qkv_bias=False, rope_scaling=()
+)
 VARIANTS = {
   **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},
   # T5 1.1 base shape (gated MLP), for planning.
@@ -110,6 +115,12 @@ class Model(nn.Module):
     For generation: `encode_only` returns the encoder output; passing it back as `encoded_BSD`
     skips the encoder. With `decode`, the decoder tokens are appended to the KV cache."""
     c = dataclasses.replace(self.model_cfg, scan_layers=False)  # Blocks return plain activations.
+    for name, default in DECODER_ONLY.items():
+      if getattr(c, name) != default:
+        raise ConfigError(
+          f'config.model.{name}={getattr(c, name)!r} is a decoder option the encoder-decoder does '
+          f'not compute; leave it at {default!r}.'
+        )
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     input_seg_BS = jnp.ones_like(inputs_BS) if input_seg_BS is None else input_seg_BS
     positions = lambda t: jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)

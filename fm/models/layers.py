@@ -159,6 +159,34 @@ class RMSNorm(nn.Module):
     return (x * scale_D.astype(jnp.float32)[None, None]).astype(self.dtype)
 
 
+class LayerNorm(nn.Module):
+  """LayerNorm with a scale and a bias (GPT-2, BERT)."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    D = x_BLD.shape[-1]
+    scale_D = param_with_axes(
+      self, 'scale', nn.initializers.ones, (D,), ('norm',), self.param_dtype
+    )
+    bias_D = param_with_axes(self, 'bias', nn.initializers.zeros, (D,), ('norm',), self.param_dtype)
+    x = x_BLD.astype(jnp.float32)
+    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    x = x * scale_D.astype(jnp.float32)[None, None] + bias_D.astype(jnp.float32)[None, None]
+    return x.astype(self.dtype)
+
+
+NORMS = {'rms': RMSNorm, 'layer': LayerNorm}
+
+
+def bias(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, param_dtype):
+  return param_with_axes(module, name, nn.initializers.zeros, shape, axes, param_dtype)
+
+
 class Embed(nn.Module):
   vocab_size: int
   dim: int
@@ -243,6 +271,8 @@ class AttentionConfig:
   implementation: str = 'xla'  # jax.nn.dot_product_attention: xla or cudnn.
   qkv_bias: bool = False  # Biases on the query, key and value projections.
   rope_scaling: tuple = ()  # (factor, low_freq_factor, high_freq_factor, original_max_len).
+  rope: bool = True  # False: positions come from elsewhere (learned embeddings).
+  out_bias: bool = False  # A bias on the output projection.
 
 
 class Attention(nn.Module):
@@ -280,13 +310,13 @@ class Attention(nn.Module):
     k_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
     v_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
     if c.qkv_bias:
-      b = lambda name, heads, axis: param_with_axes(
-        self, name, nn.initializers.zeros, (heads, c.head_dim), (axis, 'head_dim'), self.param_dtype
+      b = lambda name, heads, axis: bias(
+        self, name, (heads, c.head_dim), (axis, 'head_dim'), self.param_dtype
       ).astype(self.dtype)[None, None]
       q_BLHK = q_BLHK + b('query_bias', c.num_heads, 'heads')
       k_BSGK = k_BSGK + b('key_bias', c.num_kv_heads, 'kv_heads')
       v_BSGK = v_BSGK + b('value_bias', c.num_kv_heads, 'kv_heads')
-    if not cross:
+    if not cross and c.rope:
       q_BLHK = rope(q_BLHK, positions_BL, c.rope_theta, c.rope_scaling)
       k_BSGK = rope(k_BSGK, positions_BL, c.rope_theta, c.rope_scaling)
     q_BLHK = constrain(q_BLHK, ('act_batch', 'act_length', 'act_heads', None))
@@ -297,7 +327,13 @@ class Attention(nn.Module):
     out_BLHK = jax.nn.dot_product_attention(
       q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation=c.implementation
     )
-    return jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
+    out_BLD = jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
+    if c.out_bias:
+      out_BLD = (
+        out_BLD
+        + bias(self, 'out_bias', (D,), ('embed',), self.param_dtype).astype(self.dtype)[None, None]
+      )
+    return out_BLD
 
   def _cached(self, k_BLGK, v_BLGK, valid_BL, extra_B1LL=None):
     """(cached keys, cached values, mask of the new queries over the cache) after writing the
@@ -346,6 +382,40 @@ class SwiGLU(nn.Module):
     up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
     h_BLF = constrain(nn.silu(gate_BLF) * up_BLF, ('act_batch', 'act_length', 'act_mlp'))
     return jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
+
+
+class GeluMLP(nn.Module):
+  """The MLP of GPT-2 and BERT: up, GELU (tanh approximation or exact), down, with biases."""
+
+  mlp_dim: int
+  approximate: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  lora: LoRA | None = None
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    D, F = x_BLD.shape[-1], self.mlp_dim
+    w = lambda name, shape, axes: dense_weight(
+      self, name, shape, axes, 1, self.dtype, self.param_dtype, self.lora
+    )
+    b = lambda name, n, axis: bias(self, name, (n,), (axis,), self.param_dtype).astype(self.dtype)
+    up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
+    up_BLF = up_BLF + b('up_bias', F, 'mlp')[None, None]
+    h_BLF = nn.gelu(up_BLF, approximate=self.approximate)
+    h_BLF = constrain(h_BLF, ('act_batch', 'act_length', 'act_mlp'))
+    down_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
+    return down_BLD + b('down_bias', D, 'embed')[None, None]
+
+
+def mlp(kind: str, mlp_dim: int, dtype, param_dtype, lora: LoRA | None, name: str) -> nn.Module:
+  """The MLP `kind` names: 'swiglu', 'gelu_tanh' (GPT-2) or 'gelu' (exact: BERT)."""
+  if kind == 'swiglu':
+    return SwiGLU(mlp_dim, dtype, param_dtype, lora, name=name)
+  return GeluMLP(mlp_dim, kind == 'gelu_tanh', dtype, param_dtype, lora, name=name)
+
+
+MLPS = ('swiglu', 'gelu_tanh', 'gelu')
 
 
 REMAT_POLICIES = {

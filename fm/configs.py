@@ -123,6 +123,9 @@ FINETUNING = dict(
     experiment='',  # An experiment file trained into WORKDIR/pretrained unless finished there.
     workdir='',  # A finished run's workdir, used as it is; takes precedence over `experiment`.
     overrides='',  # 'key=value ...' applied to `experiment`'s config (e.g. 'train.steps=100').
+    # A Hugging Face model directory (fm/convert), imported into WORKDIR/pretrained once and
+    # reused; takes precedence over `workdir` and `experiment`.
+    hf='',
   ),
   finetune=dict(
     init='pretrained',  # 'pretrained' (warm start) or 'random' (same architecture, fresh).

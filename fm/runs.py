@@ -6,9 +6,11 @@ models such as a distillation teacher, `config.objective_args.<name>`), and hand
 pretraining (fm/train.py) or, with a `task`, to adaptation (fm/finetune.py). Neither trainer
 imports the other or this module.
 
-A run spec (`pretrained`, `objective_args.teacher`) names a run in one of two ways:
+A run spec (`pretrained`, `objective_args.teacher`) names a run in one of three ways:
+  hf          a Hugging Face model directory, imported into WORKDIR/<name> once (fm/convert)
+              and reused while it comes from the same directory. Takes precedence.
   workdir     a run's workdir (or one of its checkpoints), used as it is: its newest checkpoint
-              is read, and nothing is ever trained or written there. Takes precedence.
+              is read, and nothing is ever trained or written there. Before `experiment`.
   experiment  an experiment file, with `overrides` ('key=value ...') applied to its config,
               trained into this run's WORKDIR/<name> (pretrained, teacher) unless it is finished
               there: a later command resumes or reuses it.
@@ -21,7 +23,7 @@ import pathlib
 
 import ml_collections
 
-from fm import ConfigError, checkpoint, configs, finetune, sharding, train
+from fm import ConfigError, checkpoint, configs, convert, finetune, sharding, train
 from fm import metrics as metrics_lib
 
 
@@ -81,10 +83,14 @@ class Dependency:
   workdir: pathlib.Path
   experiment: str  # The experiment that trains it; '' for a workdir used as it is.
   ckpt: pathlib.Path | None  # Its checkpoint, when given by a workdir.
+  hf: str = ''  # A Hugging Face model directory imported into `workdir`.
 
 
 def dependency(spec: ml_collections.ConfigDict, key: str, default_workdir: pathlib.Path):
   """The run a spec names, checked without training anything."""
+  if spec.hf:
+    config = convert.run_config(spec.hf, f'{key}.hf')
+    return Dependency(key, config, default_workdir, '', None, spec.hf)
   if spec.workdir:
     ckpt = checkpoint.resolve(spec.workdir, f'{key}.workdir')
     held = checkpoint.read_meta(ckpt).get('config')
@@ -102,8 +108,8 @@ def dependency(spec: ml_collections.ConfigDict, key: str, default_workdir: pathl
     return Dependency(key, configs.resolve(held), pathlib.Path(spec.workdir), '', ckpt)
   if not spec.experiment:
     raise ConfigError(
-      f'{key} needs a workdir of a finished run (.workdir=PATH) or an experiment that trains '
-      f'one (.experiment=experiments/lm_shakespeare.py).'
+      f'{key} needs a Hugging Face model directory (.hf=DIR), a workdir of a finished run '
+      f'(.workdir=PATH) or an experiment that trains one (.experiment=experiments/lm_shakespeare.py).'
     )
   config = configs.load(spec.experiment, f'{key}.experiment')
   configs.apply_overrides(config, spec.overrides, f'{key}.overrides')
@@ -122,6 +128,8 @@ def obtain(dependency: Dependency) -> pathlib.Path | None:
   not reached its final step in its workdir; None when that training was preempted."""
   if dependency.ckpt is not None:
     return dependency.ckpt
+  if dependency.hf:
+    return convert.imported(dependency.hf, dependency.workdir, dependency.key)
   steps = dependency.config.train.steps
   if checkpoint.latest_step(dependency.workdir) < steps:
     metrics_lib.log(

@@ -212,3 +212,22 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     ConfigError, match=r"tokenizer.json has 300 tokens, more than the 256 rows of the model's"
   ):
     convert.import_hf(hf, tmp_path / 'out')
+
+
+def test_pretrained_hf_imports_once(tmp_path, monkeypatch):
+  """pretrained.hf: the backbone config comes from config.json and the tokenizer files alone;
+  the import is made once and reused; a workdir holding another run is refused."""
+  from fm import runs
+
+  spec = ml_collections.ConfigDict(dict(hf=str(FIXTURES / 'gpt2'), experiment='', workdir=''))
+  dep = runs.dependency(spec, 'config.pretrained', tmp_path / 'pretrained')
+  assert dep.config.model.norm == 'layer' and dep.config.data.tokenizer.kind == 'hf'
+  assert not (tmp_path / 'pretrained').exists()  # Nothing written before the run starts.
+  ckpt = runs.obtain(dep)
+  stamp = (ckpt / 'meta' / 'metadata').stat().st_mtime_ns
+  monkeypatch.setattr(convert, 'import_hf', lambda *a, **k: pytest.fail('imported twice'))
+  assert runs.obtain(dep) == ckpt and (ckpt / 'meta' / 'metadata').stat().st_mtime_ns == stamp
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'metrics.jsonl').write_text('')
+  with pytest.raises(ConfigError, match=r'other holds another run; move it away'):
+    runs.obtain(runs.dependency(spec, 'config.pretrained', tmp_path / 'other'))

@@ -49,7 +49,7 @@ class Reader:
   """The tensors of an HF directory, each read from its safetensors shard when asked for."""
 
   def __init__(self, directory: str | pathlib.Path):
-    self.directory = pathlib.Path(directory).expanduser()
+    self.directory = pathlib.Path(directory).expanduser().absolute()
     config = self.directory / 'config.json'
     if not config.is_file():
       raise ConfigError(f'{config} is missing: {self.directory} is not an HF model directory.')
@@ -308,6 +308,62 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
   (partial / 'config.json').write_text(json.dumps(hf, indent=1))
   _publish(partial, out)
   return hf
+
+
+def run_config(hf_dir: str, key: str):
+  """The resolved pretraining config an HF model stands for as a backbone (`pretrained.hf`): its
+  family and fields, its family's objective and its tokenizer (kind hf). Reads config.json,
+  the index and tokenizer files, no tensor."""
+  import ml_collections
+
+  from fm import configs
+
+  reader = Reader(hf_dir)
+  family = family_of_type(reader.config.get('model_type'), f'{key}={hf_dir!r}')
+  fields = family.config(reader.config)
+  if not (reader.directory / 'tokenizer.json').exists():
+    raise ConfigError(
+      f'{key}={hf_dir!r} has no tokenizer.json; a backbone is fine-tuned with its own tokenizer.'
+    )
+  config = ml_collections.ConfigDict(
+    {
+      'objective': family.OBJECTIVE,
+      'model': {'name': family.FAMILY, **fields},
+      'data': {
+        'dataset': 'prepared',
+        'seq_len': min(fields['max_len'], 2048),
+        'tokenizer': {'kind': 'hf', 'model': str(reader.directory)},
+      },
+      'train': {'steps': 0, 'global_batch': 1},  # Trained elsewhere: imported.
+      'optim': {'lr': 0.0},
+    }
+  )
+  return configs.resolve(config)
+
+
+def imported(hf_dir: str, workdir: pathlib.Path, key: str) -> pathlib.Path:
+  """The checkpoint of `hf_dir` imported into `workdir`: made once (by process 0), reused while
+  it comes from the same directory."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from fm import checkpoint
+  from fm import metrics as metrics_lib
+
+  source = str(pathlib.Path(hf_dir).expanduser().absolute())
+  workdir = pathlib.Path(workdir)
+  ckpt = workdir / 'checkpoints' / '0'
+  meta = checkpoint.read_meta(ckpt) if (ckpt / 'state').is_dir() else {}
+  if (meta.get('source') or {}).get('hf') != source:
+    if workdir.exists() and any(workdir.iterdir()) and not meta.get('source'):
+      raise ConfigError(
+        f'{key}={hf_dir!r}: {workdir} holds another run; move it away to import there.'
+      )
+    metrics_lib.log(f'{key}: importing {hf_dir} into {workdir}')
+    if jax.process_index() == 0:
+      import_hf(hf_dir, workdir, overwrite=True)
+    multihost_utils.sync_global_devices(f'fm-import-{workdir}')
+  return ckpt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from fm import ConfigError
 
 MODEL_TYPES = ('gpt2',)
 FAMILY = 'decoder'
+OBJECTIVE = 'causal_lm'  # What a backbone of this family was pretrained with.
 ACTIVATIONS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}
 
 

@@ -10,6 +10,7 @@ from fm import ConfigError
 
 MODEL_TYPES = ('llama', 'mistral', 'qwen2')
 FAMILY = 'decoder'
+OBJECTIVE = 'causal_lm'  # What a backbone of this family was pretrained with.
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
 # Llama 3.1's RoPE scaling keys, in the order of the decoder's Config.rope_scaling.
 LLAMA3_ROPE = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')

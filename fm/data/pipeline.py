@@ -228,7 +228,11 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
 
 
 def load_tokenizer(data_cfg: ml_collections.ConfigDict):
-  """The tokenizer a run with this `config.data` uses (its corpus prepared first if need be)."""
+  """The tokenizer a run with this `config.data` uses: the given one (`tokenizer.model`), else
+  its corpus's (prepared first if need be)."""
+  tok_cfg = data_cfg.tokenizer
+  if tok_cfg.model:
+    return tokenizer_lib.train(tok_cfg.kind, tok_cfg.vocab_size, [], tok_cfg.model)
   return open_prepared(prepared_directory(data_cfg), data_cfg)[1]
 
 

@@ -178,7 +178,7 @@ class Block(nn.Module):
       h_BLD, positions_BL, mask_B1LS
     )
     h_BLD = norm('mlp_norm')(x_BLD)
-    x_BLD = x_BLD + layers.mlp(c.mlp, c.mlp_dim, dt, pdt, c.lora, 'mlp')(h_BLD)
+    x_BLD = x_BLD + layers.MLP(c.mlp_dim, dt, pdt, c.lora, c.mlp, name='mlp')(h_BLD)
     x_BLD = constrain(x_BLD, layers.BLD)
     return (x_BLD, None) if c.scan_layers else x_BLD
 

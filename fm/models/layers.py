@@ -6,6 +6,7 @@ constrained by logical `act_*` names at block boundaries.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -144,27 +145,13 @@ class ClassifierHead(nn.Module):
     return pooled_BD @ w_DC.astype(jnp.float32) + b_C.astype(jnp.float32)[None]
 
 
-class RMSNorm(nn.Module):
+class Norm(nn.Module):
+  """RMSNorm (a scale); with `center`, LayerNorm (the mean removed first, and a bias)."""
+
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    scale_D = param_with_axes(
-      self, 'scale', nn.initializers.ones, (x_BLD.shape[-1],), ('norm',), self.param_dtype
-    )
-    x = x_BLD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_D.astype(jnp.float32)[None, None]).astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
-  """LayerNorm with a scale and a bias (GPT-2, BERT)."""
-
-  eps: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  center: bool = False
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -172,14 +159,18 @@ class LayerNorm(nn.Module):
     scale_D = param_with_axes(
       self, 'scale', nn.initializers.ones, (D,), ('norm',), self.param_dtype
     )
-    bias_D = param_with_axes(self, 'bias', nn.initializers.zeros, (D,), ('norm',), self.param_dtype)
     x = x_BLD.astype(jnp.float32)
-    x = x - jnp.mean(x, axis=-1, keepdims=True)
+    if self.center:
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    x = x * scale_D.astype(jnp.float32)[None, None] + bias_D.astype(jnp.float32)[None, None]
+    x = x * scale_D.astype(jnp.float32)[None, None]
+    if self.center:
+      x = x + bias(self, 'bias', (D,), ('norm',), self.param_dtype).astype(jnp.float32)[None, None]
     return x.astype(self.dtype)
 
 
+RMSNorm = Norm
+LayerNorm = functools.partial(Norm, center=True)  # GPT-2, BERT.
 NORMS = {'rms': RMSNorm, 'layer': LayerNorm}
 
 
@@ -366,32 +357,15 @@ class Attention(nn.Module):
     return key.value, value.value, mask_B1LS
 
 
-class SwiGLU(nn.Module):
+class MLP(nn.Module):
+  """SwiGLU (`kind` 'swiglu': gate, up, down; Llama), or up, GELU, down with biases ('gelu_tanh',
+  its tanh approximation: GPT-2; 'gelu', exact: BERT)."""
+
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   lora: LoRA | None = None
-
-  @nn.compact
-  def __call__(self, x_BLD):
-    D, F = x_BLD.shape[-1], self.mlp_dim
-    w = lambda name, shape, axes: dense_weight(
-      self, name, shape, axes, 1, self.dtype, self.param_dtype, self.lora
-    )
-    gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp')))
-    up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
-    h_BLF = constrain(nn.silu(gate_BLF) * up_BLF, ('act_batch', 'act_length', 'act_mlp'))
-    return jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
-
-
-class GeluMLP(nn.Module):
-  """The MLP of GPT-2 and BERT: up, GELU (tanh approximation or exact), down, with biases."""
-
-  mlp_dim: int
-  approximate: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  lora: LoRA | None = None
+  kind: str = 'swiglu'
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -400,21 +374,19 @@ class GeluMLP(nn.Module):
       self, name, shape, axes, 1, self.dtype, self.param_dtype, self.lora
     )
     b = lambda name, n, axis: bias(self, name, (n,), (axis,), self.param_dtype).astype(self.dtype)
-    up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
-    up_BLF = up_BLF + b('up_bias', F, 'mlp')[None, None]
-    h_BLF = nn.gelu(up_BLF, approximate=self.approximate)
+    if self.kind == 'swiglu':
+      gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp')))
+      up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
+      h_BLF = nn.silu(gate_BLF) * up_BLF
+    else:
+      up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
+      h_BLF = nn.gelu(up_BLF + b('up_bias', F, 'mlp')[None, None], self.kind == 'gelu_tanh')
     h_BLF = constrain(h_BLF, ('act_batch', 'act_length', 'act_mlp'))
-    down_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
-    return down_BLD + b('down_bias', D, 'embed')[None, None]
+    out_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
+    return out_BLD if self.kind == 'swiglu' else out_BLD + b('down_bias', D, 'embed')[None, None]
 
 
-def mlp(kind: str, mlp_dim: int, dtype, param_dtype, lora: LoRA | None, name: str) -> nn.Module:
-  """The MLP `kind` names: 'swiglu', 'gelu_tanh' (GPT-2) or 'gelu' (exact: BERT)."""
-  if kind == 'swiglu':
-    return SwiGLU(mlp_dim, dtype, param_dtype, lora, name=name)
-  return GeluMLP(mlp_dim, kind == 'gelu_tanh', dtype, param_dtype, lora, name=name)
-
-
+SwiGLU = MLP
 MLPS = ('swiglu', 'gelu_tanh', 'gelu')
 
 

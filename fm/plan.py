@@ -333,6 +333,25 @@ def recompute_factor(module, model_cfg, seq_len: int) -> float:
   ]
 
 
+def _imported_backbone(config):
+  """A fine-tuning config whose backbone is a Hugging Face model (`pretrained.hf`) as the
+  pretraining config fm.plan compiles: the imported model's own config (fm/convert), trained
+  with the run's batch, rows, mesh, optimizer and steps, the cost of full fine-tuning."""
+  from fm import configs, convert
+
+  if not config.pretrained.hf:
+    raise ConfigError(
+      f'--config is a fine-tuning experiment (task {config.task!r}); fm.plan compiles '
+      f'pretraining steps: plan its backbone experiment (config.pretrained.experiment), or give '
+      f'config.pretrained.hf to plan a published model.'
+    )
+  backbone = convert.run_config(config.pretrained.hf, 'config.pretrained.hf').to_dict()
+  for section in ('train', 'optim', 'mesh', 'sharding'):
+    backbone[section] = config[section].to_dict()
+  backbone['data']['seq_len'] = config.data.seq_len
+  return configs.resolve(backbone)
+
+
 def plan(config, topology: Topology, devices: list) -> dict:
   """Compiles the train step of `config` for `devices`; returns the plan's figures."""
   import functools
@@ -345,15 +364,17 @@ def plan(config, topology: Topology, devices: list) -> dict:
   from fm.data import pipeline, tokenizer
 
   config = configs.resolve(config)
-  if configs.is_finetuning(config):
-    raise ConfigError(
-      f'--config is a fine-tuning experiment (task {config.task!r}); fm.plan compiles '
-      f'pretraining steps: plan its backbone experiment (config.pretrained.experiment).'
-    )
+  imported = configs.is_finetuning(config)
+  if imported:
+    config = _imported_backbone(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules_from_config(config)
   objective = train.validate(
-    config, dict(mesh.shape), sharding.batch_divisor(mesh, rules), _hosts(topology, devices)
+    config,
+    dict(mesh.shape),
+    sharding.batch_divisor(mesh, rules),
+    _hosts(topology, devices),
+    corpus=not imported,
   )
   if objective.FROZEN:
     raise ConfigError(

@@ -86,9 +86,12 @@ def validate(
   mesh_shape: dict[str, int],
   batch_ways: int,
   processes: int | None = None,
+  corpus: bool = True,
 ):
   """Checks of a pretraining config that need no data or compilation, run identically on every
-  host (`processes`: how many hosts read the batch; default this job's). Returns the objective."""
+  host (`processes`: how many hosts read the batch; default this job's; `corpus`: whether the
+  run reads `config.data`'s corpus, which fm.plan's imported backbones do not). Returns the
+  objective."""
   objective = registry.get('objectives', config.objective)
   _, model_cfg = model_config(config)
   if config.model.name not in objective.COMPATIBLE_MODELS:
@@ -98,7 +101,8 @@ def validate(
       f'{", ".join(objective.COMPATIBLE_MODELS)}.'
     )
   objective.validate(config.objective_args)
-  check_data(config.data)
+  if corpus:
+    check_data(config.data)
   check_run(config)
   if config.data.seq_len > model_cfg.max_len:
     raise ConfigError(

@@ -181,3 +181,13 @@ def test_plan_for_a_small_tpu_slice(tmp_path):
   p = json.loads((tmp_path / 'plan.json').read_text())['plan']
   assert p['compiler'] == 'libtpu' and p['devices'] == 4 and 'TPU v5' in p['device_kind']
   assert p['fits'] and p['capacity'] == 16 * 2**30 and p['collectives']
+
+
+def test_plan_of_a_published_model():
+  """A fine-tuning config with pretrained.hf plans the imported model's own shapes (GPT-2's
+  LayerNorm, learned positions, biases) at the run's batch and rows."""
+  config = smoke_config('hf_sentiment')
+  result = plan.plan(config, plan.parse_topology('cpu:8'), jax.devices()[:8])
+  assert result['params'] == 86_208 and result['seq_len'] == 64 and result['global_batch'] == 8
+  with pytest.raises(ConfigError, match=r'or give config.pretrained.hf to plan a published model'):
+    plan.plan(smoke_config('transfer_sentiment'), plan.parse_topology('cpu:8'), jax.devices()[:8])

@@ -20,7 +20,7 @@ from fm.models import decoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'hf'
-NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3', 'gpt2')
+NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3', 'gpt2', 'bert')
 
 
 def restored(ckpt):
@@ -45,6 +45,13 @@ def test_imported_logits_and_greedy_ids_match_transformers(imported, name):
   model, params = restored(imported[name])
   logits = model.apply(params, jnp.asarray(reference['inputs']))
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
+  if 'generated' not in reference:  # An encoder: its final hidden states too.
+    _, states = model.apply(
+      params, jnp.asarray(reference['inputs']), capture_intermediates=True, mutable='intermediates'
+    )
+    last = states['intermediates'][f'layer_{model.model_cfg.num_layers - 1}']['__call__'][0]
+    np.testing.assert_allclose(last, reference['hidden'], atol=1e-4, rtol=0)
+    return
   prompt = jnp.asarray(reference['prompt'])
   new = reference['generated'].shape[1] - prompt.shape[1]
   ids = decoding.greedy('decoder', model.model_cfg, params, prompt, jnp.ones_like(prompt), new)
@@ -112,7 +119,7 @@ def test_bad_input_is_one_sentence(tmp_path):
   (hf / 'config.json').write_text(json.dumps({**config, 'model_type': 'mamba'}))
   with pytest.raises(
     ConfigError,
-    match=r"model_type 'mamba' is not supported; fm converts gpt2, llama, mistral, qwen2.",
+    match=r"model_type 'mamba' is not supported; fm converts bert, gpt2, llama, mistral, qwen2.",
   ):
     convert.import_hf(hf, tmp_path / 'out')
   (hf / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 100}))

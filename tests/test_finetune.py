@@ -233,7 +233,7 @@ BAD = [
   ),
   (
     dict(pretrained=dict(experiment='', workdir='')),
-    r'config.pretrained needs a workdir of a finished run',
+    r'config.pretrained needs a Hugging Face model directory \(.hf=DIR\), a workdir of a finished run',
   ),
   (dict(task_args=dict(train_fraction=0.0)), r'config.task_args.train_fraction=0.0 must lie in'),
   (

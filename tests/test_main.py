@@ -164,7 +164,10 @@ BAD_INPUT = [
   (['train.nonfinite=ignore'], r"config.train.nonfinite='ignore' is unknown; choose raise or skip"),
   (['train.steps=-1'], r'config.train.steps=-1 must be >= 0 \(0 only evaluates\)'),
   (['optim.lr=-0.001'], r'config.optim.lr=-0.001 must be >= 0'),
-  (['objective=distill'], r'config.objective_args.teacher needs a workdir of a finished run'),
+  (
+    ['objective=distill'],
+    r'config.objective_args.teacher needs a Hugging Face model directory \(.hf=DIR\), a workdir',
+  ),
   (
     ['train.microbatches=3'],
     r'config.train.microbatches=3 must be >= 1 and split config.train.global_batch=8 into '

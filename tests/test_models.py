@@ -234,6 +234,7 @@ def test_gradient_accumulation_matches_the_whole_batch_and_saves_memory():
     dict(norm='layer', mlp='gelu_tanh', positions='learned', bias=True),  # GPT-2
     dict(qkv_bias=True, tie_embeddings=False),  # Qwen2
     dict(mlp='gelu', rope_scaling=(8.0, 1.0, 4.0, 64.0), scale_tied_logits=False),
+    dict(norm_position='post', embed_norm=True, token_types=2, mlm_head=True),  # BERT's parts
   ],
 )
 def test_architecture_fields(fields):

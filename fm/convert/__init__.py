@@ -13,9 +13,9 @@ one. `export` writes a checkpoint (a workdir's newest, or one directory) in HF l
 config.json and float32 safetensors shards with their index. Both write under a temporary name
 and rename when whole.
 
-Each family is mapped in one module of this package (llama.py, gpt2.py: MODEL_TYPES, FAMILY,
-`config`, `hf_config`, `exports`, `exported`, `tensors`); this module only reads, reshapes,
-splits fused tensors and writes.
+Each family is mapped in one module of this package (llama.py, gpt2.py, bert.py: MODEL_TYPES,
+FAMILY, OBJECTIVE, `config`, `hf_config`, `exports`, `exported`, `tensors`); this module only
+reads, reshapes, splits fused tensors and writes.
 """
 
 import argparse
@@ -30,9 +30,9 @@ import sys
 import numpy as np
 
 from fm import ConfigError
-from fm.convert import gpt2, llama
+from fm.convert import bert, gpt2, llama
 
-FAMILIES = (llama, gpt2)
+FAMILIES = (llama, gpt2, bert)
 MODEL_TYPES = {kind: family for family in FAMILIES for kind in family.MODEL_TYPES}
 
 
@@ -73,6 +73,11 @@ class Reader:
     return safe_open(str(path), framework='numpy')
 
   def get(self, name: str) -> np.ndarray:
+    if name not in self.weight_map:  # Older BERT files name LayerNorm params gamma and beta.
+      legacy = name.replace('LayerNorm.weight', 'LayerNorm.gamma').replace(
+        'LayerNorm.bias', 'LayerNorm.beta'
+      )
+      name = legacy if legacy in self.weight_map else name
     if name not in self.weight_map:
       raise ConfigError(f'{self.directory} has no tensor {name}; is it a complete checkpoint?')
     path = self.directory / self.weight_map[name]

@@ -69,6 +69,7 @@ def hf_config(fields: dict) -> dict:
 def exports(fields: dict) -> bool:
   """Whether GPT-2's layout holds a model of these decoder fields."""
   gpt2 = dict(norm='layer', positions='learned', bias=True, tie_embeddings=True, qkv_bias=False)
+  gpt2.update(norm_position='pre', embed_norm=False, token_types=0, mlm_head=False)
   return (
     all(fields[k] == v for k, v in gpt2.items())
     and not fields['scale_tied_logits']

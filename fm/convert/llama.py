@@ -92,12 +92,9 @@ def hf_config(fields: dict) -> dict:
 
 def exports(fields: dict) -> bool:
   """Whether this layout holds a model of these decoder fields."""
-  return (fields['norm'], fields['mlp'], fields['positions'], fields['bias']) == (
-    'rms',
-    'swiglu',
-    'rope',
-    False,
-  )
+  llama = dict(norm='rms', mlp='swiglu', positions='rope', bias=False, norm_position='pre')
+  llama.update(embed_norm=False, token_types=0, mlm_head=False)
+  return all(fields[k] == v for k, v in llama.items())
 
 
 def exported(fields: dict, flat: dict) -> tuple[dict, dict]:

@@ -81,6 +81,10 @@ class Config:
   mlp: str = 'swiglu'  # 'swiglu', or 'gelu_tanh' / 'gelu': up, GELU, down with biases (GPT-2).
   positions: str = 'rope'  # 'rope', or 'learned': an embedding per position added (GPT-2).
   bias: bool = False  # Biases on the query, key, value and output projections (GPT-2).
+  norm_position: str = 'pre'  # 'pre' (norm, sublayer, add) or 'post' (add, then norm: BERT).
+  embed_norm: bool = False  # A norm after the embeddings (BERT).
+  token_types: int = 0  # > 0: a token-type embedding table; every token is type 0 (BERT).
+  mlm_head: bool = False  # Dense, GELU and norm before the tied logits, plus a bias (BERT).
   norm_eps: float = 1e-6
   dtype: str = 'float32'  # Compute dtype.
   param_dtype: str = 'float32'  # Storage dtype of params (and so of the optimizer state).
@@ -100,6 +104,7 @@ class Config:
       ('norm', self.norm, tuple(layers.NORMS)),
       ('mlp', self.mlp, layers.MLPS),
       ('positions', self.positions, POSITIONS),
+      ('norm_position', self.norm_position, ('pre', 'post')),
     ):
       if value not in choices:
         raise ConfigError(
@@ -135,10 +140,12 @@ def param_count(model_cfg: Config) -> dict[str, int]:
   norm = D * (2 if c.norm == 'layer' else 1)
   block = attn + mlp + 2 * norm
   embed = c.vocab_size * D * (1 if c.tie_embeddings else 2)
-  embed += c.max_len * D * (c.positions == 'learned')
+  embed += (c.max_len * (c.positions == 'learned') + c.token_types) * D
+  rest = norm * ((c.norm_position == 'pre') + c.embed_norm)
+  rest += (D * D + D + norm + c.vocab_size) * c.mlm_head
   return {
-    'total': c.num_layers * block + embed + norm,
-    'non_embedding': c.num_layers * block + norm,
+    'total': c.num_layers * block + embed + rest,
+    'non_embedding': c.num_layers * block + rest,
     'embedding': embed,
   }
 
@@ -173,12 +180,14 @@ class Block(nn.Module):
       c.bias,
     )
     norm = lambda name: layers.NORMS[c.norm](c.norm_eps, dt, pdt, name=name)
-    h_BLD = norm('attn_norm')(x_BLD)
-    x_BLD = x_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')(
-      h_BLD, positions_BL, mask_B1LS
-    )
-    h_BLD = norm('mlp_norm')(x_BLD)
-    x_BLD = x_BLD + layers.MLP(c.mlp_dim, dt, pdt, c.lora, c.mlp, name='mlp')(h_BLD)
+    attn = layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')
+    mlp = layers.MLP(c.mlp_dim, dt, pdt, c.lora, c.mlp, name='mlp')
+    if c.norm_position == 'post':
+      x_BLD = norm('attn_norm')(x_BLD + attn(x_BLD, positions_BL, mask_B1LS))
+      x_BLD = norm('mlp_norm')(x_BLD + mlp(x_BLD))
+    else:
+      x_BLD = x_BLD + attn(norm('attn_norm')(x_BLD), positions_BL, mask_B1LS)
+      x_BLD = x_BLD + mlp(norm('mlp_norm')(x_BLD))
     x_BLD = constrain(x_BLD, layers.BLD)
     return (x_BLD, None) if c.scan_layers else x_BLD
 
@@ -219,6 +228,18 @@ class Model(nn.Module):
         pdt,
       )
       x_BLD = x_BLD + jnp.take(table_PD, jnp.maximum(positions_BL, 0), axis=0).astype(dt)
+    if c.token_types:
+      types_TD = layers.param_with_axes(
+        self,
+        'type_embed',
+        nn.initializers.normal(0.02),
+        (c.token_types, c.d_model),
+        (None, 'embed'),
+        pdt,
+      )
+      x_BLD = x_BLD + types_TD[0].astype(dt)[None, None]
+    if c.embed_norm:
+      x_BLD = layers.NORMS[c.norm](c.norm_eps, dt, pdt, name='embed_norm')(x_BLD)
     x_BLD = constrain(x_BLD, layers.BLD)
 
     block = Block
@@ -237,12 +258,20 @@ class Model(nn.Module):
       for i in range(c.num_layers):
         x_BLD = block(c, self.decode, name=f'layer_{i}')(x_BLD, positions_BL, mask_B1LS)
 
-    x_BLD = layers.NORMS[c.norm](c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
+    if c.norm_position == 'pre':
+      x_BLD = layers.NORMS[c.norm](c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
     if c.num_classes:
       return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(x_BLD, segment_ids_BL)
+    if c.mlm_head:
+      x_BLD = layers.MLMTransform(c.norm, c.norm_eps, c.mlp, dt, pdt, name='mlm')(x_BLD)
     if c.tie_embeddings:
       # Scaled so tied logits start near unit variance like an untied head.
       logits_BLV = embed.attend(x_BLD) * (c.d_model**-0.5 if c.scale_tied_logits else 1.0)
+      if c.mlm_head:
+        logits_BLV = (
+          logits_BLV
+          + layers.bias(self, 'mlm_bias', (c.vocab_size,), ('vocab',), pdt).astype(dt)[None, None]
+        )
     else:
       w_DV = layers.param_with_axes(
         self,

@@ -19,7 +19,16 @@ from fm.sharding import constrain
 Config = decoder.Config
 # Fields of the decoder's Config that these blocks do not read, with the values they compute.
 DECODER_ONLY = dict(
-  norm='rms', mlp='swiglu', positions='rope', bias=False, qkv_bias=False, rope_scaling=()
+  norm='rms',
+  mlp='swiglu',
+  positions='rope',
+  bias=False,
+  qkv_bias=False,
+  rope_scaling=(),
+  norm_position='pre',
+  embed_norm=False,
+  token_types=0,
+  mlm_head=False,
 )
 VARIANTS = {
   **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},

@@ -387,6 +387,30 @@ class MLP(nn.Module):
 
 
 SwiGLU = MLP
+
+
+class MLMTransform(nn.Module):
+  """BERT's masked-LM transform before the tied output: dense with a bias, GELU, norm."""
+
+  norm: str = 'layer'
+  eps: float = 1e-12
+  activation: str = 'gelu'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    D = x_BLD.shape[-1]
+    w_DE = dense_weight(self, 'dense', (D, D), ('embed', 'mlp'), 1, self.dtype, self.param_dtype)
+    h_BLE = jnp.einsum('BLD,DE->BLE', x_BLD, w_DE)
+    h_BLE = (
+      h_BLE
+      + bias(self, 'dense_bias', (D,), ('mlp',), self.param_dtype).astype(self.dtype)[None, None]
+    )
+    h_BLE = nn.gelu(h_BLE, self.activation == 'gelu_tanh')
+    return NORMS[self.norm](self.eps, self.dtype, self.param_dtype, name='norm')(h_BLE)
+
+
 MLPS = ('swiglu', 'gelu_tanh', 'gelu')
 
 

@@ -204,6 +204,13 @@ def restore_model(ckpt: pathlib.Path, mesh, rules) -> tuple[nn.Module, Any, dict
   return model, restore_params(ckpt, target), meta
 
 
+def restore_local(ckpt: pathlib.Path) -> tuple[nn.Module, Any, dict]:
+  """`restore_model` onto one device (sharding.local_mesh) with the default rules."""
+  mesh = sharding.local_mesh()
+  with sharding.use(mesh, sharding.DEFAULT_RULES):
+    return restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
+
+
 def restore_params(ckpt: pathlib.Path, target: Any) -> Any:
   """The checkpoint's params named in `target` (the rest of the state is not read), each
   restored onto its sharding in `target`."""

@@ -266,13 +266,9 @@ def merge(path: str) -> tuple[pathlib.Path, float]:
   out = ckpt.parents[1] / 'merged' if ckpt.parent.name == 'checkpoints' else ckpt.parent / 'merged'
   if out.exists():
     raise ConfigError(f'{out} exists already; move it away to merge again.')
-  mesh = sharding.make_mesh(
-    ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
-  )
-  rules = sharding.DEFAULT_RULES
   family = registry.get('models', checkpoint.family(meta))
-  with sharding.use(mesh, rules):
-    model, params, _ = checkpoint.restore_model(ckpt, mesh, rules)
+  model, params, _ = checkpoint.restore_local(ckpt)
+  with sharding.use(sharding.local_mesh(), sharding.DEFAULT_RULES):
     model_cfg = model.model_cfg
     merged = layers.merge_lora(params, model_cfg.lora, stacked=model_cfg.scan_layers)
     merged_cfg = dataclasses.replace(model_cfg, lora_rank=0)

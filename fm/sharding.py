@@ -93,6 +93,12 @@ def make_mesh(
   )
 
 
+def local_mesh() -> Mesh:
+  """A mesh of this process's first device, for tools that read a checkpoint whole (LoRA merge,
+  Hugging Face export)."""
+  return make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1])
+
+
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """Default rules, with `config.sharding.rules` (a list of [name, axes]) taking precedence."""
   overrides = [tuple(r) for r in config.sharding.rules]

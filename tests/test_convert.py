@@ -25,12 +25,7 @@ NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3', 'gpt2', 'bert')
 
 def restored(ckpt):
   """(model, params) of a checkpoint on one device."""
-  mesh = sharding.make_mesh(
-    ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
-  )
-  with sharding.use(mesh, sharding.DEFAULT_RULES):
-    model, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
-  return model, params
+  return checkpoint.restore_local(ckpt)[:2]
 
 
 @pytest.fixture(scope='module')

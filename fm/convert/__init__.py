@@ -65,7 +65,7 @@ class Reader:
         f'{self.directory} has neither model.safetensors nor model.safetensors.index.json; '
         f'fm reads safetensors checkpoints.'
       )
-    self.handles = {}
+    self.shard = (None, None)  # (path, handle): one shard open at a time.
 
   def _open(self, path: pathlib.Path):
     from safetensors import safe_open
@@ -81,13 +81,13 @@ class Reader:
     if name not in self.weight_map:
       raise ConfigError(f'{self.directory} has no tensor {name}; is it a complete checkpoint?')
     path = self.directory / self.weight_map[name]
-    if path not in self.handles:
+    if self.shard[0] != path:
       if not path.is_file():
         raise ConfigError(
           f'{path} is missing (model.safetensors.index.json puts {name} there); download it.'
         )
-      self.handles = {path: self._open(path)}  # One shard open at a time.
-    return self.handles[path].get_tensor(name)
+      self.shard = (path, self._open(path))
+    return self.shard[1].get_tensor(name)
 
 
 def _entry(entry: tuple) -> tuple[tuple[str, ...], str, int, bool]:
@@ -244,10 +244,9 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> pathlib.Pat
 def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_mb: int = 2048):
   """Writes a checkpoint in HF layout into `hf_dir`; returns the HF config."""
   import jax
-  import ml_collections
   import safetensors.numpy
 
-  from fm import checkpoint, sharding
+  from fm import checkpoint
 
   ckpt = checkpoint.resolve(checkpoint_path, 'CHECKPOINT')
   meta = checkpoint.read_meta(ckpt)
@@ -263,11 +262,7 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
       f'adapters first (python -m fm.finetune merge).'
     )
   out = _target(hf_dir, overwrite, 'HF_DIR')
-  mesh = sharding.make_mesh(
-    ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1)), jax.devices()[:1]
-  )
-  with sharding.use(mesh, sharding.DEFAULT_RULES):
-    model, params, _ = checkpoint.restore_model(ckpt, mesh, sharding.DEFAULT_RULES)
+  model, params, _ = checkpoint.restore_local(ckpt)
   fields = dataclasses.asdict(model.model_cfg)  # With the defaults of fields added since.
   family = next((f for f in FAMILIES if f.FAMILY == name and f.exports(fields)), None)
   if family is None:

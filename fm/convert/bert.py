@@ -8,12 +8,25 @@ LayerNorm}` and `cls.predictions.bias`; the output is tied to the word embedding
 are stored (outputs, inputs). Every token reads as token type 0, as when HF is given no types.
 """
 
-from fm import ConfigError
+from fm.convert._common import matches, refuse
 
 MODEL_TYPES = ('bert',)
 FAMILY = 'encoder'
 OBJECTIVE = 'masked_lm'
 ACTIVATIONS = {'gelu': 'gelu', 'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh'}
+# What the layout pins (besides the activation, token types and plain multi-head attention).
+LAYOUT = dict(
+  norm='layer',
+  positions='learned',
+  bias=True,
+  norm_position='post',
+  embed_norm=True,
+  mlm_head=True,
+  tie_embeddings=True,
+  scale_tied_logits=False,
+  qkv_bias=False,
+  rope_scaling=(),
+)
 
 
 def config(hf: dict) -> dict:
@@ -25,11 +38,10 @@ def config(hf: dict) -> dict:
     != 'absolute',
     'is_decoder': bool(hf.get('is_decoder')),
   }
-  if any(unsupported.values()):
-    what = ', '.join(k for k, v in unsupported.items() if v)
-    raise ConfigError(f"this bert checkpoint uses {what}, which fm's encoder does not compute.")
+  refuse('bert', unsupported, 'encoder')
   d, heads = hf['hidden_size'], hf['num_attention_heads']
   return dict(
+    **LAYOUT,
     vocab_size=hf['vocab_size'],
     num_layers=hf['num_hidden_layers'],
     d_model=d,
@@ -38,16 +50,8 @@ def config(hf: dict) -> dict:
     head_dim=d // heads,
     mlp_dim=hf['intermediate_size'],
     max_len=hf['max_position_embeddings'],
-    tie_embeddings=True,
-    scale_tied_logits=False,
-    norm='layer',
     mlp=ACTIVATIONS[hf.get('hidden_act', 'gelu')],
-    positions='learned',
-    bias=True,
-    norm_position='post',
-    embed_norm=True,
     token_types=hf.get('type_vocab_size', 2),
-    mlm_head=True,
     norm_eps=float(hf.get('layer_norm_eps', 1e-12)),
   )
 
@@ -73,10 +77,8 @@ def hf_config(fields: dict) -> dict:
 
 def exports(fields: dict) -> bool:
   """Whether BERT's layout holds a model of these encoder fields."""
-  bert = dict(norm='layer', positions='learned', bias=True, norm_position='post', embed_norm=True)
-  bert.update(mlm_head=True, tie_embeddings=True, scale_tied_logits=False, qkv_bias=False)
   return (
-    all(fields[k] == v for k, v in bert.items())
+    matches(LAYOUT, fields)
     and fields['token_types'] > 0
     and fields['mlp'] in ('gelu', 'gelu_tanh')
     and fields['num_kv_heads'] == fields['num_heads']

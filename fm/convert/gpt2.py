@@ -6,12 +6,26 @@ values fused), `attn.c_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`, then `transforme
 head is tied to `wte`. Its projections are Conv1D, stored (inputs, outputs): fm's layout.
 """
 
-from fm import ConfigError
+from fm.convert._common import matches, refuse
 
 MODEL_TYPES = ('gpt2',)
 FAMILY = 'decoder'
 OBJECTIVE = 'causal_lm'  # What a backbone of this family was pretrained with.
 ACTIVATIONS = {'gelu_new': 'gelu_tanh', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu': 'gelu'}
+# What the layout pins (besides the activation and as many key/value heads as query heads).
+LAYOUT = dict(
+  norm='layer',
+  positions='learned',
+  bias=True,
+  tie_embeddings=True,
+  scale_tied_logits=False,
+  qkv_bias=False,
+  rope_scaling=(),
+  norm_position='pre',
+  embed_norm=False,
+  token_types=0,
+  mlm_head=False,
+)
 
 
 def config(hf: dict) -> dict:
@@ -24,11 +38,10 @@ def config(hf: dict) -> dict:
     'add_cross_attention': bool(hf.get('add_cross_attention')),
     'an untied head (tie_word_embeddings false)': not hf.get('tie_word_embeddings', True),
   }
-  if any(unsupported.values()):
-    what = ', '.join(k for k, v in unsupported.items() if v)
-    raise ConfigError(f"this gpt2 checkpoint uses {what}, which fm's decoder does not compute.")
+  refuse('gpt2', unsupported)
   d, heads = hf['n_embd'], hf['n_head']
   return dict(
+    **LAYOUT,
     vocab_size=hf['vocab_size'],
     num_layers=hf['n_layer'],
     d_model=d,
@@ -37,12 +50,7 @@ def config(hf: dict) -> dict:
     head_dim=d // heads,
     mlp_dim=hf.get('n_inner') or 4 * d,
     max_len=hf['n_positions'],
-    tie_embeddings=True,
-    scale_tied_logits=False,
-    norm='layer',
     mlp=ACTIVATIONS[hf['activation_function']],
-    positions='learned',
-    bias=True,
     norm_eps=float(hf['layer_norm_epsilon']),
   )
 
@@ -68,12 +76,8 @@ def hf_config(fields: dict) -> dict:
 
 def exports(fields: dict) -> bool:
   """Whether GPT-2's layout holds a model of these decoder fields."""
-  gpt2 = dict(norm='layer', positions='learned', bias=True, tie_embeddings=True, qkv_bias=False)
-  gpt2.update(norm_position='pre', embed_norm=False, token_types=0, mlm_head=False)
   return (
-    all(fields[k] == v for k, v in gpt2.items())
-    and not fields['scale_tied_logits']
-    and not fields['rope_scaling']
+    matches(LAYOUT, fields)
     and fields['mlp'] in ('gelu_tanh', 'gelu')
     and fields['num_kv_heads'] == fields['num_heads']
   )

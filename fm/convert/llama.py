@@ -6,12 +6,17 @@ when tied). HF stores a projection as (outputs, inputs) and queries and keys in 
 order that fm's RoPE uses, so a weight is its transpose reshaped: no permutation.
 """
 
-from fm import ConfigError
+from fm.convert._common import matches, refuse
+from fm.models import decoder
 
 MODEL_TYPES = ('llama', 'mistral', 'qwen2')
 FAMILY = 'decoder'
 OBJECTIVE = 'causal_lm'  # What a backbone of this family was pretrained with.
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM'}
+# What the layout pins: fm's own decoder (its defaults), but for q/k/v biases and RoPE scaling.
+LAYOUT = {
+  k: decoder.DEFAULTS[k] for k in decoder.ARCHITECTURE if k not in ('qkv_bias', 'rope_scaling')
+}
 # Llama 3.1's RoPE scaling keys, in the order of the decoder's Config.rope_scaling.
 LLAMA3_ROPE = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
 
@@ -33,11 +38,10 @@ def config(hf: dict) -> dict:
     'sliding_window': kind == 'mistral'
     and (hf.get('sliding_window') or 1 << 62) < hf['max_position_embeddings'],
   }
-  if any(unsupported.values()):
-    what = ', '.join(k for k, v in unsupported.items() if v)
-    raise ConfigError(f"this {kind} checkpoint uses {what}, which fm's decoder does not compute.")
+  refuse(kind, unsupported)
   heads = hf['num_attention_heads']
   return dict(
+    **LAYOUT,
     vocab_size=hf['vocab_size'],
     num_layers=hf['num_hidden_layers'],
     d_model=hf['hidden_size'],
@@ -92,9 +96,7 @@ def hf_config(fields: dict) -> dict:
 
 def exports(fields: dict) -> bool:
   """Whether this layout holds a model of these decoder fields."""
-  llama = dict(norm='rms', mlp='swiglu', positions='rope', bias=False, norm_position='pre')
-  llama.update(embed_norm=False, token_types=0, mlm_head=False)
-  return all(fields[k] == v for k, v in llama.items())
+  return matches(LAYOUT, fields)
 
 
 def exported(fields: dict, flat: dict) -> tuple[dict, dict]:

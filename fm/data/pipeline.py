@@ -205,7 +205,7 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
   identity = manifest['tokenizer']
   if data_cfg is not None and data_cfg.dataset == 'prepared':
     wanted = data_cfg.tokenizer
-    given = wanted.model and tokenizer_lib.train(wanted.kind, 0, [], wanted.model).identity
+    given = wanted.model and tokenizer_lib.given(wanted.kind, wanted.model).identity
     if identity['kind'] != wanted.kind or (
       identity != given
       if given
@@ -230,9 +230,8 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
 def load_tokenizer(data_cfg: ml_collections.ConfigDict):
   """The tokenizer a run with this `config.data` uses: the given one (`tokenizer.model`), else
   its corpus's (prepared first if need be)."""
-  tok_cfg = data_cfg.tokenizer
-  if tok_cfg.model:
-    return tokenizer_lib.train(tok_cfg.kind, tok_cfg.vocab_size, [], tok_cfg.model)
+  if data_cfg.tokenizer.model:
+    return tokenizer_lib.given(data_cfg.tokenizer.kind, data_cfg.tokenizer.model)
   return open_prepared(prepared_directory(data_cfg), data_cfg)[1]
 
 

@@ -497,7 +497,7 @@ def prepare(
   left is finished (its finished items kept). `say` gets a line per step, with its time."""
   output, started = pathlib.Path(output), time.perf_counter()
   step = lambda what: say(f'[{time.perf_counter() - started:6.1f} s] {what}')
-  given = spec.tokenizer_model and tokenizer_lib.train(spec.tokenizer, 0, [], spec.tokenizer_model)
+  given = spec.tokenizer_model and tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)
   try:
     existing = read_manifest(output, must_exist=False)
   except ConfigError:  # Damaged, or written by another layout version: prepared anew.

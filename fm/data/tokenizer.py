@@ -245,9 +245,9 @@ def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> byt
   return model.getvalue()
 
 
-def train(kind: str, vocab_size: int, lines: list[str], model: str = ''):
-  """The tokenizer of a prepared corpus: SentencePiece trained on `lines` (or the given
-  `model` file), a Hugging Face model directory's (kind hf), or bytes."""
+def given(kind: str, model: str):
+  """The tokenizer `config.data.tokenizer` gives without training one: bytes, or the `model`
+  file (SentencePiece) or directory (hf); None when a SentencePiece model is to be trained."""
   if kind not in KINDS:
     raise ConfigError(
       f'config.data.tokenizer.kind={kind!r} is unknown; choose one of: {", ".join(KINDS)}.'
@@ -266,9 +266,13 @@ def train(kind: str, vocab_size: int, lines: list[str], model: str = ''):
         'directory (with tokenizer.json).'
       )
     return load_hf(model)
-  if model:
-    return load_sentencepiece(model)
-  return SentencePieceTokenizer(train_sentencepiece(lines, vocab_size))
+  return load_sentencepiece(model) if model else None
+
+
+def train(kind: str, vocab_size: int, lines: list[str], model: str = ''):
+  """The tokenizer of a prepared corpus: the `given` one, else SentencePiece trained on
+  `lines`."""
+  return given(kind, model) or SentencePieceTokenizer(train_sentencepiece(lines, vocab_size))
 
 
 def from_identity(identity: dict, proto: bytes = b''):

@@ -120,6 +120,22 @@ class Config:
     )
 
 
+# Fields that published architectures set (fm/convert); their defaults are fm's own models.
+ARCHITECTURE = (
+  'norm',
+  'mlp',
+  'positions',
+  'bias',
+  'qkv_bias',
+  'rope_scaling',
+  'norm_position',
+  'embed_norm',
+  'token_types',
+  'mlm_head',
+)
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
+
+
 def inputs(model_cfg: Config, tokens_BL, segment_ids_BL=None, positions_BL=None) -> tuple:
   """`Model.apply`'s arguments that read `tokens_BL` as one text (by default a single document)."""
   del model_cfg  # The same for every size.
@@ -218,26 +234,13 @@ class Model(nn.Module):
 
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
     x_BLD = embed(tokens_BL)
+    table = lambda name, rows: layers.param_with_axes(
+      self, name, nn.initializers.normal(0.02), (rows, c.d_model), (None, 'embed'), pdt
+    ).astype(dt)
     if c.positions == 'learned':
-      table_PD = layers.param_with_axes(
-        self,
-        'pos_embed',
-        nn.initializers.normal(0.02),
-        (c.max_len, c.d_model),
-        (None, 'embed'),
-        pdt,
-      )
-      x_BLD = x_BLD + jnp.take(table_PD, jnp.maximum(positions_BL, 0), axis=0).astype(dt)
-    if c.token_types:
-      types_TD = layers.param_with_axes(
-        self,
-        'type_embed',
-        nn.initializers.normal(0.02),
-        (c.token_types, c.d_model),
-        (None, 'embed'),
-        pdt,
-      )
-      x_BLD = x_BLD + types_TD[0].astype(dt)[None, None]
+      x_BLD = x_BLD + jnp.take(table('pos_embed', c.max_len), jnp.maximum(positions_BL, 0), axis=0)
+    if c.token_types:  # Every token is of type 0.
+      x_BLD = x_BLD + table('type_embed', c.token_types)[0][None, None]
     if c.embed_norm:
       x_BLD = layers.NORMS[c.norm](c.norm_eps, dt, pdt, name='embed_norm')(x_BLD)
     x_BLD = constrain(x_BLD, layers.BLD)

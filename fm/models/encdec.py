@@ -17,19 +17,9 @@ from fm.models import decoder, layers
 from fm.sharding import constrain
 
 Config = decoder.Config
-# Fields of the decoder's Config that these blocks do not read, with the values they compute.
-DECODER_ONLY = dict(
-  norm='rms',
-  mlp='swiglu',
-  positions='rope',
-  bias=False,
-  qkv_bias=False,
-  rope_scaling=(),
-  norm_position='pre',
-  embed_norm=False,
-  token_types=0,
-  mlm_head=False,
-)
+# The decoder's published-architecture fields, which these blocks do not read: they compute
+# the defaults.
+DECODER_ONLY = {k: decoder.DEFAULTS[k] for k in decoder.ARCHITECTURE}
 VARIANTS = {
   **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},
   # T5 1.1 base shape (gated MLP), for planning.

@@ -337,7 +337,7 @@ def _imported_backbone(config):
   """A fine-tuning config whose backbone is a Hugging Face model (`pretrained.hf`) as the
   pretraining config fm.plan compiles: the imported model's own config (fm/convert), trained
   with the run's batch, rows, mesh, optimizer and steps, the cost of full fine-tuning."""
-  from fm import configs, convert
+  from fm import configs, convert, registry, tasks
 
   if not config.pretrained.hf:
     raise ConfigError(
@@ -348,7 +348,8 @@ def _imported_backbone(config):
   backbone = convert.run_config(config.pretrained.hf, 'config.pretrained.hf').to_dict()
   for section in ('train', 'optim', 'mesh', 'sharding'):
     backbone[section] = config[section].to_dict()
-  backbone['data']['seq_len'] = config.data.seq_len
+  # The task's rows (an encoder-decoder's source and target side by side: as many tokens).
+  backbone['data']['seq_len'] = tasks.kind_of(registry.get('tasks', config.task)).row_length(config)
   return configs.resolve(backbone)
 
 
@@ -393,8 +394,9 @@ def plan(config, topology: Topology, devices: list) -> dict:
       window, np.random.default_rng(0)
     )
   tx = optim.make(config.optim, config.train.steps)
-  sample = tuple(
-    jax.ShapeDtypeStruct(x.shape, x.dtype) for x in train.sample_inputs(module, model_cfg, B, L)
+  sample = tuple(  # (An encoder-decoder's segment ids are None: all real.)
+    x if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
+    for x in train.sample_inputs(module, model_cfg, B, L)
   )
   # The training run's own jitted step, built outside the target's mesh (no array may land on
   # its devices) and lowered inside it. The second init trace names the params' logical axes.

@@ -20,7 +20,7 @@ from fm.models import decoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / 'tests' / 'fixtures' / 'hf'
-NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3', 'gpt2', 'bert')
+NAMES = ('llama', 'llama-tied', 'qwen2', 'llama3', 'gpt2', 'bert', 't5', 't5-tied')
 
 
 def restored(ckpt):
@@ -38,7 +38,14 @@ def imported(tmp_path_factory):
 def test_imported_logits_and_greedy_ids_match_transformers(imported, name):
   reference = np.load(FIXTURES / name / 'reference.npz')
   model, params = restored(imported[name])
-  logits = model.apply(params, jnp.asarray(reference['inputs']))
+  inputs = jnp.asarray(reference['inputs'])
+  family = 'encdec' if 'decoder_inputs' in reference else 'decoder'
+  if family == 'encdec':  # The encoder's output too.
+    logits = model.apply(params, inputs, jnp.asarray(reference['decoder_inputs']))
+    encoded = model.apply(params, inputs, encode_only=True)
+    np.testing.assert_allclose(encoded, reference['hidden'], atol=1e-4, rtol=0)
+  else:
+    logits = model.apply(params, inputs)
   np.testing.assert_allclose(logits, reference['logits'], atol=1e-4, rtol=0)
   if 'generated' not in reference:  # An encoder: its final hidden states too.
     _, states = model.apply(
@@ -49,7 +56,7 @@ def test_imported_logits_and_greedy_ids_match_transformers(imported, name):
     return
   prompt = jnp.asarray(reference['prompt'])
   new = reference['generated'].shape[1] - prompt.shape[1]
-  ids = decoding.greedy('decoder', model.model_cfg, params, prompt, jnp.ones_like(prompt), new)
+  ids = decoding.greedy(family, model.model_cfg, params, prompt, jnp.ones_like(prompt), new)
   np.testing.assert_array_equal(ids, reference['generated'][:, prompt.shape[1] :])
 
 
@@ -114,7 +121,7 @@ def test_bad_input_is_one_sentence(tmp_path):
   (hf / 'config.json').write_text(json.dumps({**config, 'model_type': 'mamba'}))
   with pytest.raises(
     ConfigError,
-    match=r"model_type 'mamba' is not supported; fm converts bert, gpt2, llama, mistral, qwen2.",
+    match=r"model_type 'mamba' is not supported; fm converts bert, gpt2, llama, mistral, qwen2, t5.",
   ):
     convert.import_hf(hf, tmp_path / 'out')
   (hf / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 100}))

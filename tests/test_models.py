@@ -1,5 +1,6 @@
 """Model shapes, finiteness, causality and packing isolation (checked through gradients)."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -252,3 +253,24 @@ def test_architecture_fields(fields):
     ConfigError, match=r"config.model.norm='batch' is unknown; choose one of: rms"
   ):
     decoder.Config(norm='batch')
+
+
+def test_t5_fields_of_the_encoder_decoder():
+  """Relative attention bias, GEGLU, unscaled logits and an untied head: param_count agrees
+  with the init, the model runs finite; a decoder refuses relative positions and the
+  encoder-decoder names the choices it computes."""
+  fields = dict(positions='relative', mlp='geglu', attention_scale=1.0, tie_embeddings=False)
+  cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], **fields, 'relative_buckets': 8})
+  tokens = jnp.ones((2, 16), jnp.int32)
+  params = encdec.Model(cfg).init(jax.random.key(0), tokens, tokens)
+  assert set(params['params']) >= {'encoder_relative', 'decoder_relative', 'lm_head'}
+  assert sum(x.size for x in jax.tree.leaves(params)) == encdec.param_count(cfg)['total']
+  assert np.isfinite(np.asarray(encdec.Model(cfg).apply(params, tokens, tokens))).all()
+  with pytest.raises(ConfigError, match=r"config.model.positions='relative' \(T5's relative"):
+    decoder.Model(cfg).init(jax.random.key(0), tokens)
+  with pytest.raises(
+    ConfigError,
+    match=r"config.model.mlp='gelu' is not computed by the encoder-decoder; choose one of: "
+    r'swiglu, geglu.',
+  ):
+    encdec.Model(dataclasses.replace(cfg, mlp='gelu')).init(jax.random.key(0), tokens, tokens)

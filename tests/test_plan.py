@@ -185,9 +185,13 @@ def test_plan_for_a_small_tpu_slice(tmp_path):
 
 def test_plan_of_a_published_model():
   """A fine-tuning config with pretrained.hf plans the imported model's own shapes (GPT-2's
-  LayerNorm, learned positions, biases) at the run's batch and rows."""
+  LayerNorm, learned positions, biases; T5's relative bias and untied head) at the run's batch
+  and rows."""
   config = smoke_config('hf_sentiment')
   result = plan.plan(config, plan.parse_topology('cpu:8'), jax.devices()[:8])
   assert result['params'] == 86_208 and result['seq_len'] == 64 and result['global_batch'] == 8
+  # An imported T5 on a seq2seq task: its rows are the source and target lengths together.
+  result = plan.plan(smoke_config('hf_headline'), plan.parse_topology('cpu:8'), jax.devices()[:8])
+  assert result['params'] == 181_056 and result['seq_len'] == 48 + 16 and result['fits']
   with pytest.raises(ConfigError, match=r'or give config.pretrained.hf to plan a published model'):
     plan.plan(smoke_config('transfer_sentiment'), plan.parse_topology('cpu:8'), jax.devices()[:8])

@@ -13,7 +13,7 @@ one. `export` writes a checkpoint (a workdir's newest, or one directory) in HF l
 config.json and float32 safetensors shards with their index. Both write under a temporary name
 and rename when whole.
 
-Each family is mapped in one module of this package (llama.py, gpt2.py, bert.py: MODEL_TYPES,
+Each family is mapped in one module of this package (llama.py, gpt2.py, bert.py, t5.py: MODEL_TYPES,
 FAMILY, OBJECTIVE, `config`, `hf_config`, `exports`, `exported`, `tensors`); this module only
 reads, reshapes, splits fused tensors and writes.
 """
@@ -30,9 +30,9 @@ import sys
 import numpy as np
 
 from fm import ConfigError
-from fm.convert import bert, gpt2, llama
+from fm.convert import bert, gpt2, llama, t5
 
-FAMILIES = (llama, gpt2, bert)
+FAMILIES = (llama, gpt2, bert, t5)
 MODEL_TYPES = {kind: family for family in FAMILIES for kind in family.MODEL_TYPES}
 
 

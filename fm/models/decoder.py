@@ -57,7 +57,7 @@ VARIANTS = {
 
 
 POOL = 'last'  # The last real token has read the whole text.
-POSITIONS = ('rope', 'learned')
+POSITIONS = ('rope', 'learned', 'relative')  # relative: T5's bias (the encoder-decoder's).
 SEQ2SEQ = 'prefix_lm'  # Reads the source as a bidirectional prefix, then writes the target.
 
 
@@ -78,8 +78,13 @@ class Config:
   # Llama 3.1 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original_max_len).
   rope_scaling: tuple[float, ...] = ()
   norm: str = 'rms'  # 'rms' (RMSNorm) or 'layer' (LayerNorm with a bias: GPT-2).
-  mlp: str = 'swiglu'  # 'swiglu', or 'gelu_tanh' / 'gelu': up, GELU, down with biases (GPT-2).
-  positions: str = 'rope'  # 'rope', or 'learned': an embedding per position added (GPT-2).
+  mlp: str = 'swiglu'  # 'swiglu', 'geglu' (T5 1.1), or 'gelu_tanh' / 'gelu': up, GELU, down
+  # with biases (GPT-2, BERT).
+  positions: str = 'rope'  # 'rope', 'learned': an embedding per position added (GPT-2), or
+  # 'relative': T5's bias per head and offset bucket on self-attention's logits (encoder-decoder).
+  relative_buckets: int = 32  # With positions='relative': T5's buckets and largest distance.
+  relative_max_distance: int = 128
+  attention_scale: float = 0.0  # Of the query-key logits; 0: head_dim**-0.5 (T5: 1.0).
   bias: bool = False  # Biases on the query, key, value and output projections (GPT-2).
   norm_position: str = 'pre'  # 'pre' (norm, sublayer, add) or 'post' (add, then norm: BERT).
   embed_norm: bool = False  # A norm after the embeddings (BERT).
@@ -132,6 +137,9 @@ ARCHITECTURE = (
   'embed_norm',
   'token_types',
   'mlm_head',
+  'relative_buckets',
+  'relative_max_distance',
+  'attention_scale',
 )
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config)}
 
@@ -152,7 +160,7 @@ def param_count(model_cfg: Config) -> dict[str, int]:
   D, F, K = c.d_model, c.mlp_dim, c.head_dim
   attn = D * K * (2 * c.num_heads + 2 * c.num_kv_heads)
   attn += K * (c.num_heads + 2 * c.num_kv_heads) * (c.qkv_bias or c.bias) + D * c.bias
-  mlp = 3 * D * F if c.mlp == 'swiglu' else 2 * D * F + F + D
+  mlp = 3 * D * F if c.mlp in layers.GATED else 2 * D * F + F + D
   norm = D * (2 if c.norm == 'layer' else 1)
   block = attn + mlp + 2 * norm
   embed = c.vocab_size * D * (1 if c.tie_embeddings else 2)
@@ -169,7 +177,7 @@ def param_count(model_cfg: Config) -> dict[str, int]:
 def flops_per_token(model_cfg: Config, seq_len: int) -> float:
   """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores."""
   D, K, H = model_cfg.d_model, model_cfg.head_dim, model_cfg.num_heads
-  mlp = (3 if model_cfg.mlp == 'swiglu' else 2) * D * model_cfg.mlp_dim
+  mlp = (3 if model_cfg.mlp in layers.GATED else 2) * D * model_cfg.mlp_dim
   matmul = model_cfg.num_layers * (D * K * (2 * H + 2 * model_cfg.num_kv_heads) + mlp)
   matmul += model_cfg.vocab_size * D  # Output projection.
   attention = model_cfg.num_layers * 2 * H * K * seq_len  # QK^T and AV, causal half counted fully.
@@ -179,6 +187,7 @@ def flops_per_token(model_cfg: Config, seq_len: int) -> float:
 class Block(nn.Module):
   model_cfg: Config
   decode: bool = False  # Self-attention with a KV cache (see layers.Attention).
+  relative: nn.Module | None = None  # The stack's layers.RelativeBias (positions='relative').
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, mask_B1LS):
@@ -194,9 +203,10 @@ class Block(nn.Module):
       tuple(c.rope_scaling),
       c.positions == 'rope',
       c.bias,
+      c.attention_scale,
     )
     norm = lambda name: layers.NORMS[c.norm](c.norm_eps, dt, pdt, name=name)
-    attn = layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='attn')
+    attn = layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, self.relative, name='attn')
     mlp = layers.MLP(c.mlp_dim, dt, pdt, c.lora, c.mlp, name='mlp')
     if c.norm_position == 'post':
       x_BLD = norm('attn_norm')(x_BLD + attn(x_BLD, positions_BL, mask_B1LS))
@@ -220,6 +230,11 @@ class Model(nn.Module):
     (prefix LM); the rest stays causal. With `decode`, the tokens are appended to the KV cache
     (segment id 0 marks padding) and attend to everything cached before them."""
     c = self.model_cfg
+    if c.positions == 'relative':
+      raise ConfigError(
+        "config.model.positions='relative' (T5's relative attention bias) is computed by the "
+        "encoder-decoder (model.name='encdec'); a decoder or encoder takes rope or learned."
+      )
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)

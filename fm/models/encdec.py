@@ -1,4 +1,5 @@
-"""T5-style encoder-decoder: shared embeddings, rotary positions in self-attention.
+"""T5-style encoder-decoder: shared embeddings, rotary positions in self-attention (or T5's
+relative attention bias: positions='relative').
 
 The encoder is the decoder's block stack without the causal mask; each decoder layer adds
 cross-attention to the encoder output. Dimensions: B batch, S encoder length, L decoder length,
@@ -17,9 +18,13 @@ from fm.models import decoder, layers
 from fm.sharding import constrain
 
 Config = decoder.Config
-# The decoder's published-architecture fields, which these blocks do not read: they compute
-# the defaults.
-DECODER_ONLY = {k: decoder.DEFAULTS[k] for k in decoder.ARCHITECTURE}
+# The published-architecture fields these blocks read, with the choices they compute (T5 1.1:
+# relative positions, GEGLU, unscaled attention logits, an untied head).
+CHOICES = {'positions': ('rope', 'relative'), 'mlp': tuple(layers.GATED)}
+READS = ('relative_buckets', 'relative_max_distance', 'attention_scale', *CHOICES)
+# The decoder's other published-architecture fields, which these blocks do not read: they
+# compute the defaults.
+DECODER_ONLY = {k: decoder.DEFAULTS[k] for k in decoder.ARCHITECTURE if k not in READS}
 VARIANTS = {
   **{k: decoder.VARIANTS[k] for k in ('tiny', 'mini', 'small')},
   # T5 1.1 base shape (gated MLP), for planning.
@@ -51,11 +56,13 @@ def inputs(model_cfg: Config, tokens_BL, segment_ids_BL=None, positions_BL=None)
 
 def param_count(model_cfg: Config) -> dict[str, int]:
   """num_layers encoder blocks, num_layers decoder blocks (with cross-attention), tied embed."""
-  D, K = model_cfg.d_model, model_cfg.head_dim
-  attn = D * K * (2 * model_cfg.num_heads + 2 * model_cfg.num_kv_heads)
-  block = attn + 3 * D * model_cfg.mlp_dim + 2 * D
-  layers_total = model_cfg.num_layers * (2 * block + attn + D)
-  embed = model_cfg.vocab_size * D
+  c = model_cfg
+  D, K = c.d_model, c.head_dim
+  attn = D * K * (2 * c.num_heads + 2 * c.num_kv_heads)
+  block = attn + 3 * D * c.mlp_dim + 2 * D
+  layers_total = c.num_layers * (2 * block + attn + D)
+  layers_total += 2 * c.relative_buckets * c.num_heads * (c.positions == 'relative')
+  embed = c.vocab_size * D * (1 if c.tie_embeddings else 2)
   return {
     'total': layers_total + embed + 2 * D,
     'non_embedding': layers_total + 2 * D,
@@ -73,24 +80,32 @@ def flops_per_token(model_cfg: Config, seq_len: int) -> float:
 class DecoderBlock(nn.Module):
   model_cfg: Config
   decode: bool = False  # Self-attention with a KV cache (see layers.Attention).
+  relative: nn.Module | None = None  # The decoder stack's layers.RelativeBias.
 
   @nn.compact
   def __call__(self, y_BLD, positions_BL, self_mask_B1LL, enc_BSD, cross_mask_B1LS):
     c = self.model_cfg
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     attn_cfg = layers.AttentionConfig(
-      c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.attention_impl
+      c.num_heads,
+      c.num_kv_heads,
+      c.head_dim,
+      c.rope_theta,
+      c.attention_impl,
+      rope=c.positions == 'rope',
+      scale=c.attention_scale,
+    )
+    self_attn = layers.Attention(
+      attn_cfg, dt, pdt, c.lora, self.decode, self.relative, name='self_attn'
     )
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='self_norm')(y_BLD)
-    y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, self.decode, name='self_attn')(
-      h, positions_BL, self_mask_B1LL
-    )
+    y_BLD = y_BLD + self_attn(h, positions_BL, self_mask_B1LL)
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='cross_norm')(y_BLD)
     y_BLD = y_BLD + layers.Attention(attn_cfg, dt, pdt, c.lora, name='cross_attn')(
       h, positions_BL, cross_mask_B1LS, kv_BSD=enc_BSD
     )
     h = layers.RMSNorm(c.norm_eps, dt, pdt, name='mlp_norm')(y_BLD)
-    y_BLD = y_BLD + layers.SwiGLU(c.mlp_dim, dt, pdt, c.lora, name='mlp')(h)
+    y_BLD = y_BLD + layers.MLP(c.mlp_dim, dt, pdt, c.lora, c.mlp, name='mlp')(h)
     return constrain(y_BLD, layers.BLD)
 
 
@@ -120,17 +135,33 @@ class Model(nn.Module):
           f'config.model.{name}={getattr(c, name)!r} is a decoder option the encoder-decoder does '
           f'not compute; leave it at {default!r}.'
         )
+    for name, choices in CHOICES.items():
+      if getattr(c, name) not in choices:
+        raise ConfigError(
+          f'config.model.{name}={getattr(c, name)!r} is not computed by the encoder-decoder; '
+          f'choose one of: {", ".join(choices)}.'
+        )
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     input_seg_BS = jnp.ones_like(inputs_BS) if input_seg_BS is None else input_seg_BS
     positions = lambda t: jnp.broadcast_to(jnp.arange(t.shape[1]), t.shape)
     embed = layers.Embed(c.vocab_size, c.d_model, dt, pdt, name='embed')
+    relative = lambda bidirectional, name: (
+      layers.RelativeBias(
+        c.num_heads, c.relative_buckets, c.relative_max_distance, bidirectional, pdt, name=name
+      )
+      if c.positions == 'relative'
+      else None
+    )
 
     enc_BSD = encoded_BSD
     if enc_BSD is None:
       x_BSD = constrain(embed(inputs_BS), layers.BLD)
       enc_mask = layers.attention_mask(input_seg_BS, causal=False)
+      encoder_relative = relative(True, 'encoder_relative')
       for i in range(c.num_layers):
-        x_BSD = decoder.Block(c, name=f'encoder_{i}')(x_BSD, positions(inputs_BS), enc_mask)
+        x_BSD = decoder.Block(c, relative=encoder_relative, name=f'encoder_{i}')(
+          x_BSD, positions(inputs_BS), enc_mask
+        )
       enc_BSD = layers.RMSNorm(c.norm_eps, dt, pdt, name='encoder_norm')(x_BSD)
     if c.num_classes:
       return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(enc_BSD, input_seg_BS)
@@ -153,10 +184,22 @@ class Model(nn.Module):
       dec_positions = jnp.broadcast_to(
         start + jnp.arange(decoder_in_BL.shape[1]), decoder_in_BL.shape
       )
+    decoder_relative = relative(False, 'decoder_relative')
     for i in range(c.num_layers):
-      y_BLD = DecoderBlock(c, self.decode, name=f'decoder_{i}')(
+      y_BLD = DecoderBlock(c, self.decode, decoder_relative, name=f'decoder_{i}')(
         y_BLD, dec_positions, self_mask, enc_BSD, cross_mask
       )
     y_BLD = layers.RMSNorm(c.norm_eps, dt, pdt, name='decoder_norm')(y_BLD)
-    logits_BLV = embed.attend(y_BLD) * (c.d_model**-0.5)
+    if c.tie_embeddings:  # Scaled as T5's tied head is.
+      logits_BLV = embed.attend(y_BLD) * (c.d_model**-0.5 if c.scale_tied_logits else 1.0)
+    else:
+      w_DV = layers.param_with_axes(
+        self,
+        'lm_head',
+        layers.dense_init(c.d_model),
+        (c.d_model, c.vocab_size),
+        ('embed', 'vocab'),
+        pdt,
+      )
+      logits_BLV = jnp.einsum('BLD,DV->BLV', y_BLD, w_DV.astype(dt))
     return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

@@ -264,6 +264,56 @@ class AttentionConfig:
   rope_scaling: tuple = ()  # (factor, low_freq_factor, high_freq_factor, original_max_len).
   rope: bool = True  # False: positions come from elsewhere (learned embeddings).
   out_bias: bool = False  # A bias on the output projection.
+  scale: float = 0.0  # Of the query-key logits; 0: head_dim**-0.5 (T5: 1, folded into the init).
+
+
+def relative_bucket(relative_BLS: jax.Array, bidirectional: bool, buckets: int, max_distance: int):
+  """T5's bucket of each key-minus-query offset: half the buckets exact for small offsets, the
+  rest logarithmic up to max_distance (beyond it, the last bucket); bidirectional splits them
+  between keys before and after the query, else keys after the query share bucket 0."""
+  out = jnp.zeros_like(relative_BLS)
+  if bidirectional:
+    buckets //= 2
+    out = out + (relative_BLS > 0).astype(relative_BLS.dtype) * buckets
+    distance = jnp.abs(relative_BLS)
+  else:
+    distance = -jnp.minimum(relative_BLS, 0)
+  exact = buckets // 2
+  log_ratio = jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / math.log(
+    max_distance / exact
+  )
+  large = exact + (log_ratio * (buckets - exact)).astype(relative_BLS.dtype)
+  large = jnp.minimum(large, buckets - 1)
+  return out + jnp.where(distance < exact, distance, large)
+
+
+class RelativeBias(nn.Module):
+  """T5's relative attention bias: a learned scalar per head and offset bucket, added to the
+  attention logits; one table shared by every layer of a stack."""
+
+  num_heads: int
+  buckets: int = 32
+  max_distance: int = 128
+  bidirectional: bool = True
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query_positions_BL: jax.Array, key_positions_BS: jax.Array) -> jax.Array:
+    """The (B, H, L, S) float32 bias of each query over each key."""
+    table_RH = param_with_axes(
+      self,
+      'embedding',
+      nn.initializers.normal(1.0),
+      (self.buckets, self.num_heads),
+      (None, 'heads'),
+      self.param_dtype,
+    )
+    relative_BLS = key_positions_BS[:, None, :] - query_positions_BL[:, :, None]
+    bucket_BLS = relative_bucket(
+      relative_BLS.astype(jnp.int32), self.bidirectional, self.buckets, self.max_distance
+    )
+    bias_BLSH = jnp.take(table_RH.astype(jnp.float32), bucket_BLS, axis=0)
+    return jnp.transpose(bias_BLSH, (0, 3, 1, 2))
 
 
 class Attention(nn.Module):
@@ -277,6 +327,10 @@ class Attention(nn.Module):
   its new keys and values at the cache index and attends to everything cached so far, causally.
   In decode mode padding tokens carry position -1, and `mask_B1LS` (None, or a mask among the
   new tokens) adds pairs beyond the causal ones: a prefix LM's prompt read bidirectionally.
+
+  `relative` (a RelativeBias its parent owns, shared by the layers) adds T5's bias of each
+  query position over each key position (cached keys: positions 0 to the cache length) to
+  self-attention's logits.
   """
 
   attn_cfg: AttentionConfig
@@ -284,6 +338,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
   lora: LoRA | None = None
   decode: bool = False
+  relative: nn.Module | None = None
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, mask_B1LS, kv_BSD=None):
@@ -315,8 +370,21 @@ class Attention(nn.Module):
     v_BSGK = constrain(v_BSGK, ('act_batch', 'act_length', 'act_kv_heads', None))
     if self.decode and not cross:
       k_BSGK, v_BSGK, mask_B1LS = self._cached(k_BSGK, v_BSGK, positions_BL >= 0, mask_B1LS)
+    bias_BHLS = None
+    if self.relative is not None and not cross:
+      key_positions_BS = positions_BL
+      if self.decode:  # The cache's keys: positions 0 to its length.
+        S = k_BSGK.shape[1]
+        key_positions_BS = jnp.broadcast_to(jnp.arange(S), (positions_BL.shape[0], S))
+      bias_BHLS = self.relative(positions_BL, key_positions_BS).astype(q_BLHK.dtype)
     out_BLHK = jax.nn.dot_product_attention(
-      q_BLHK, k_BSGK, v_BSGK, mask=mask_B1LS, implementation=c.implementation
+      q_BLHK,
+      k_BSGK,
+      v_BSGK,
+      bias=bias_BHLS,
+      mask=mask_B1LS,
+      scale=c.scale or None,
+      implementation=c.implementation,
     )
     out_BLD = jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
     if c.out_bias:
@@ -358,8 +426,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU (`kind` 'swiglu': gate, up, down; Llama), or up, GELU, down with biases ('gelu_tanh',
-  its tanh approximation: GPT-2; 'gelu', exact: BERT)."""
+  """SwiGLU (`kind` 'swiglu': gate, up, down; Llama), GEGLU ('geglu': the gate through GELU's
+  tanh approximation; T5 1.1), or up, GELU, down with biases ('gelu_tanh', its tanh
+  approximation: GPT-2; 'gelu', exact: BERT)."""
 
   mlp_dim: int
   dtype: Dtype = jnp.float32
@@ -374,19 +443,21 @@ class MLP(nn.Module):
       self, name, shape, axes, 1, self.dtype, self.param_dtype, self.lora
     )
     b = lambda name, n, axis: bias(self, name, (n,), (axis,), self.param_dtype).astype(self.dtype)
-    if self.kind == 'swiglu':
+    gated = self.kind in GATED
+    if gated:
       gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp')))
       up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
-      h_BLF = nn.silu(gate_BLF) * up_BLF
+      h_BLF = GATED[self.kind](gate_BLF) * up_BLF
     else:
       up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
       h_BLF = nn.gelu(up_BLF + b('up_bias', F, 'mlp')[None, None], self.kind == 'gelu_tanh')
     h_BLF = constrain(h_BLF, ('act_batch', 'act_length', 'act_mlp'))
     out_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
-    return out_BLD if self.kind == 'swiglu' else out_BLD + b('down_bias', D, 'embed')[None, None]
+    return out_BLD if gated else out_BLD + b('down_bias', D, 'embed')[None, None]
 
 
 SwiGLU = MLP
+GATED = {'swiglu': nn.silu, 'geglu': functools.partial(nn.gelu, approximate=True)}
 
 
 class MLMTransform(nn.Module):
@@ -411,7 +482,7 @@ class MLMTransform(nn.Module):
     return NORMS[self.norm](self.eps, self.dtype, self.param_dtype, name='norm')(h_BLE)
 
 
-MLPS = ('swiglu', 'gelu_tanh', 'gelu')
+MLPS = ('swiglu', 'geglu', 'gelu_tanh', 'gelu')
 
 
 REMAT_POLICIES = {

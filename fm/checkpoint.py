@@ -303,10 +303,13 @@ def inspect(path: str) -> str:
   params = param_metadata(ckpt)
   total = sum(int(np.prod(v.shape)) for v in params.values())
   run = meta.get('config', {})
+  # An imported checkpoint (fm/convert) has the family, the model's fields and the source.
+  model = run.get('model') or {'name': meta.get('family'), **meta.get('model', {})}
   lines = [
     f'checkpoint {ckpt}',
     f'step {ckpt.name}',
-    f'model {run.get("model", {})}',
+    *([f'imported from {meta["source"]["hf"]}'] if meta.get('source') else []),
+    f'model {model}',
     f'objective {run.get("objective")}',
     f'data {run.get("data", {}).get("dataset")}  tokenizer {meta.get("tokenizer")}',
     f'params {total:,} in {len(params)} arrays',

@@ -19,6 +19,7 @@ import numpy as np
 
 from fm import ConfigError
 
+AXES = ('data', 'fsdp', 'sequence', 'tensor')  # The mesh axes the rules below name.
 # Logical name -> mesh axes. Params use the model's names; activations use `act_*` names so
 # that the batch can take (data, fsdp) while weights take fsdp on their embed dimension.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (

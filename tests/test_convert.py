@@ -133,10 +133,57 @@ def test_bad_input_is_one_sentence(tmp_path):
     convert.import_hf(hf, tmp_path / 'out')
   (hf / 'config.json').write_text(json.dumps(config))
   shard = sorted(hf.glob('model-*.safetensors'))[1]
+  data = shard.read_bytes()
+  shard.write_bytes(data[:-100])
+  with pytest.raises(ConfigError, match=rf'{shard} ends inside tensor .*: the file is truncated'):
+    convert.import_hf(hf, tmp_path / 'out')
   shard.unlink()
   with pytest.raises(ConfigError, match=rf'{shard.name} is missing \(model.safetensors.index.json'):
     convert.import_hf(hf, tmp_path / 'out')
   assert not (tmp_path / 'out').exists() and not list(tmp_path.glob('.out.*'))
+  with pytest.raises(ConfigError, match=r'--mesh names model; the axes are data, fsdp, sequence'):
+    convert.parse_mesh('fsdp=2,model=4')
+  with pytest.raises(ConfigError, match=r"--mesh 'fsdp' is not a list of axis=size"):
+    convert.parse_mesh('fsdp')
+
+
+def test_import_streams_onto_a_mesh(tmp_path, monkeypatch):
+  """Each tensor is written before the next is read (with no buffer, no array read earlier is
+  alive when one is read), sharded for --mesh as the trainer's rules place it, in its
+  published dtype (bfloat16 here), and restores onto one device as the same values."""
+  import weakref
+
+  import ml_dtypes
+  import safetensors.numpy
+
+  hf = copy_fixture(tmp_path)
+  for shard in hf.glob('model-*.safetensors'):
+    tensors = safetensors.numpy.load_file(str(shard))
+    half = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    safetensors.numpy.save_file(half, str(shard), metadata={'format': 'pt'})
+  read, get = [], convert.Reader.get
+
+  def tracked(reader, name):
+    assert not [r for r in read if r() is not None], f'an earlier tensor is alive reading {name}'
+    array = get(reader, name)
+    read.append(weakref.ref(array))
+    return array
+
+  monkeypatch.setattr(convert.Reader, 'get', tracked)
+  monkeypatch.setattr(convert, 'BUFFER_BYTES', 0)
+  mesh = convert.parse_mesh('fsdp=4,tensor=2')
+  ckpt = convert.import_hf(hf, tmp_path / 'w', mesh=mesh)
+  assert len(read) == len(convert.Reader(hf).weight_map)
+  saved = ocp.PyTreeCheckpointHandler().metadata(ckpt / 'state').tree['params']['params']
+  query = saved['layer_0']['attn']['query']
+  assert query.dtype == ml_dtypes.bfloat16
+  assert tuple(query.sharding.partition_spec) == ('fsdp', 'tensor', None)
+  assert dict(zip(query.sharding.axis_names, query.sharding.shape))['fsdp'] == 4
+  model, params = restored(ckpt)
+  want = convert.Reader(hf).get('model.layers.0.self_attn.q_proj.weight').astype(np.float32)
+  got = params['params']['layer_0']['attn']['query']
+  assert got.dtype == jnp.float32
+  np.testing.assert_array_equal(got.reshape(got.shape[0], -1), want.T)
 
 
 def test_the_command_refuses_an_existing_target(tmp_path):

@@ -1,11 +1,13 @@
 """Published models in and out: Hugging Face checkpoints <-> fm checkpoints.
 
-  python -m fm.convert import HF_DIR WORKDIR [--overwrite]
+  python -m fm.convert import HF_DIR WORKDIR [--overwrite] [--mesh fsdp=8]
   python -m fm.convert export CHECKPOINT HF_DIR [--overwrite] [--shard_mb 2048]
 
 `import` reads an HF directory (config.json and model.safetensors, or the shards its
-model.safetensors.index.json names), one tensor at a time, and writes WORKDIR/checkpoints/0 (the
-params as an orbax PyTree, the model's fields, the source and the tokenizer's identity in meta)
+model.safetensors.index.json names) one tensor at a time, each placed on `--mesh` and added to
+the checkpoint before the next is read (host memory holds about one tensor), and writes
+WORKDIR/checkpoints/0 (the params as an orbax PyTree, sharded for the mesh, in their published
+dtype; the model's fields, the source and the tokenizer's identity in meta)
 and the tokenizer's files into WORKDIR/tokenizer (--config.data.tokenizer.kind=hf
 --config.data.tokenizer.model=WORKDIR/tokenizer): a checkpoint that
 `init.from_checkpoint`, `python -m fm.checkpoint inspect` and decoding read like a pretrained
@@ -20,6 +22,7 @@ reads, reshapes, splits fused tensors and writes.
 
 import argparse
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -45,8 +48,28 @@ def family_of_type(model_type: str, where: str):
   return MODEL_TYPES[model_type]
 
 
+# safetensors' dtype names (its header's "dtype") -> numpy's.
+DTYPES = {
+  'F64': 'float64',
+  'F32': 'float32',
+  'F16': 'float16',
+  'BF16': 'bfloat16',
+  'I64': 'int64',
+  'I32': 'int32',
+  'I16': 'int16',
+  'I8': 'int8',
+  'U8': 'uint8',
+  'BOOL': 'bool',
+}
+
+
 class Reader:
-  """The tensors of an HF directory, each read from its safetensors shard when asked for."""
+  """The tensors of an HF directory, each read from its safetensors shard when asked for.
+
+  A shard is an 8-byte little-endian header length, a JSON header (per tensor its dtype,
+  shape and byte range after the header) and the tensors' bytes. A tensor is read with plain
+  file reads into its own array, not through a memory map, whose pages would stay resident
+  while the shard is open: host memory holds the tensor asked for and nothing else."""
 
   def __init__(self, directory: str | pathlib.Path):
     self.directory = pathlib.Path(directory).expanduser().absolute()
@@ -59,20 +82,30 @@ class Reader:
     if index.is_file():
       self.weight_map = json.loads(index.read_text())['weight_map']
     elif single.is_file():
-      self.weight_map = dict.fromkeys(self._open(single).keys(), single.name)
+      self.weight_map = dict.fromkeys(self._header(single)[0], single.name)
     else:
       raise ConfigError(
         f'{self.directory} has neither model.safetensors nor model.safetensors.index.json; '
         f'fm reads safetensors checkpoints.'
       )
-    self.shard = (None, None)  # (path, handle): one shard open at a time.
+    self.headers = {}  # Shard name -> (its tensors' entries, where their bytes start).
 
-  def _open(self, path: pathlib.Path):
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework='numpy')
+  def _header(self, path: pathlib.Path) -> tuple[dict, int]:
+    with open(path, 'rb') as f:
+      head = f.read(8)
+      size = int.from_bytes(head, 'little') if len(head) == 8 else -1
+      try:
+        header = json.loads(f.read(size)) if 0 < size < 1 << 30 else None
+      except ValueError:
+        header = None
+    if not isinstance(header, dict):
+      raise ConfigError(f'{path} is not a safetensors file (its header does not parse).')
+    header.pop('__metadata__', None)
+    return header, 8 + size
 
   def get(self, name: str) -> np.ndarray:
+    import ml_dtypes  # noqa: F401  (numpy's bfloat16)
+
     if name not in self.weight_map:  # Older BERT files name LayerNorm params gamma and beta.
       legacy = name.replace('LayerNorm.weight', 'LayerNorm.gamma').replace(
         'LayerNorm.bias', 'LayerNorm.beta'
@@ -80,14 +113,32 @@ class Reader:
       name = legacy if legacy in self.weight_map else name
     if name not in self.weight_map:
       raise ConfigError(f'{self.directory} has no tensor {name}; is it a complete checkpoint?')
-    path = self.directory / self.weight_map[name]
-    if self.shard[0] != path:
-      if not path.is_file():
-        raise ConfigError(
-          f'{path} is missing (model.safetensors.index.json puts {name} there); download it.'
-        )
-      self.shard = (path, self._open(path))
-    return self.shard[1].get_tensor(name)
+    shard = self.weight_map[name]
+    path = self.directory / shard
+    if not path.is_file():
+      raise ConfigError(
+        f'{path} is missing (model.safetensors.index.json puts {name} there); download it.'
+      )
+    if shard not in self.headers:
+      self.headers[shard] = self._header(path)
+    header, data = self.headers[shard]
+    entry = header.get(name) or {}
+    if entry.get('dtype') not in DTYPES:
+      raise ConfigError(
+        f'{path} holds no tensor {name} of a dtype fm reads '
+        f'({entry.get("dtype") or "absent"}); the index and the shard do not match.'
+      )
+    begin, end = entry['data_offsets']
+    array = np.empty(entry['shape'], np.dtype(DTYPES[entry['dtype']]))
+    if array.nbytes != end - begin:
+      raise ConfigError(
+        f'{path}: tensor {name} has {end - begin} bytes for shape {entry["shape"]}.'
+      )
+    with open(path, 'rb') as f:
+      f.seek(data + begin)
+      if f.readinto(array.reshape(-1).view(np.uint8)) != array.nbytes:
+        raise ConfigError(f'{path} ends inside tensor {name}: the file is truncated; download it.')
+    return array
 
 
 def _entry(entry: tuple) -> tuple[tuple[str, ...], str, int, bool]:
@@ -141,19 +192,51 @@ def _nest(flat: dict[str, np.ndarray]) -> dict:
   return tree
 
 
-def _shapes(model_family, model_cfg) -> dict[str, tuple[int, ...]]:
-  """fm param path -> shape, from the model's abstract init."""
+def _abstract(model_family, model_cfg, mesh=None) -> dict[str, tuple]:
+  """fm param path -> (shape, sharding on `mesh` by the default rules), from the model's
+  abstract init."""
   import jax
   import jax.numpy as jnp
 
   from fm import sharding
   from fm.checkpoint import key_name
 
+  mesh = mesh or sharding.local_mesh()
   sample = model_family.inputs(model_cfg, jnp.zeros((1, 8), jnp.int32))
-  abstract = jax.eval_shape(model_family.Model(model_cfg).init, jax.random.key(0), *sample)
-  params = sharding.unbox(abstract)['params']
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {key_name(path): tuple(leaf.shape) for path, leaf in flat}
+  with sharding.use(mesh, sharding.DEFAULT_RULES):
+    boxed = jax.eval_shape(model_family.Model(model_cfg).init, jax.random.key(0), *sample)
+    shardings = sharding.tree_shardings(boxed, mesh, sharding.DEFAULT_RULES)['params']
+  flat = jax.tree_util.tree_flatten_with_path(sharding.unbox(boxed)['params'])[0]
+  placed = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])
+  return {key_name(path): (tuple(leaf.shape), placed[path]) for path, leaf in flat}
+
+
+def parse_mesh(text: str):
+  """`--mesh data=1,fsdp=4,tensor=2` (the trainer's config.mesh axes, 1 where not given; one
+  may be -1) -> a mesh of this process's devices."""
+  import jax
+  import ml_collections
+
+  from fm import sharding
+
+  try:
+    axes = {k.strip(): int(v) for k, v in (part.split('=') for part in text.split(','))}
+  except ValueError:
+    raise ConfigError(
+      f'--mesh {text!r} is not a list of axis=size; give e.g. --mesh fsdp=4,tensor=2.'
+    ) from None
+  unknown = sorted(set(axes) - set(sharding.AXES))
+  if unknown:
+    raise ConfigError(
+      f'--mesh names {", ".join(unknown)}; the axes are {", ".join(sharding.AXES)}.'
+    )
+  try:
+    mesh_cfg = ml_collections.ConfigDict({**dict.fromkeys(sharding.AXES, 1), **axes})
+    return sharding.make_mesh(mesh_cfg, jax.local_devices())
+  except ConfigError as e:
+    raise ConfigError(
+      str(e).replace('config.mesh.', '--mesh ').replace('config.mesh', '--mesh')
+    ) from None
 
 
 def _target(path: str | pathlib.Path, overwrite: bool, key: str) -> pathlib.Path:
@@ -192,9 +275,20 @@ def _tokenizer(directory: pathlib.Path, vocab_size: int):
   return tok
 
 
-def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> pathlib.Path:
-  """Converts an HF directory into WORKDIR/checkpoints/0; returns that checkpoint directory."""
-  import orbax.checkpoint as ocp
+FLOATS = ('float32', 'bfloat16', 'float16')  # Kept as published; anything else -> float32.
+# Small tensors are written together, up to this many bytes besides the one being read.
+BUFFER_BYTES = 64 << 20
+
+
+def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh=None) -> pathlib.Path:
+  """Converts an HF directory into WORKDIR/checkpoints/0; returns that checkpoint directory.
+
+  Streams: each tensor is read from its shard, reshaped, placed on `mesh` (a jax Mesh of this
+  process's devices, default one device) with the params' own shardings, and added to the
+  checkpoint (orbax's partial save), before the next is read; host memory holds about one
+  tensor. Tensors keep their published float dtype (a run restores them into its own)."""
+  import jax
+  from orbax.checkpoint.experimental.v1 import partial as partial_save
 
   from fm import registry
 
@@ -203,32 +297,54 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False) -> pathlib.Pat
   model_family = registry.get('models', family.FAMILY)
   model_cfg = model_family.Config(**family.config(reader.config))
   fields = dataclasses.asdict(model_cfg)
-  shapes = _shapes(model_family, model_cfg)
-  flat = {}
-  for entry in family.tensors(fields):
-    fm_paths, hf_name, n_in, transposed = _entry(entry)
-    want = _hf_shape([shapes[p] for p in fm_paths], n_in, transposed)
-    array = reader.get(hf_name)
-    if tuple(array.shape) != want:
-      raise ConfigError(
-        f'{reader.directory}: tensor {hf_name} has shape {tuple(array.shape)}, but config.json '
-        f'makes it {want}; the checkpoint and its config.json do not match.'
-      )
-    parts = to_fm(array.astype(np.float32), [shapes[p] for p in fm_paths], n_in, transposed)
-    flat.update(zip(fm_paths, parts))
-  missing = sorted(set(shapes) - set(flat))
+  abstract = _abstract(model_family, model_cfg, mesh)
+  entries = [_entry(entry) for entry in family.tensors(fields)]
+  missing = sorted(set(abstract) - {p for paths, *_ in entries for p in paths})
   assert not missing, f'{family.__name__} maps no HF tensor to {missing}'
   tok = _tokenizer(reader.directory, model_cfg.vocab_size)
   out = _target(workdir, overwrite, 'WORKDIR')
   partial = out.with_name(f'.{out.name}.{os.getpid()}.partial')
   shutil.rmtree(partial, ignore_errors=True)
   ckpt = partial / 'checkpoints' / '0'
+  ckpt.parent.mkdir(parents=True)
+  pending, pending_bytes = {}, 0  # Placed tensors not yet written: at most BUFFER_BYTES more.
+
+  def write(pending: dict) -> None:
+    partial_save.save(ckpt, {'params': {'params': _nest(pending)}})
+    pending.clear()
+    gc.collect()  # Some arrays are freed only with a reference cycle (orbax's, jax's).
+
+  try:
+    for fm_paths, hf_name, n_in, transposed in entries:
+      shapes = [abstract[p][0] for p in fm_paths]
+      want = _hf_shape(shapes, n_in, transposed)
+      if pending and pending_bytes + 4 * math.prod(want) > BUFFER_BYTES:  # Written first.
+        write(pending)
+        pending_bytes = 0
+      array = reader.get(hf_name)
+      if tuple(array.shape) != want:
+        raise ConfigError(
+          f'{reader.directory}: tensor {hf_name} has shape {tuple(array.shape)}, but config.json '
+          f'makes it {want}; the checkpoint and its config.json do not match.'
+        )
+      if array.dtype.name not in FLOATS:
+        array = array.astype(np.float32)
+      for path, part in zip(fm_paths, to_fm(array, shapes, n_in, transposed)):
+        pending[path] = jax.make_array_from_callback(
+          part.shape, abstract[path][1], part.__getitem__
+        )
+      pending_bytes += array.nbytes
+      del array, part
+    write(pending)
+    partial_save.finalize(ckpt)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
   if tok:
     (partial / TOKENIZER).mkdir(parents=True)
     for name in TOKENIZER_FILES:
       if (reader.directory / name).exists():
         shutil.copy(reader.directory / name, partial / TOKENIZER / name)
-  ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': {'params': _nest(flat)}})
   meta = {
     'family': family.FAMILY,
     'model': fields,
@@ -373,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
   read.add_argument('hf_dir')
   read.add_argument('workdir')
   read.add_argument('--overwrite', action='store_true')
+  read.add_argument(
+    '--mesh',
+    default='',
+    help="the checkpoint's sharding: the trainer's mesh axes over this process's devices, "
+    'e.g. fsdp=8 or data=1,fsdp=4,tensor=2 (default: one device)',
+  )
   write = commands.add_parser('export', help='an fm checkpoint into an HF directory')
   write.add_argument('checkpoint', help='a workdir (its newest checkpoint) or a checkpoint dir')
   write.add_argument('hf_dir')
@@ -381,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == 'import':
-      ckpt = import_hf(args.hf_dir, args.workdir, args.overwrite)
+      mesh = parse_mesh(args.mesh) if args.mesh else None
+      ckpt = import_hf(args.hf_dir, args.workdir, args.overwrite, mesh)
       print(f'imported {args.hf_dir} into {ckpt}')
     else:
       hf = export_hf(args.checkpoint, args.hf_dir, args.overwrite, args.shard_mb)

@@ -133,8 +133,15 @@ def test_readme_overrides_name_keys_that_experiments_set():
 # test_distill_trains_the_teacher_once and the README command above), transfer_translate (the
 # seq2seq path of transfer_headline, with another task's data) and llama (the 8b recipe at test
 # size: fsdp, bf16, scanned and rematerialised layers, each also tested in test_models and
-# test_sharding).
-COVERED_ELSEWHERE = ('distill_shakespeare', 'llama', 'transfer_sentiment', 'transfer_translate')
+# test_sharding), and hf_headline (an imported T5 fine-tuned on headlines: its import, logits and
+# decoding are test_convert's, its plan test_plan's, the seq2seq fine-tuning transfer_headline's).
+COVERED_ELSEWHERE = (
+  'distill_shakespeare',
+  'hf_headline',
+  'llama',
+  'transfer_sentiment',
+  'transfer_translate',
+)
 
 
 @pytest.mark.parametrize(

@@ -206,19 +206,51 @@ def test_the_command_refuses_an_existing_target(tmp_path):
   assert (tmp_path / 'hf' / 'config.json').exists() and not (tmp_path / 'hf' / 'keep.txt').exists()
 
 
+def reference_script():
+  """tests/fixtures/hf/make.py (it needs torch and transformers, which fm does not)."""
+  import importlib.util
+
+  pytest.importorskip('torch')
+  pytest.importorskip('transformers')
+  spec = importlib.util.spec_from_file_location('make', FIXTURES / 'make.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.mark.slow
 def test_transformers_reads_an_exported_fm_model(tmp_path):
   """With transformers installed (not a dependency), it computes an exported fm model's
   logits."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  import torch
+
+  make = reference_script()
   ckpt, _ = fm_checkpoint(tmp_path / 'fm')
   convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
   model, params = restored(ckpt)
-  theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+  theirs = make.auto(make.transformers.AutoConfig.from_pretrained(tmp_path / 'hf'))
   with torch.no_grad():
-    logits = theirs(torch.tensor(TOKENS)).logits.numpy()
+    logits = theirs.from_pretrained(tmp_path / 'hf').eval()(torch.tensor(TOKENS)).logits.numpy()
   np.testing.assert_allclose(logits, model.apply(params, jnp.asarray(TOKENS)), atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', NAMES)
+def test_transformers_reads_an_exported_import(imported, name, tmp_path):
+  """With transformers installed: each fixture imported and exported again gives transformers'
+  logits and greedy ids (as `make.py --check` shows)."""
+  import torch
+
+  make = reference_script()
+  convert.export_hf(imported[name], tmp_path / 'hf')
+  want = np.load(FIXTURES / name / 'reference.npz')
+  config = make.transformers.AutoConfig.from_pretrained(tmp_path / 'hf')
+  theirs = make.auto(config).from_pretrained(tmp_path / 'hf', dtype=torch.float32).eval()
+  with torch.no_grad():
+    logits = make.run(theirs, want['inputs']).logits.numpy()
+  np.testing.assert_allclose(logits, want['logits'], atol=1e-4, rtol=0)
+  if 'generated' in want:
+    np.testing.assert_array_equal(make.reference(theirs)['generated'], want['generated'])
 
 
 def test_hf_tokenizer_matches_transformers(tmp_path):

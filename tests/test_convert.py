@@ -222,9 +222,9 @@ def reference_script():
 def test_transformers_reads_an_exported_fm_model(tmp_path):
   """With transformers installed (not a dependency), it computes an exported fm model's
   logits."""
+  make = reference_script()  # Skips unless torch and transformers are importable.
   import torch
 
-  make = reference_script()
   ckpt, _ = fm_checkpoint(tmp_path / 'fm')
   convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
   model, params = restored(ckpt)
@@ -239,9 +239,9 @@ def test_transformers_reads_an_exported_fm_model(tmp_path):
 def test_transformers_reads_an_exported_import(imported, name, tmp_path):
   """With transformers installed: each fixture imported and exported again gives transformers'
   logits and greedy ids (as `make.py --check` shows)."""
+  make = reference_script()  # Skips unless torch and transformers are importable.
   import torch
 
-  make = reference_script()
   convert.export_hf(imported[name], tmp_path / 'hf')
   want = np.load(FIXTURES / name / 'reference.npz')
   config = make.transformers.AutoConfig.from_pretrained(tmp_path / 'hf')

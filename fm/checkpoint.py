@@ -21,11 +21,10 @@ from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fm import ConfigError, registry, sharding
+from fm import ConfigError, models, registry, sharding
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -198,7 +197,7 @@ def restore_model(ckpt: pathlib.Path, mesh, rules) -> tuple[nn.Module, Any, dict
   fields = {k: tuple(v) if isinstance(v, list) else v for k, v in meta['model'].items()}
   model_cfg = model_family.Config(**fields)
   model = model_family.Model(model_cfg)
-  sample = model_family.inputs(model_cfg, jnp.zeros((1, 16), jnp.int32))
+  sample = models.sample_inputs(model_family, model_cfg, 1, 16)
   boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
   target = with_shardings(sharding.unbox(boxed), sharding.tree_shardings(boxed, mesh, rules))
   return model, restore_params(ckpt, target), meta

@@ -112,6 +112,12 @@ PRETRAINING = dict(
     workers=0,  # Grain worker processes for windows and host-side transforms (0: in-process).
   ),
 )
+# The data of a pretraining run whose objective reads images (its MODALITY).
+IMAGE_DATA = dict(
+  dataset=REQUIRED,  # A named image dataset of fm/data/images.py: 'fashion_mnist', 'mnist_5k'.
+  seed=0,  # Shuffle order of the images.
+  workers=0,  # Grain worker processes for the objective's host-side transform (0: in-process).
+)
 # A fine-tuning run (`task` set).
 FINETUNING = dict(
   task=REQUIRED,  # A module of fm/tasks/.
@@ -207,6 +213,8 @@ def schema(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if isinstance(config.get('objective'), str):
     objective = registry.get('objectives', config.objective)
     out['objective_args'] = {**objective.ARGS, **{n: RUN_SPEC for n in objective.FROZEN}}
+    if objective.MODALITY == 'image':
+      out['data'] = IMAGE_DATA
   if isinstance(config.get('model', {}).get('name'), str):
     family = registry.get('models', config.model.name)
     fields = {f: OPTIONAL for f in family.Config.__dataclass_fields__}

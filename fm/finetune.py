@@ -74,8 +74,8 @@ def validate(
   kind.validate(task, config)
   family_name = backbone_config.model.name
   kind.check_backbone(task, config, family_name, registry.get('models', family_name))
-  max_len = train.model_config(backbone_config)[1].max_len
-  if kind.row_length(config) > max_len:
+  max_len = getattr(train.model_config(backbone_config)[1], 'max_len', None)
+  if max_len is not None and kind.row_length(config) > max_len:
     raise ConfigError(
       f'config.data: rows of {kind.row_length(config)} tokens exceed the backbone max_len='
       f'{max_len}; shorten them.'
@@ -104,9 +104,9 @@ def train_and_evaluate(
   steps = config.train.steps if kind.trains(config) else 0
   row_len = kind.row_length(config)
 
-  # Data: the task's splits, encoded with the backbone's tokenizer.
-  tokenizer = pipeline.load_tokenizer(backbone.config.data)
-  splits = task.load(seed=config.task_args.split_seed)
+  # Data: the task's splits, encoded with the backbone's tokenizer (images need none).
+  tokenizer = pipeline.load_tokenizer(backbone.config.data) if family.MODALITY == 'text' else None
+  splits = kind.load(task, config)
   named = {
     'train': subset(splits['train'], config.task_args.train_fraction, config.seed),
     'validation': splits['validation'],
@@ -120,7 +120,9 @@ def train_and_evaluate(
     )
   rows = kind.encode_splits(task, named, tokenizer, config, family)
   pidx, pcount = jax.process_index(), jax.process_count()
-  batches = pipeline.example_dataset(rows['train'], global_batch, config.data.seed, pidx, pcount)
+  batches = pipeline.example_dataset(
+    rows['train'], global_batch, config.data.seed, pidx, pcount, kind.transform(task, config)
+  )
   in_order = lambda split, limit: pipeline.example_batches(
     rows[split], global_batch, limit, pidx, pcount
   )
@@ -136,6 +138,7 @@ def train_and_evaluate(
     }
   )
   model = family.Model(model_cfg)
+  row_len = row_len or family.sequence_length(model_cfg)  # Fixed by the model (patches).
   sample = train.sample_inputs(family, model_cfg, global_batch, row_len)
   abstract = sharding.unbox(jax.eval_shape(model.init, jax.random.key(0), *sample))
   mask = trainable_mask(abstract, mode)
@@ -190,6 +193,8 @@ def backbone_fields(backbone: Backbone, tokenizer) -> dict:
   if backbone.ckpt is not None:
     return dict(checkpoint.read_meta(backbone.ckpt)['model'])
   run = backbone.config
+  if tokenizer is None:  # Images.
+    return dict(train.model_config(run)[1].__dict__)
   objective = registry.get('objectives', run.objective)
   return dict(train.model_config(run, tokenizer.vocab_size + objective.EXTRA_TOKENS)[1].__dict__)
 

@@ -329,7 +329,7 @@ def recompute_factor(module, model_cfg, seq_len: int) -> float:
   work is redone)."""
   share = 1 - module.flops_per_token(model_cfg, 0) / module.flops_per_token(model_cfg, seq_len)
   return {'none': 1.0, 'dots_saveable': 1.0, 'minimal': 1 + share / 3, 'full': 4 / 3}[
-    model_cfg.remat
+    getattr(model_cfg, 'remat', 'none')  # (A family without the option: none.)
   ]
 
 
@@ -383,16 +383,21 @@ def plan(config, topology: Topology, devices: list) -> dict:
       f'({", ".join(objective.FROZEN)}), which fm.plan does not compile yet; plan '
       f'the same model with config.objective=causal_lm.'
     )
-  text_vocab = tokenizer.declared_vocab_size(config.data.tokenizer)
-  module, model_cfg = train.model_config(config, text_vocab + objective.EXTRA_TOKENS)
+  B = config.train.global_batch
+  if objective.MODALITY == 'image':  # One image per row, as many tokens as its patches.
+    module, model_cfg = train.model_config(config)
+    L, size = module.sequence_length(model_cfg), model_cfg.num_patches
+    c = model_cfg
+    window = {'image': np.zeros((c.image_size, c.image_size, c.channels), np.uint8)}
+  else:
+    size = tokenizer.declared_vocab_size(config.data.tokenizer)
+    module, model_cfg = train.model_config(config, size + objective.EXTRA_TOKENS)
+    L = config.data.seq_len
+    window = pipeline.padding_window(L)
   model = module.Model(model_cfg)
-  B, L = config.train.global_batch, config.data.seq_len
-  # One window's shapes as the data pipeline hands them over, after the objective's corruption.
-  window = pipeline.padding_window(L)
+  # One row's shapes as the data pipeline hands them over, after the objective's corruption.
   if objective.host_transform:
-    window = objective.host_transform(text_vocab, config.objective_args)(
-      window, np.random.default_rng(0)
-    )
+    window = objective.host_transform(size, config.objective_args)(window, np.random.default_rng(0))
   tx = optim.make(config.optim, config.train.steps)
   sample = tuple(  # (An encoder-decoder's segment ids are None: all real.)
     x if x is None else jax.ShapeDtypeStruct(x.shape, x.dtype)
@@ -431,8 +436,8 @@ def plan(config, topology: Topology, devices: list) -> dict:
     'params': module.param_count(model_cfg)['total'],
     'global_batch': B,
     'seq_len': L,
-    'remat': model_cfg.remat,
-    'scan_layers': model_cfg.scan_layers,
+    'remat': getattr(model_cfg, 'remat', 'none'),
+    'scan_layers': getattr(model_cfg, 'scan_layers', False),
     'microbatches': config.train.microbatches,
     'dtype': model_cfg.dtype,
     'param_dtype': model_cfg.param_dtype,

@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from fm import ConfigError, checkpoint, optim, registry, sharding
+from fm import ConfigError, checkpoint, models, optim, registry, sharding
 from fm import metrics as metrics_lib
-from fm.data import pipeline
+from fm.data import images, pipeline
 from fm.data import prepare as prepare_lib
 
 # {'step', 'params', 'opt_state', 'nonfinite' (count of non-finite steps), 'first_nonfinite'
@@ -101,6 +101,12 @@ def validate(
       f'{", ".join(objective.COMPATIBLE_MODELS)}.'
     )
   objective.validate(config.objective_args)
+  if objective.MODALITY == 'image':
+    if corpus:
+      images.check(config.data.dataset, 'config.data.dataset')
+    check_run(config)
+    check_batch(config, mesh_shape, batch_ways, processes)
+    return objective
   if corpus:
     check_data(config.data)
   check_run(config)
@@ -164,7 +170,7 @@ def check_batch(
 
 def sample_inputs(family, model_cfg, batch_size: int, seq_len: int) -> tuple:
   """Zero model inputs for an init (param shapes do not depend on their lengths)."""
-  return family.inputs(model_cfg, jnp.zeros((batch_size, seq_len), jnp.int32))
+  return models.sample_inputs(family, model_cfg, batch_size, seq_len)
 
 
 # =============================================================================================
@@ -418,40 +424,20 @@ def train_and_evaluate(
   rules = sharding.rules_from_config(config)
   objective = registry.get('objectives', config.objective)
 
-  # Data: packed windows; the objective's host-side corruption runs in the pipeline.
-  data = pipeline.prepare(config.data)
-  seq_len, global_batch = config.data.seq_len, config.train.global_batch
-  if data.train.num_windows(seq_len) < global_batch:
-    raise ConfigError(
-      f'config.data.dataset={config.data.dataset!r} has only '
-      f'{data.train.num_windows(seq_len)} training windows of seq_len={seq_len}; '
-      f'lower config.train.global_batch below that.'
-    )
   pidx, pcount = jax.process_index(), jax.process_count()
-  transform = objective.host_transform and objective.host_transform(
-    data.tokenizer.vocab_size, config.objective_args
-  )
-  train_ds = pipeline.train_dataset(
-    data.train,
-    seq_len,
-    global_batch,
-    config.data.seed,
-    pidx,
-    pcount,
-    transform,
-    config.data.workers,
-  )
-  held_out = lambda limit: pipeline.eval_batches(
-    data.validation, seq_len, global_batch, limit, pidx, pcount, transform
-  )
+  global_batch = config.train.global_batch
+  if objective.MODALITY == 'image':
+    family, model_cfg, tokenizer, train_ds, held_out = _image_data(config, objective, pidx, pcount)
+    seq_len = model_cfg.num_patches + model_cfg.cls_token  # Tokens the encoder reads at most.
+  else:
+    family, model_cfg, tokenizer, train_ds, held_out = _text_data(config, objective, pidx, pcount)
+    seq_len = config.data.seq_len
   evals = Evals(
     objective.summarize,
     held_out(config.train.eval_batches),
     held_out(config.train.final_eval_batches),
   )
 
-  # Model: objectives may add ids after the tokenizer's (a mask token, sentinels).
-  family, model_cfg = model_config(config, data.tokenizer.vocab_size + objective.EXTRA_TOKENS)
   model = family.Model(model_cfg)
   counts = family.param_count(model_cfg)
   flops_per_step = family.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
@@ -460,7 +446,7 @@ def train_and_evaluate(
     config,
     config.model.name,
     model_cfg,
-    data.tokenizer,
+    tokenizer,
     counts,
     mesh,
     frozen={k: str(v) for k, v in frozen.items()},
@@ -468,7 +454,8 @@ def train_and_evaluate(
   metrics_lib.log(
     f'model {config.model.name}/{config.model.variant}: '
     f'{counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding), '
-    f'vocab {model_cfg.vocab_size}; mesh {dict(mesh.shape)} on '
+    + (f'vocab {model_cfg.vocab_size}; ' if tokenizer else f'{seq_len} tokens per image; ')
+    + f'mesh {dict(mesh.shape)} on '
     f'{jax.device_count()} {jax.devices()[0].platform} devices'
   )
 
@@ -476,7 +463,7 @@ def train_and_evaluate(
     frozen_models = {}
     for name, path in frozen.items():
       frozen_model, params, frozen_meta = checkpoint.restore_model(path, mesh, rules)
-      _check_frozen(name, path, frozen_meta, objective, model_cfg, data.tokenizer.identity)
+      _check_frozen(name, path, frozen_meta, objective, model_cfg, tokenizer.identity)
       frozen_models[name] = (frozen_model.apply, params)
       # Its forward pass (a third of a training step's FLOPs) counts towards MFU.
       frozen_family = registry.get('models', checkpoint.family(frozen_meta))
@@ -499,6 +486,65 @@ def train_and_evaluate(
     return loop(job, program, iter(train_ds), evals)
 
 
+def _text_data(config, objective, pidx: int, pcount: int):
+  """(family, model_cfg, tokenizer, training batches, held_out(limit) -> batches) of a text
+  objective: packed windows, the objective's host-side corruption run in the pipeline;
+  objectives may add ids after the tokenizer's (a mask token, sentinels)."""
+  data = pipeline.prepare(config.data)
+  seq_len, global_batch = config.data.seq_len, config.train.global_batch
+  if data.train.num_windows(seq_len) < global_batch:
+    raise ConfigError(
+      f'config.data.dataset={config.data.dataset!r} has only '
+      f'{data.train.num_windows(seq_len)} training windows of seq_len={seq_len}; '
+      f'lower config.train.global_batch below that.'
+    )
+  transform = objective.host_transform and objective.host_transform(
+    data.tokenizer.vocab_size, config.objective_args
+  )
+  train_ds = pipeline.train_dataset(
+    data.train,
+    seq_len,
+    global_batch,
+    config.data.seed,
+    pidx,
+    pcount,
+    transform,
+    config.data.workers,
+  )
+  held_out = lambda limit: pipeline.eval_batches(
+    data.validation, seq_len, global_batch, limit, pidx, pcount, transform
+  )
+  family, model_cfg = model_config(config, data.tokenizer.vocab_size + objective.EXTRA_TOKENS)
+  return family, model_cfg, data.tokenizer, train_ds, held_out
+
+
+def _image_data(config, objective, pidx: int, pcount: int):
+  """`_text_data` of an image objective: rows of a named image dataset (its training split;
+  the validation split held out), the objective's host-side transform (masking) seeded per row;
+  no tokenizer."""
+  family, model_cfg = model_config(config)
+  splits, _ = images.load(config.data.dataset)
+  image_shape = splits['train'][0].shape[1:]
+  if image_shape != (model_cfg.image_size, model_cfg.image_size, model_cfg.channels):
+    raise ConfigError(
+      f'config.data.dataset={config.data.dataset!r} has images of shape {image_shape}, but '
+      f'config.model makes them (image_size={model_cfg.image_size}, image_size, '
+      f'channels={model_cfg.channels}); set config.model.image_size and channels to the data.'
+    )
+  transform = objective.host_transform and objective.host_transform(
+    model_cfg.num_patches, config.objective_args
+  )
+  rows = lambda split: {'image': splits[split][0]}
+  global_batch = config.train.global_batch
+  train_ds = pipeline.example_dataset(
+    rows('train'), global_batch, config.data.seed, pidx, pcount, transform, config.data.workers
+  )
+  held_out = lambda limit: pipeline.example_batches(
+    rows('validation'), global_batch, limit, pidx, pcount, transform
+  )
+  return family, model_cfg, None, train_ds, held_out
+
+
 def record(
   workdir: pathlib.Path, config, family_name: str, model_cfg, tokenizer, counts: dict, mesh, **extra
 ) -> dict:
@@ -509,7 +555,7 @@ def record(
       'config': config.to_dict(),
       'family': family_name,
       'model': model_cfg.__dict__,
-      'tokenizer': tokenizer.identity,
+      'tokenizer': tokenizer.identity if tokenizer else None,
       'params': counts,
       'mesh': dict(mesh.shape),
       'devices': jax.device_count(),

@@ -134,7 +134,13 @@ def test_task_splits_are_disjoint_and_deterministic(task):
   module = registry.get('tasks', task)
   splits = module.load(seed=0)
   assert {len(v) > 0 for v in splits.values()} == {True}
-  assert module.load(seed=0)['test'][:5] == splits['test'][:5]
+  again = module.load(seed=0)['test'][:5]
+  if module.KIND == 'image':  # (image, label) pairs; every class in every split.
+    assert all(np.array_equal(a, b) and k == m for (a, k), (b, m) in zip(again, splits['test']))
+    classes = set(range(len(module.classes('fashion_mnist'))))
+    assert all({label for _, label in v} == classes for v in splits.values())
+    return
+  assert again == splits['test'][:5]
   if module.KIND == 'classification':
     texts = {k: {t for t, _ in v} for k, v in splits.items()}
     assert not texts['train'] & texts['test'] and not texts['validation'] & texts['test']

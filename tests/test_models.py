@@ -30,15 +30,17 @@ def make(variant='tiny', length=32, **overrides):
 @pytest.mark.parametrize('name', registry.choices('models'))
 def test_every_family_honours_its_contract(name):
   """Each discovered family defines what fm/models/__init__.py requires: its VARIANTS build its
-  Config, `inputs` reads a text that its Model accepts, and param_count agrees with the init."""
+  Config, its sample inputs (a text, or images) are what its Model accepts, and param_count
+  agrees with the init."""
   family = registry.get('models', name)
   assert all(hasattr(family, m) for m in registry.members(models.ModelFamily)), name
   assert family.SEQ2SEQ in ('', 'prefix_lm', 'encdec') and family.POOL in ('last', 'mean', 'first')
   for num_classes in (0, 3):
     model_cfg = family.Config(**{**family.VARIANTS['tiny'], 'num_classes': num_classes})
-    tokens = jnp.ones((2, 16), jnp.int32)
     shapes = jax.eval_shape(
-      family.Model(model_cfg).init, jax.random.key(0), *family.inputs(model_cfg, tokens)
+      family.Model(model_cfg).init,
+      jax.random.key(0),
+      *models.sample_inputs(family, model_cfg, 2, 16),
     )
     n = sum(x.size for x in jax.tree.leaves(nn.unbox(shapes)))
     if not num_classes:

@@ -26,8 +26,14 @@ def args(objective, **overrides) -> ml_collections.ConfigDict:
 
 
 def tiny_batch(objective=None, vocab=VOCAB, B=8, L=32):
-  """Two packed documents and padding per row, corrupted by the objective's host transform."""
+  """Two packed documents and padding per row, corrupted by the objective's host transform
+  (an image objective: random 28 x 28 images, masked by it)."""
   rng = np.random.default_rng(0)
+  if objective is not None and objective.MODALITY == 'image':
+    images = rng.integers(0, 256, (B, 28, 28, 1)).astype(np.uint8)
+    mask = objective.host_transform((28 // 4) ** 2, args(objective))
+    rows = [mask({'image': images[i]}, np.random.default_rng(i)) for i in range(B)]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
   tokens = rng.integers(4, vocab, (B, L)).astype(np.int32)
   seg = np.ones((B, L), np.int32)
   seg[:, 20:] = 2
@@ -60,18 +66,19 @@ def frozen_models(objective, model, sample, mesh=None, rules=None) -> dict:
 
 def setup_model(name, model_name):
   """(resolved config, model, zero inputs of tiny_batch's shape) of a tiny model."""
+  image = registry.get('objectives', name).MODALITY == 'image'
   config = configs.resolve(
     dict(
       objective=name,
       model=dict(name=model_name, variant='tiny'),
-      data=dict(dataset='shakespeare', seq_len=32),
+      data=dict(dataset='fashion_mnist') if image else dict(dataset='shakespeare', seq_len=32),
       train=dict(steps=10, global_batch=8),
       # Adam's first update is g / (|g| + eps): a larger eps keeps rounding in near-zero
       # gradients from turning into full-size steps that differ between meshes.
       optim=dict(lr=1e-3, eps=1e-4),
     )
   )
-  family, model_cfg = train.model_config(config, vocab_size=VOCAB)
+  family, model_cfg = train.model_config(config, vocab_size=None if image else VOCAB)
   return config, family.Model(model_cfg), train.sample_inputs(family, model_cfg, 8, 32)
 
 

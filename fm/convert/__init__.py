@@ -196,13 +196,12 @@ def _abstract(model_family, model_cfg, mesh=None) -> dict[str, tuple]:
   """fm param path -> (shape, sharding on `mesh` by the default rules), from the model's
   abstract init."""
   import jax
-  import jax.numpy as jnp
 
-  from fm import sharding
+  from fm import models, sharding
   from fm.checkpoint import key_name
 
   mesh = mesh or sharding.local_mesh()
-  sample = model_family.inputs(model_cfg, jnp.zeros((1, 8), jnp.int32))
+  sample = models.sample_inputs(model_family, model_cfg, 1, 8)
   with sharding.use(mesh, sharding.DEFAULT_RULES):
     boxed = jax.eval_shape(model_family.Model(model_cfg).init, jax.random.key(0), *sample)
     shardings = sharding.tree_shardings(boxed, mesh, sharding.DEFAULT_RULES)['params']

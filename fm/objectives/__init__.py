@@ -19,6 +19,10 @@ Transform = Callable[[dict, np.random.Generator], dict]
 class Objective(Protocol):
   """What an objective module provides (a module satisfies it structurally)."""
 
+  # What it trains on: 'text' (packed token windows of a prepared corpus) or 'image' (a named
+  # image dataset of fm/data/images.py, one image per row). Optional.
+  MODALITY: str
+
   # Model families (modules of fm/models/) the objective trains; checked before compiling.
   COMPATIBLE_MODELS: tuple[str, ...]
   # Every key of `config.objective_args` the objective reads, with its default (nested dicts
@@ -31,9 +35,10 @@ class Objective(Protocol):
   # `config.objective_args.<name>` (a finished run's `workdir`, or an `experiment` trained first),
   # restored onto the run's mesh and passed to `loss_fn` as a keyword: inputs -> logits. Optional.
   FROZEN: tuple[str, ...]
-  # (tokenizer vocab size, args) -> Transform run in the grain pipeline (masking, span
-  # corruption), seeded per window: deterministic, resumable, the same for any number of
-  # processes. None: batches reach the loss as packed windows. Optional.
+  # (tokenizer vocab size, or patches per image for an image objective, args) -> Transform run
+  # in the grain pipeline (masking, span corruption), seeded per window: deterministic,
+  # resumable, the same for any number of processes. None: batches reach the loss as packed
+  # windows. Optional.
   host_transform: Callable[[int, ml_collections.ConfigDict], Transform] | None
 
   def loss_fn(
@@ -55,6 +60,7 @@ def _no_checks(args: ml_collections.ConfigDict) -> None:
 
 
 DEFAULTS: dict[str, Any] = {
+  'MODALITY': 'text',
   'ARGS': {},
   'EXTRA_TOKENS': 0,
   'FROZEN': (),

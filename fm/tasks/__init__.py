@@ -2,7 +2,7 @@
 
 This file is the contract of a task module, checked when `fm.registry.get('tasks', name)` looks
 one up. A task owns its data (`load`) and names its KIND, a module `fm/tasks/_<KIND>.py`
-(`classification`, `seq2seq`) that encodes its examples, gives its head, loss and metrics, and
+(`classification`, `seq2seq`, `image`) that encodes its examples, gives its head, loss and metrics, and
 adds the names a task of that kind must define (the kind's own Protocol, e.g. LABELS) with the
 defaults of its optional ones. Adding a task is one file here plus one experiment file.
 """
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from fm import ConfigError
 
-KINDS = ('classification', 'seq2seq')
+KINDS = ('classification', 'seq2seq', 'image')
 
 
 class Task(Protocol):
@@ -43,7 +43,13 @@ class Kind(Protocol):
   FINETUNE: dict[str, Any]
 
   def row_length(self, config) -> int:
-    """Tokens per row (for the model's max_len and FLOPs)."""
+    """Tokens per row (for the model's max_len and FLOPs; 0: the model's own length)."""
+
+  def load(self, task, config) -> dict[str, list]:
+    """The task's examples per split, from `task.load` (with the config's seed, dataset)."""
+
+  def transform(self, task, config):
+    """A host-side transform of training rows (augmentation; fm/data/pipeline.py), or None."""
 
   def validate(self, task, config) -> None:
     """Checks that need neither data nor the backbone; raise ConfigError."""

@@ -67,9 +67,22 @@ def validate(task, config: ml_collections.ConfigDict) -> None:
     )
 
 
+def load(task, config: ml_collections.ConfigDict) -> dict[str, list]:
+  return task.load(seed=config.task_args.split_seed)
+
+
+def transform(task, config: ml_collections.ConfigDict) -> None:
+  """Text rows are used as encoded."""
+  del task, config
+
+
 def check_backbone(task, config: ml_collections.ConfigDict, family_name: str, family) -> None:
-  """Any backbone reads text for a classifier; prompt scoring needs a causal LM."""
-  del task
+  """Any text backbone reads text for a classifier; prompt scoring needs a causal LM."""
+  if family.MODALITY != 'text':
+    raise ConfigError(
+      f'config.task={task.__name__.split(".")[-1]!r} classifies text, but the backbone is an '
+      f'{family_name!r} model, which reads {family.MODALITY}s; use a text backbone.'
+    )
   mode = config.finetune.mode
   if mode in PROMPT_MODES and family.SEQ2SEQ != 'prefix_lm':  # A decoder-only causal LM.
     raise ConfigError(

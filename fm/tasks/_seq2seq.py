@@ -57,6 +57,15 @@ def validate(task, config: ml_collections.ConfigDict) -> None:
   del task, config
 
 
+def load(task, config: ml_collections.ConfigDict) -> dict[str, list]:
+  return task.load(seed=config.task_args.split_seed)
+
+
+def transform(task, config: ml_collections.ConfigDict) -> None:
+  """Text rows are used as encoded."""
+  del task, config
+
+
 def check_backbone(task, config: ml_collections.ConfigDict, family_name: str, family) -> None:
   """The backbone must be able to write a target."""
   del config

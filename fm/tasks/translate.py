@@ -9,11 +9,9 @@ neighbouring verses rarely straddle splits.
 Metrics: BLEU and chrF (sacrebleu) of generated translations.
 """
 
-import io
 import random
 import re
 import struct
-import tarfile
 import zlib
 
 from fm.data import sources
@@ -34,22 +32,10 @@ RV = sources.DebPackage(
 )
 
 
-def _deb_data(deb: bytes) -> tarfile.TarFile:
-  """The data.tar.xz member of a .deb (an `ar` archive)."""
-  assert deb[:8] == b'!<arch>\n', 'not a Debian package'
-  pos = 8
-  while pos < len(deb):
-    name, size = deb[pos : pos + 16].decode().strip().rstrip('/'), int(deb[pos + 48 : pos + 58])
-    if name.startswith('data.tar'):
-      return tarfile.open(fileobj=io.BytesIO(deb[pos + 60 : pos + 60 + size]))
-    pos += 60 + size + size % 2
-  raise ValueError('no data.tar member')
-
-
 def verses(package: sources.DebPackage, module: str) -> list[str]:
   """Every verse of a zText module (Old then New Testament), markup stripped."""
   with open(sources.fetch(package), 'rb') as f:
-    data = _deb_data(f.read())
+    data = sources.deb_data(f.read())
   files = {
     m.name.rsplit('/', 1)[-1]: data.extractfile(m).read()
     for m in data.getmembers()

@@ -1,0 +1,108 @@
+"""The image path: ViT patches, the masked autoencoder's encoder, image sources and tasks."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fm import ConfigError, sharding
+from fm.data import images
+from fm.models import vit
+from fm.objectives import mae
+from fm.tasks import _image
+
+ARGS = ml_collections.ConfigDict(mae.ARGS)
+
+
+@pytest.mark.parametrize(
+  'shape,patch', [((2, 28, 28, 1), 4), ((3, 32, 32, 3), 8), ((1, 6, 6, 2), 3)]
+)
+def test_patchify_round_trip(shape, patch):
+  images_ = jax.random.normal(jax.random.key(0), shape)
+  patches = vit.patchify(images_, patch)
+  assert patches.shape == (shape[0], (shape[1] // patch) ** 2, patch * patch * shape[3])
+  # Patch 1 is the grid's second patch of the first row: columns patch..2*patch.
+  np.testing.assert_array_equal(
+    patches[:, 1].reshape(shape[0], patch, patch, shape[3]), images_[:, :patch, patch : 2 * patch]
+  )
+  np.testing.assert_array_equal(vit.unpatchify(patches, patch, shape[3]), images_)
+
+
+def test_mae_encoder_never_sees_masked_patches():
+  """The encoder's output (kept patches only) has zero gradient with respect to every pixel of
+  a masked patch, and not with respect to the kept ones."""
+  cfg = vit.Config(**vit.VARIANTS['tiny'])
+  images_ = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  rows = [
+    mae.host_transform(cfg.num_patches, ARGS)({'image': None}, np.random.default_rng(i))
+    for i in range(2)
+  ]
+  keep = jnp.asarray(np.stack([r['keep'] for r in rows]))
+  masked = np.stack([r['mask'] for r in rows])
+  model = vit.Model(cfg)
+  params = model.init(jax.random.key(1), images_)
+  grads = jax.grad(lambda x: jnp.sum(model.apply(params, x, keep) ** 2))(images_)
+  per_patch = np.abs(np.asarray(vit.patchify(grads, cfg.patch_size))).sum(-1)
+  assert (per_patch[masked == 1] == 0).all()
+  assert (per_patch[masked == 0] > 0).all()
+  assert (masked.sum(1) == cfg.num_patches - keep.shape[1]).all()
+
+
+def test_mae_reconstructs_every_patch_and_restores_grid_order():
+  cfg = vit.Config(**vit.VARIANTS['tiny'])
+  x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+  row = mae.host_transform(cfg.num_patches, ARGS)({}, np.random.default_rng(0))
+  keep, restore = row['keep'], row['restore']
+  # Kept patch j sits at place j; the masked ones take the places after them.
+  np.testing.assert_array_equal(restore[keep], np.arange(len(keep)))
+  masked = np.flatnonzero(row['mask'])
+  assert sorted(restore[masked]) == list(range(len(keep), cfg.num_patches))
+  model = vit.Model(cfg)
+  params = model.init(jax.random.key(1), x)
+  out = model.apply(params, x, jnp.asarray([keep] * 2), jnp.asarray([restore] * 2))
+  assert out.shape == (2, cfg.num_patches, cfg.patch_dim)
+
+
+def test_vit_param_count_and_bad_shapes():
+  for variant in vit.VARIANTS:
+    cfg = vit.Config(**vit.VARIANTS[variant])
+    sample = vit.sample_inputs(cfg, 1)
+    abstract = jax.eval_shape(lambda: vit.Model(cfg).init(jax.random.key(0), *sample))
+    params = sharding.unbox(abstract)['params']
+    assert sum(x.size for x in jax.tree.leaves(params)) == vit.param_count(cfg)['total'], variant
+  with pytest.raises(
+    ConfigError, match=r'config.model.image_size=30 is not a multiple of config.model.patch_size=4'
+  ):
+    vit.Config(image_size=30)
+  cfg = vit.Config(**vit.VARIANTS['tiny'])
+  with pytest.raises(
+    ConfigError,
+    match=r'images of shape \(28, 28, 3\) do not fit config.model \(image_size=28, channels=1\)',
+  ):
+    vit.Model(cfg).init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+
+
+def test_image_sources_and_augmentation():
+  splits, classes = images.load('mnist_5k')
+  assert classes == tuple('0123456789')
+  assert {k: len(v[1]) for k, v in splits.items()} == {
+    'train': 4000,
+    'validation': 500,
+    'test': 500,
+  }
+  image = splits['train'][0][0]
+  assert image.dtype == np.uint8 and image.shape == (28, 28, 1) and image.max() > 0
+  with pytest.raises(
+    ConfigError,
+    match=r"config.data.dataset='cifar' is not an image dataset fm has; choose one of: fashion_mnist, mnist_5k.",
+  ):
+    images.load('cifar')
+  config = ml_collections.ConfigDict(dict(task_args=dict(pad=2, flip=True)))
+  augment = _image.transform(None, config)
+  rows = [augment({'image': image}, np.random.default_rng(i))['image'] for i in range(20)]
+  assert all(r.shape == image.shape and r.dtype == np.uint8 for r in rows)
+  assert len({r.tobytes() for r in rows}) > 1
+  np.testing.assert_array_equal(
+    augment({'image': image}, np.random.default_rng(3))['image'], rows[3]
+  )

@@ -106,3 +106,36 @@ def test_image_sources_and_augmentation():
   np.testing.assert_array_equal(
     augment({'image': image}, np.random.default_rng(3))['image'], rows[3]
   )
+
+
+def test_bad_input_is_one_sentence(tmp_path, monkeypatch):
+  """A missing package manager names the command that fetches the package; MAE on a text
+  model, and a ViT without a decoder, are refused before anything trains."""
+  from fm import configs, train
+  from fm.data import sources
+
+  monkeypatch.setenv('FM_DATA_DIR', str(tmp_path))
+  monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+  with pytest.raises(
+    ConfigError,
+    match=r'apt-get is not installed here, and it fetches dataset-fashion-mnist; run '
+    r'`apt-get download dataset-fashion-mnist=0.0~git20200523.55506a9-1` where it is and place '
+    r'dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb in ',
+  ):
+    sources.fetch(images.FASHION_MNIST)
+  config = configs.resolve(
+    dict(
+      objective='mae',
+      model=dict(name='decoder'),
+      data=dict(dataset='fashion_mnist'),
+      train=dict(steps=1, global_batch=8),
+      optim=dict(lr=1e-3),
+    )
+  )
+  with pytest.raises(ConfigError, match=r"config.objective='mae' does not work with config.model"):
+    train.validate(config, {'data': 1}, 1, corpus=False)
+  cfg = vit.Config(**{**vit.VARIANTS['tiny'], 'decoder_dim': 0})
+  x = jnp.zeros((1, 28, 28, 1))
+  params = vit.Model(cfg).init(jax.random.key(0), x)
+  with pytest.raises(ConfigError, match=r'config.model.decoder_dim=0: this ViT has no decoder'):
+    vit.Model(cfg).apply(params, x, jnp.zeros((1, 12), jnp.int32), jnp.zeros((1, 49), jnp.int32))

@@ -291,13 +291,5 @@ class Model(nn.Module):
           + layers.bias(self, 'mlm_bias', (c.vocab_size,), ('vocab',), pdt).astype(dt)[None, None]
         )
     else:
-      w_DV = layers.param_with_axes(
-        self,
-        'lm_head',
-        layers.dense_init(c.d_model),
-        (c.d_model, c.vocab_size),
-        ('embed', 'vocab'),
-        pdt,
-      )
-      logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, w_DV.astype(dt))
+      logits_BLV = layers.lm_head(self, x_BLD, c.vocab_size, dt, pdt)
     return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

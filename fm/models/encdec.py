@@ -193,13 +193,5 @@ class Model(nn.Module):
     if c.tie_embeddings:  # Scaled as T5's tied head is.
       logits_BLV = embed.attend(y_BLD) * (c.d_model**-0.5 if c.scale_tied_logits else 1.0)
     else:
-      w_DV = layers.param_with_axes(
-        self,
-        'lm_head',
-        layers.dense_init(c.d_model),
-        (c.d_model, c.vocab_size),
-        ('embed', 'vocab'),
-        pdt,
-      )
-      logits_BLV = jnp.einsum('BLD,DV->BLV', y_BLD, w_DV.astype(dt))
+      logits_BLV = layers.lm_head(self, y_BLD, c.vocab_size, dt, pdt)
     return constrain(logits_BLV.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))

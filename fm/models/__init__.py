@@ -66,8 +66,9 @@ def sample_inputs(family, model_cfg, batch_size: int, length: int) -> tuple:
   """Zero model inputs for an init (param shapes do not depend on their lengths)."""
   import jax.numpy as jnp
 
-  if family.sample_inputs is not None:
-    return family.sample_inputs(model_cfg, batch_size, length)
+  sample = getattr(family, 'sample_inputs', None)  # (A module not looked up by the registry.)
+  if sample is not None:
+    return sample(model_cfg, batch_size, length)
   return family.inputs(model_cfg, jnp.zeros((batch_size, length), jnp.int32))
 
 

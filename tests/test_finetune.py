@@ -209,6 +209,9 @@ def test_task_and_mode_two_steps_on_8_devices(task, mode, backbone, tmp_path):
   assert trainable <= resolved['params']['total']
 
 
+# In the slow set: the merge's arithmetic is test_merged_lora_gives_the_same_outputs'; this is
+# the end-to-end run (pretraining, LoRA fine-tuning, `fm.finetune merge`).
+@pytest.mark.slow
 def test_lora_run_on_a_pretrained_backbone_merges(tmp_path):
   """LoRA fine-tuning warm-started from a pretraining workdir; `fm.finetune merge` folds the
   adapters in and the merged checkpoint loads without them."""

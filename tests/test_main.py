@@ -134,13 +134,18 @@ def test_readme_overrides_name_keys_that_experiments_set():
 # seq2seq path of transfer_headline, with another task's data) and llama (the 8b recipe at test
 # size: fsdp, bf16, scanned and rematerialised layers, each also tested in test_models and
 # test_sharding), and hf_headline (an imported T5 fine-tuned on headlines: its import, logits and
-# decoding are test_convert's, its plan test_plan's, the seq2seq fine-tuning transfer_headline's).
+# decoding are test_convert's, its plan test_plan's, the seq2seq fine-tuning transfer_headline's),
+# and the vision recipes (mae_fashion_mnist, vit_fashion_mnist: the ViT, the masked
+# autoencoder's loss and masking, the image task's data and augmentation are test_vision's and
+# test_objectives').
 COVERED_ELSEWHERE = (
   'distill_shakespeare',
   'hf_headline',
   'llama',
+  'mae_fashion_mnist',
   'transfer_sentiment',
   'transfer_translate',
+  'vit_fashion_mnist',
 )
 
 

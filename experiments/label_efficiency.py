@@ -1,20 +1,25 @@
-"""Label efficiency on Rotten Tomatoes: the foundation-model claim, measured.
+"""Label efficiency: the foundation-model claim, measured.
 
   python experiments/label_efficiency.py --workdir /tmp/label_efficiency
   python experiments/label_efficiency.py --workdir /tmp/le_smoke --smoke
+  python experiments/label_efficiency.py --study fashion_mnist --workdir /tmp/le_fmnist
 
-Test accuracy and macro-F1 with 1%, 10% and 100% of the training labels, 3 seeds each, for
-  - the transfer_sentiment backbone pretrained on news, fine-tuned (finetune.init=pretrained),
-  - the same architecture and tokenizer from random init (finetune.init=random),
-  - a bag-of-words logistic regression (scikit-learn, TF-IDF of word 1-2-grams),
-each seed drawing its own label subset (the same subset for all three). Fine-tuning runs use
-experiments/transfer_sentiment.py with fewer steps for fewer labels; the backbone is pretrained
-once into WORKDIR/pretrained (or --pretrained DIR, a finished lm_news run). Writes
-WORKDIR/label_efficiency.{md,json,png}, the table and JSON after every run; rerunning the
-command skips finished runs (their final checkpoints are only re-evaluated).
+Test accuracy and macro-F1 with 1%, 10% and 100% of the training labels, 3 seeds each, for a
+pretrained backbone fine-tuned (finetune.init=pretrained) and the same architecture from random
+init (finetune.init=random), each seed drawing its own label subset (the same for all models):
+  sentiment      Rotten Tomatoes; experiments/transfer_sentiment.py's backbone pretrained on
+                 news; also a bag-of-words logistic regression (scikit-learn, TF-IDF of word
+                 1-2-grams)
+  fashion_mnist  Fashion-MNIST; experiments/mae_fashion_mnist.py:finetune, a ViT pretrained as
+                 a masked autoencoder, fully fine-tuned
+Fine-tuning runs use the study's experiment with fewer steps for fewer labels; the backbone is
+pretrained once into WORKDIR/pretrained (or --pretrained DIR, a finished pretraining run). Writes
+WORKDIR/label_efficiency.{md,json,png}, the table and JSON after every run; rerunning the command
+skips finished runs (their final checkpoints are only re-evaluated).
 """
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -25,8 +30,39 @@ sys.path.insert(0, str(ROOT))
 
 FRACTIONS = (0.01, 0.1, 1.0)
 SEEDS = (0, 1, 2)
-STEPS = {0.01: 60, 0.1: 200, 1.0: 900}  # Fine-tuning steps per label budget (batch 32).
-MODELS = ('pretrained', 'random', 'bag_of_words')
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  experiment: str  # The fine-tuning experiment (its smoke variant: + ':smoke' or 'smoke').
+  smoke: str
+  steps: dict  # Fine-tuning steps per label budget.
+  batch: int  # Fine-tuning batch.
+  title: str
+  baseline: str = ''  # A model without pretraining fitted besides ('bag_of_words').
+
+  @property
+  def models(self) -> tuple[str, ...]:
+    return ('pretrained', 'random') + ((self.baseline,) if self.baseline else ())
+
+
+STUDIES = {
+  'sentiment': Study(
+    'experiments/transfer_sentiment.py',
+    'experiments/transfer_sentiment.py:smoke',
+    {0.01: 60, 0.1: 200, 1.0: 900},
+    32,
+    'Rotten Tomatoes sentiment',
+    'bag_of_words',
+  ),
+  'fashion_mnist': Study(
+    'experiments/mae_fashion_mnist.py:finetune',
+    'experiments/mae_fashion_mnist.py:smoke',
+    {0.01: 100, 0.1: 300, 1.0: 800},
+    64,
+    'Fashion-MNIST',
+  ),
+}
 
 
 def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
@@ -46,18 +82,15 @@ def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
   }
 
 
-def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
+def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each."""
   import ml_collections
 
-  from fm import configs, finetune, runs
-  from fm.tasks import sentiment
+  from fm import configs, finetune, registry, runs, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
   base = configs.resolve(
-    configs.load(
-      'experiments/transfer_sentiment.py' + (':smoke' if smoke else ''), 'label_efficiency'
-    )
+    configs.load(study.smoke if smoke else study.experiment, 'label_efficiency')
   )
   # The backbone, pretrained once (or resumed) unless --pretrained names a finished run; every
   # fine-tuning run then reads it as it is.
@@ -67,15 +100,18 @@ def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
   if ckpt is None:
     return []
   base.pretrained.workdir = str(ckpt)
-  splits = sentiment.load(seed=base.task_args.split_seed)
+  task = registry.get('tasks', base.task)
+  splits = tasks.kind_of(task).load(task, base) if study.baseline else None
   results = []
   for fraction in fractions:
     for seed in seeds:
       for init in ('pretrained', 'random'):
         config = ml_collections.ConfigDict(base.to_dict())
         config.seed, config.task_args.train_fraction, config.finetune.init = seed, fraction, init
-        steps = 8 if smoke else STEPS[fraction]
+        steps = 8 if smoke else study.steps[fraction]
         config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 3, 1))
+        if not smoke:
+          config.train.global_batch = study.batch
         config.optim.warmup_steps = max(steps // 10, 1)
         metrics = runs.run(config, workdir / f'{init}-{fraction}-{seed}')
         results.append(
@@ -87,34 +123,36 @@ def run(workdir: pathlib.Path, smoke: bool, pretrained: str = '') -> list[dict]:
             'macro_f1': metrics['test/macro_f1'],
           }
         )
-        write(workdir, results)
-      subset = finetune.subset(splits['train'], fraction, seed)
-      results.append(
-        {
-          'model': 'bag_of_words',
-          'fraction': fraction,
-          'seed': seed,
-          **bag_of_words(subset, splits['test'], seed),
-        }
-      )
-      write(workdir, results)
+        write(workdir, study, results)
+      if study.baseline == 'bag_of_words':
+        subset = finetune.subset(splits['train'], fraction, seed)
+        results.append(
+          {
+            'model': 'bag_of_words',
+            'fraction': fraction,
+            'seed': seed,
+            **bag_of_words(subset, splits['test'], seed),
+          }
+        )
+        write(workdir, study, results)
   return results
 
 
-def write(workdir: pathlib.Path, results: list[dict]) -> str:
+def write(workdir: pathlib.Path, study: Study, results: list[dict]) -> str:
   (workdir / 'label_efficiency.json').write_text(json.dumps(results, indent=1))
-  markdown = 'Rotten Tomatoes test accuracy (%), mean ± std over seeds\n\n' + table(results)
+  markdown = f'{study.title} test accuracy (%), mean ± std over seeds\n\n'
+  markdown += table(study, results)
   (workdir / 'label_efficiency.md').write_text(markdown + '\n')
   return markdown
 
 
-def table(results: list[dict]) -> str:
+def table(study: Study, results: list[dict]) -> str:
   fractions = sorted({r['fraction'] for r in results})
   lines = [
     '| model | ' + ' | '.join(f'{f:.0%} labels' for f in fractions) + ' |',
     '|---|' + '---|' * len(fractions),
   ]
-  for model in MODELS:
+  for model in study.models:
     cells = []
     for f in fractions:
       acc = [100 * r['accuracy'] for r in results if r['model'] == model and r['fraction'] == f]
@@ -124,14 +162,14 @@ def table(results: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def plot(results: list[dict], path: pathlib.Path) -> None:
+def plot(study: Study, results: list[dict], path: pathlib.Path) -> None:
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
-  for model in MODELS:
+  for model in study.models:
     fractions = sorted({r['fraction'] for r in results if r['model'] == model})
     acc = [
       [100 * r['accuracy'] for r in results if r['model'] == model and r['fraction'] == f]
@@ -148,7 +186,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
   ax.set_xscale('log')
   ax.set_xlabel('training labels used (%)')
   ax.set_ylabel('test accuracy (%)')
-  ax.set_title('Rotten Tomatoes sentiment')
+  ax.set_title(study.title)
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -157,6 +195,7 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
+  parser.add_argument('--study', default='sentiment', choices=sorted(STUDIES))
   parser.add_argument('--smoke', action='store_true', help='2 label budgets, 1 seed, 8 steps')
   parser.add_argument('--pretrained', default='', help='a finished pretraining run to reuse')
   args = parser.parse_args()
@@ -165,15 +204,15 @@ def main() -> int:
   from fm import ConfigError
 
   try:
-    results = run(workdir, args.smoke, args.pretrained)
+    results = run(workdir, STUDIES[args.study], args.smoke, args.pretrained)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if not results:  # Preempted while pretraining the backbone.
     print('stopped while pretraining the backbone; rerun the same command to resume.')
     return 0
-  markdown = write(workdir, results)
-  plot(results, workdir / 'label_efficiency.png')
+  markdown = write(workdir, STUDIES[args.study], results)
+  plot(STUDIES[args.study], results, workdir / 'label_efficiency.png')
   print(markdown)
   return 0
 

@@ -29,6 +29,7 @@ def pretraining(smoke: bool) -> ml_collections.ConfigDict:
   c.model = dict(
     name='vit',
     variant='mini',
+    patch_size=4,
     positions='sincos2d',
     decoder_layers=2,
     decoder_dim=128,

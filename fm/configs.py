@@ -114,7 +114,9 @@ PRETRAINING = dict(
 )
 # The data of a pretraining run whose objective reads images (its MODALITY).
 IMAGE_DATA = dict(
-  dataset=REQUIRED,  # A named image dataset of fm/data/images.py: 'fashion_mnist', 'mnist_5k'.
+  # A named image dataset of fm/data/images.py: 'fashion_mnist', 'mnist_5k', 'emoji' (captioned:
+  # what an image-text objective needs).
+  dataset=REQUIRED,
   seed=0,  # Shuffle order of the images.
   workers=0,  # Grain worker processes for the objective's host-side transform (0: in-process).
 )
@@ -213,7 +215,7 @@ def schema(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if isinstance(config.get('objective'), str):
     objective = registry.get('objectives', config.objective)
     out['objective_args'] = {**objective.ARGS, **{n: RUN_SPEC for n in objective.FROZEN}}
-    if objective.MODALITY == 'image':
+    if objective.MODALITY != 'text':
       out['data'] = IMAGE_DATA
   if isinstance(config.get('model', {}).get('name'), str):
     family = registry.get('models', config.model.name)

@@ -141,7 +141,7 @@ def train_and_evaluate(
   row_len = row_len or family.sequence_length(model_cfg)  # Fixed by the model (patches).
   sample = train.sample_inputs(family, model_cfg, global_batch, row_len)
   abstract = sharding.unbox(jax.eval_shape(model.init, jax.random.key(0), *sample))
-  mask = trainable_mask(abstract, mode)
+  mask = trainable_mask(abstract, mode if kind.trains(config) else 'none')
   counts = param_counts(abstract, mask)
   tx = make_tx(config, mask, steps) if kind.trains(config) else optax.set_to_zero()
   # Frozen parts skip their weight gradients (a linear probe skips the backbone's backward).
@@ -209,11 +209,11 @@ def subset(examples: list, fraction: float, seed: int) -> list:
 
 def trainable_mask(params, mode: str):
   """True for the params a mode trains: all (full), the head (linear_probe), head and adapters
-  (lora)."""
+  (lora), none ('none': a mode that does not train)."""
 
   def trains(path, _):
     name = checkpoint.key_name(path)
-    return (
+    return mode != 'none' and (
       mode == 'full'
       or 'head' in name.split('/')
       or (mode == 'lora' and name.endswith(layers.LORA_SUFFIXES))

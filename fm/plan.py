@@ -362,7 +362,7 @@ def plan(config, topology: Topology, devices: list) -> dict:
 
   from fm import configs, optim, sharding, train
   from fm import metrics as metrics_lib
-  from fm.data import pipeline, tokenizer
+  from fm.data import images, pipeline, tokenizer
 
   config = configs.resolve(config)
   imported = configs.is_finetuning(config)
@@ -384,11 +384,16 @@ def plan(config, topology: Topology, devices: list) -> dict:
       f'the same model with config.objective=causal_lm.'
     )
   B = config.train.global_batch
-  if objective.MODALITY == 'image':  # One image per row, as many tokens as its patches.
-    module, model_cfg = train.model_config(config)
+  if objective.MODALITY != 'text':  # One image (and caption) per row.
+    paired = objective.MODALITY == 'image_text'
+    module, model_cfg = train.model_config(
+      config, images.CAPTION_TOKENIZER.vocab_size if paired else None
+    )
     L, size = module.sequence_length(model_cfg), model_cfg.num_patches
     c = model_cfg
     window = {'image': np.zeros((c.image_size, c.image_size, c.channels), np.uint8)}
+    if paired:
+      window['tokens'] = np.zeros(c.max_len, np.int32)
   else:
     size = tokenizer.declared_vocab_size(config.data.tokenizer)
     module, model_cfg = train.model_config(config, size + objective.EXTRA_TOKENS)

@@ -101,12 +101,20 @@ def validate(
       f'{", ".join(objective.COMPATIBLE_MODELS)}.'
     )
   objective.validate(config.objective_args)
-  text = objective.MODALITY == 'text'  # Else images: rows of a named image dataset.
+  text = objective.MODALITY == 'text'  # Else images (and captions) of a named image dataset.
   if corpus and text:
     check_data(config.data)
   elif corpus:
     images.check(config.data.dataset, 'config.data.dataset')
+    if objective.MODALITY == 'image_text' and not images.has_captions(config.data.dataset):
+      images.captions(config.data.dataset)  # Refused in one sentence naming the key.
   check_run(config)
+  if objective.WHOLE_BATCH and config.train.microbatches != 1:
+    raise ConfigError(
+      f'config.train.microbatches={config.train.microbatches}: the {config.objective} loss '
+      f'couples every row of the batch with every other, so it cannot be split into '
+      f'microbatches; set it to 1 (and lower config.train.global_batch if memory is short).'
+    )
   if text and config.data.seq_len > model_cfg.max_len:
     raise ConfigError(
       f'config.data.seq_len={config.data.seq_len} exceeds the max_len={model_cfg.max_len} of '
@@ -423,9 +431,9 @@ def train_and_evaluate(
 
   pidx, pcount = jax.process_index(), jax.process_count()
   global_batch = config.train.global_batch
-  if objective.MODALITY == 'image':
+  if objective.MODALITY != 'text':
     family, model_cfg, tokenizer, train_ds, held_out = _image_data(config, objective, pidx, pcount)
-    seq_len = model_cfg.num_patches + model_cfg.cls_token  # Tokens the encoder reads at most.
+    seq_len = family.sequence_length(model_cfg)  # Tokens an image (and its caption) make.
   else:
     family, model_cfg, tokenizer, train_ds, held_out = _text_data(config, objective, pidx, pcount)
     seq_len = config.data.seq_len
@@ -438,6 +446,7 @@ def train_and_evaluate(
   model = family.Model(model_cfg)
   counts = family.param_count(model_cfg)
   flops_per_step = family.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
+  text_model = objective.MODALITY == 'text'
   meta = record(
     workdir,
     config,
@@ -451,7 +460,7 @@ def train_and_evaluate(
   metrics_lib.log(
     f'model {config.model.name}/{config.model.variant}: '
     f'{counts["total"]:,} params ({counts["non_embedding"]:,} non-embedding), '
-    + (f'vocab {model_cfg.vocab_size}; ' if tokenizer else f'{seq_len} tokens per image; ')
+    + (f'vocab {model_cfg.vocab_size}; ' if text_model else f'{seq_len} tokens per image; ')
     + f'mesh {dict(mesh.shape)} on '
     f'{jax.device_count()} {jax.devices()[0].platform} devices'
   )
@@ -518,8 +527,11 @@ def _text_data(config, objective, pidx: int, pcount: int):
 def _image_data(config, objective, pidx: int, pcount: int):
   """`_text_data` of an image objective: rows of a named image dataset (its training split;
   the validation split held out), the objective's host-side transform (masking) seeded per row;
-  no tokenizer."""
-  family, model_cfg = model_config(config)
+  no tokenizer. An image-text objective's rows also hold each image's caption, as UTF-8 bytes
+  (`images.caption_tokens`)."""
+  paired = objective.MODALITY == 'image_text'
+  tokenizer = images.CAPTION_TOKENIZER if paired else None
+  family, model_cfg = model_config(config, tokenizer.vocab_size if paired else None)
   splits = images.load(config.data.dataset)
   image_shape = splits['train'][0].shape[1:]
   if image_shape != (model_cfg.image_size, model_cfg.image_size, model_cfg.channels):
@@ -531,7 +543,15 @@ def _image_data(config, objective, pidx: int, pcount: int):
   transform = objective.host_transform and objective.host_transform(
     model_cfg.num_patches, config.objective_args
   )
-  rows = lambda split: {'image': splits[split][0]}
+  texts = images.captions(config.data.dataset) if paired else {}
+  rows = lambda split: {
+    'image': splits[split][0],
+    **(
+      {'tokens': images.caption_tokens(texts[split], model_cfg.max_len, 'config.model.max_len')}
+      if paired
+      else {}
+    ),
+  }
   global_batch = config.train.global_batch
   train_ds = pipeline.example_dataset(
     rows('train'), global_batch, config.data.seed, pidx, pcount, transform, config.data.workers
@@ -539,7 +559,7 @@ def _image_data(config, objective, pidx: int, pcount: int):
   held_out = lambda limit: pipeline.example_batches(
     rows('validation'), global_batch, limit, pidx, pcount, transform
   )
-  return family, model_cfg, None, train_ds, held_out
+  return family, model_cfg, tokenizer, train_ds, held_out
 
 
 def record(

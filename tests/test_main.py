@@ -135,14 +135,15 @@ def test_readme_overrides_name_keys_that_experiments_set():
 # size: fsdp, bf16, scanned and rematerialised layers, each also tested in test_models and
 # test_sharding), and hf_headline (an imported T5 fine-tuned on headlines: its import, logits and
 # decoding are test_convert's, its plan test_plan's, the seq2seq fine-tuning transfer_headline's),
-# and the vision recipes (mae_fashion_mnist, vit_fashion_mnist: the ViT, the masked
+# and the vision recipes (mae_fashion_mnist, vit_fashion_mnist, siglip_emoji: the ViT, the masked
 # autoencoder's loss and masking, the image task's data and augmentation are test_vision's and
-# test_objectives').
+# test_objectives', the two towers and their losses test_contrastive's).
 COVERED_ELSEWHERE = (
   'distill_shakespeare',
   'hf_headline',
   'llama',
   'mae_fashion_mnist',
+  'siglip_emoji',
   'transfer_sentiment',
   'transfer_translate',
   'vit_fashion_mnist',

@@ -29,6 +29,11 @@ def tiny_batch(objective=None, vocab=VOCAB, B=8, L=32):
   """Two packed documents and padding per row, corrupted by the objective's host transform
   (an image objective: random 28 x 28 images, masked by it)."""
   rng = np.random.default_rng(0)
+  if objective is not None and objective.MODALITY == 'image_text':  # The tiny two-tower's.
+    images = rng.integers(0, 256, (B, 32, 32, 3)).astype(np.uint8)
+    tokens = rng.integers(3, 259, (B, L)).astype(np.int32)
+    tokens[:, L // 2 :] = 0  # Padding after each caption.
+    return {'image': images, 'tokens': tokens}
   if objective is not None and objective.MODALITY == 'image':
     images = rng.integers(0, 256, (B, 28, 28, 1)).astype(np.uint8)
     mask = objective.host_transform((28 // 4) ** 2, args(objective))
@@ -66,12 +71,14 @@ def frozen_models(objective, model, sample, mesh=None, rules=None) -> dict:
 
 def setup_model(name, model_name):
   """(resolved config, model, zero inputs of tiny_batch's shape) of a tiny model."""
-  image = registry.get('objectives', name).MODALITY == 'image'
+  modality = registry.get('objectives', name).MODALITY
+  image = modality != 'text'
+  datasets = {'image': 'fashion_mnist', 'image_text': 'emoji'}
   config = configs.resolve(
     dict(
       objective=name,
       model=dict(name=model_name, variant='tiny'),
-      data=dict(dataset='fashion_mnist') if image else dict(dataset='shakespeare', seq_len=32),
+      data=dict(dataset=datasets[modality]) if image else dict(dataset='shakespeare', seq_len=32),
       train=dict(steps=10, global_batch=8),
       # Adam's first update is g / (|g| + eps): a larger eps keeps rounding in near-zero
       # gradients from turning into full-size steps that differ between meshes.
@@ -131,15 +138,16 @@ def test_interface_and_finite_gradients(name):
     assert np.isclose(summary['loss'], loss, rtol=1e-5)
 
 
-# Encoder-decoder objectives compile the largest programs, and the image objective's ViT has
-# its decoder too: their sharded steps run in the slow set (tests/test_sharding.py checks every
+# Encoder-decoder objectives compile the largest programs, the image objective's ViT has its
+# decoder too, and the contrastive loss's own sharding is test_contrastive's: their sharded
+# steps run in the slow set (tests/test_sharding.py checks every
 # mesh on the decoder).
 @pytest.mark.parametrize(
   'name',
   [
     pytest.param(n, marks=pytest.mark.slow)
     if 'encdec' in registry.get('objectives', n).COMPATIBLE_MODELS
-    or registry.get('objectives', n).MODALITY == 'image'
+    or registry.get('objectives', n).MODALITY != 'text'
     else n
     for n in OBJECTIVES
   ],

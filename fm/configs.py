@@ -119,6 +119,10 @@ IMAGE_DATA = dict(
   dataset=REQUIRED,
   seed=0,  # Shuffle order of the images.
   workers=0,  # Grain worker processes for the objective's host-side transform (0: in-process).
+  # Training augmentation: pixels of zero padding before a random crop (0: none), a random
+  # horizontal flip.
+  pad=0,
+  flip=False,
 )
 # A fine-tuning run (`task` set).
 FINETUNING = dict(

@@ -108,6 +108,8 @@ def validate(
     images.check(config.data.dataset, 'config.data.dataset')
     if objective.MODALITY == 'image_text' and not images.has_captions(config.data.dataset):
       images.captions(config.data.dataset)  # Refused in one sentence naming the key.
+  if not text and config.data.pad < 0:
+    raise ConfigError(f'config.data.pad={config.data.pad} must be >= 0.')
   check_run(config)
   if objective.WHOLE_BATCH and config.train.microbatches != 1:
     raise ConfigError(
@@ -526,8 +528,8 @@ def _text_data(config, objective, pidx: int, pcount: int):
 
 def _image_data(config, objective, pidx: int, pcount: int):
   """`_text_data` of an image objective: rows of a named image dataset (its training split;
-  the validation split held out), the objective's host-side transform (masking) seeded per row;
-  no tokenizer. An image-text objective's rows also hold each image's caption, as UTF-8 bytes
+  the validation split held out), the objective's host-side transform (masking) seeded per row,
+  after `config.data.pad` / `flip` augment a training row; no tokenizer. An image-text objective's rows also hold each image's caption, as UTF-8 bytes
   (`images.caption_tokens`)."""
   paired = objective.MODALITY == 'image_text'
   tokenizer = images.CAPTION_TOKENIZER if paired else None
@@ -553,8 +555,18 @@ def _image_data(config, objective, pidx: int, pcount: int):
     ),
   }
   global_batch = config.train.global_batch
+  augment = images.augmentation(config.data.pad, config.data.flip)
+  train_transform = transform
+  if augment is not None:
+    train_transform = lambda row, rng: (transform or (lambda r, _: r))(augment(row, rng), rng)
   train_ds = pipeline.example_dataset(
-    rows('train'), global_batch, config.data.seed, pidx, pcount, transform, config.data.workers
+    rows('train'),
+    global_batch,
+    config.data.seed,
+    pidx,
+    pcount,
+    train_transform,
+    config.data.workers,
   )
   held_out = lambda limit: pipeline.example_batches(
     rows('validation'), global_batch, limit, pidx, pcount, transform

@@ -425,11 +425,26 @@ def test_seq2seq_targets_start_like_a_word_inside_a_document(layout):
 
 
 @pytest.mark.slow
-def test_label_efficiency_script_smoke(tmp_path):
-  """The README's smoke command of the label-efficiency study writes its table and plot."""
+@pytest.mark.parametrize(
+  'study, models',
+  [
+    ('sentiment', ('pretrained', 'random', 'bag_of_words')),
+    ('fashion_mnist', ('pretrained', 'random')),
+  ],
+)
+def test_label_efficiency_script_smoke(study, models, tmp_path):
+  """The README's smoke commands of the label-efficiency studies write their tables and plots."""
   root = pathlib.Path(__file__).resolve().parents[1]
   result = subprocess.run(
-    [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path), '--smoke'],
+    [
+      sys.executable,
+      'experiments/label_efficiency.py',
+      '--study',
+      study,
+      '--workdir',
+      str(tmp_path),
+      '--smoke',
+    ],
     cwd=root,
     capture_output=True,
     text=True,
@@ -437,10 +452,8 @@ def test_label_efficiency_script_smoke(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads((tmp_path / 'label_efficiency.json').read_text())
-  assert {(r['model'], r['fraction']) for r in rows} == {
-    (m, f) for m in ('pretrained', 'random', 'bag_of_words') for f in (0.1, 1.0)
-  }
+  assert {(r['model'], r['fraction']) for r in rows} == {(m, f) for m in models for f in (0.1, 1.0)}
   assert all(0 <= r['accuracy'] <= 1 for r in rows)
   table = (tmp_path / 'label_efficiency.md').read_text()
-  assert table.count('\n| ') == 4 and '10% labels' in table  # Header and three models.
+  assert table.count('\n| ') == 1 + len(models) and '10% labels' in table  # Header, models.
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000

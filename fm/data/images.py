@@ -194,6 +194,26 @@ def captions(name: str, seed: int = 0, key: str = 'config.data.dataset') -> dict
   return {split: arrays[2].tolist() for split, arrays in _splits(name, seed, key).items()}
 
 
+def augmentation(pad: int, flip: bool):
+  """A grain transform of training rows: a random crop of the image zero-padded by `pad`
+  pixels, a random horizontal flip; None when neither."""
+  if not pad and not flip:
+    return None
+
+  def augment(row: dict, rng: np.random.Generator) -> dict:
+    image = row['image']
+    if pad:
+      H, W = image.shape[:2]
+      padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+      y, x = rng.integers(0, 2 * pad + 1, 2)
+      image = padded[y : y + H, x : x + W]
+    if flip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {**row, 'image': np.ascontiguousarray(image)}
+
+  return augment
+
+
 def caption_tokens(texts: list[str], length: int, key: str) -> np.ndarray:
   """(N, length) int32: each caption's bytes (CAPTION_TOKENIZER), padded with id 0."""
   out = np.zeros((len(texts), length), np.int32)

@@ -121,22 +121,7 @@ def encode_splits(task, named: dict[str, list], tokenizer, config, family) -> di
 def transform(task, config: ml_collections.ConfigDict):
   """Training rows: a random crop of the zero-padded image, a random horizontal flip."""
   del task
-  pad, flip = config.task_args.pad, config.task_args.flip
-  if not pad and not flip:
-    return None
-
-  def augment(row: dict, rng: np.random.Generator) -> dict:
-    image = row['image']
-    if pad:
-      H, W = image.shape[:2]
-      padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
-      y, x = rng.integers(0, 2 * pad + 1, 2)
-      image = padded[y : y + H, x : x + W]
-    if flip and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {**row, 'image': np.ascontiguousarray(image)}
-
-  return augment
+  return images.augmentation(config.task_args.pad, config.task_args.flip)
 
 
 def make_loss(task, config: ml_collections.ConfigDict, family, model_cfg) -> Callable:

@@ -49,7 +49,7 @@ class ModelFamily(Protocol):
 
 
 DEFAULTS: dict[str, Any] = {
-  # What the model reads: 'text' (token ids) or 'image' (pixels).
+  # What the model reads: 'text' (token ids), 'image' (pixels) or 'image_text' (both: two towers).
   'MODALITY': 'text',
   # Tokens a row of the model holds when its input fixes them (an image's patches):
   # `sequence_length(model_cfg) -> int`; None: a run's rows set it.

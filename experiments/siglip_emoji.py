@@ -80,11 +80,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.finetune = dict(init='pretrained', mode='zero_shot', pool='', head_lr=0.0)
   c.data = dict(seed=0)
   c.train = dict(
-    steps=0, global_batch=100, log_every=1, eval_every=1, eval_batches=-1, nonfinite='raise'
+    steps=0, global_batch=200, log_every=1, eval_every=1, eval_batches=-1, nonfinite='raise'
   )
   c.optim = dict(lr=0.0, warmup_steps=0)  # Nothing trains.
   c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
   c.checkpoint = dict(every_steps=1, keep=1)
   if arg == 'smoke':
-    c.train.global_batch = 20
+    c.train.global_batch = 16
   return c

@@ -362,7 +362,7 @@ def plan(config, topology: Topology, devices: list) -> dict:
 
   from fm import configs, optim, sharding, train
   from fm import metrics as metrics_lib
-  from fm.data import images, pipeline, tokenizer
+  from fm.data import pipeline, tokenizer
 
   config = configs.resolve(config)
   imported = configs.is_finetuning(config)
@@ -385,15 +385,12 @@ def plan(config, topology: Topology, devices: list) -> dict:
     )
   B = config.train.global_batch
   if objective.MODALITY != 'text':  # One image (and caption) per row.
-    paired = objective.MODALITY == 'image_text'
-    module, model_cfg = train.model_config(
-      config, images.CAPTION_TOKENIZER.vocab_size if paired else None
-    )
+    module, model_cfg, caption_tokenizer = train.image_model_config(config, objective)
     L, size = module.sequence_length(model_cfg), model_cfg.num_patches
     c = model_cfg
-    window = {'image': np.zeros((c.image_size, c.image_size, c.channels), np.uint8)}
-    if paired:
-      window['tokens'] = np.zeros(c.max_len, np.int32)
+    pixels = np.zeros((1, c.image_size, c.image_size, c.channels), np.uint8)
+    rows = train.image_rows(c, pixels, caption_tokenizer and [''])
+    window = {k: v[0] for k, v in rows.items()}
   else:
     size = tokenizer.declared_vocab_size(config.data.tokenizer)
     module, model_cfg = train.model_config(config, size + objective.EXTRA_TOKENS)

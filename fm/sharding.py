@@ -166,11 +166,15 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def batch_axes(rules) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over."""
+  axes = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_divisor(mesh: Mesh, rules) -> int:
   """How many ways the batch dimension is split; the global batch must be a multiple of it."""
-  axes = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:

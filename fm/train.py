@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from fm import ConfigError, checkpoint, models, optim, registry, sharding
@@ -105,9 +106,8 @@ def validate(
   if corpus and text:
     check_data(config.data)
   elif corpus:
-    images.check(config.data.dataset, 'config.data.dataset')
-    if objective.MODALITY == 'image_text' and not images.has_captions(config.data.dataset):
-      images.captions(config.data.dataset)  # Refused in one sentence naming the key.
+    paired = objective.MODALITY == 'image_text'
+    images.check(config.data.dataset, 'config.data.dataset', captions=paired)
   if not text and config.data.pad < 0:
     raise ConfigError(f'config.data.pad={config.data.pad} must be >= 0.')
   check_run(config)
@@ -526,15 +526,29 @@ def _text_data(config, objective, pidx: int, pcount: int):
   return family, model_cfg, data.tokenizer, train_ds, held_out
 
 
+def image_model_config(config, objective):
+  """(family, model_cfg, tokenizer) of an image objective's run: an image-text objective's
+  text tower reads captions as UTF-8 bytes (images.CAPTION_TOKENIZER); images need none."""
+  tokenizer = images.CAPTION_TOKENIZER if objective.MODALITY == 'image_text' else None
+  family, model_cfg = model_config(config, tokenizer and tokenizer.vocab_size)
+  return family, model_cfg, tokenizer
+
+
+def image_rows(model_cfg, images_NHWC: np.ndarray, captions: list[str] | None = None) -> dict:
+  """The rows an image objective reads: the images, and each caption's bytes (`tokens`)."""
+  rows = {'image': images_NHWC}
+  if captions is not None:
+    rows['tokens'] = images.caption_tokens(captions, model_cfg.max_len, 'config.model.max_len')
+  return rows
+
+
 def _image_data(config, objective, pidx: int, pcount: int):
   """`_text_data` of an image objective: rows of a named image dataset (its training split;
-  the validation split held out), the objective's host-side transform (masking) seeded per row,
-  after `config.data.pad` / `flip` augment a training row; no tokenizer. An image-text objective's rows also hold each image's caption, as UTF-8 bytes
-  (`images.caption_tokens`)."""
-  paired = objective.MODALITY == 'image_text'
-  tokenizer = images.CAPTION_TOKENIZER if paired else None
-  family, model_cfg = model_config(config, tokenizer.vocab_size if paired else None)
-  splits = images.load(config.data.dataset)
+  the validation split held out; an image-text objective's with their captions), the
+  objective's host-side transform (masking) seeded per row, after `config.data.pad` / `flip`
+  augment a training row."""
+  family, model_cfg, tokenizer = image_model_config(config, objective)
+  splits = images.load(config.data.dataset, captions=tokenizer is not None)
   image_shape = splits['train'][0].shape[1:]
   if image_shape != (model_cfg.image_size, model_cfg.image_size, model_cfg.channels):
     raise ConfigError(
@@ -545,27 +559,15 @@ def _image_data(config, objective, pidx: int, pcount: int):
   transform = objective.host_transform and objective.host_transform(
     model_cfg.num_patches, config.objective_args
   )
-  texts = images.captions(config.data.dataset) if paired else {}
-  rows = lambda split: {
-    'image': splits[split][0],
-    **(
-      {'tokens': images.caption_tokens(texts[split], model_cfg.max_len, 'config.model.max_len')}
-      if paired
-      else {}
-    ),
-  }
+  rows = lambda split: image_rows(model_cfg, *splits[split][::2])  # Images, captions if any.
   global_batch = config.train.global_batch
-  augment = images.augmentation(config.data.pad, config.data.flip)
-  train_transform = transform
-  if augment is not None:
-    train_transform = lambda row, rng: (transform or (lambda r, _: r))(augment(row, rng), rng)
   train_ds = pipeline.example_dataset(
     rows('train'),
     global_batch,
     config.data.seed,
     pidx,
     pcount,
-    train_transform,
+    pipeline.chain(images.augmentation(config.data.pad, config.data.flip), transform),
     config.data.workers,
   )
   held_out = lambda limit: pipeline.example_batches(

@@ -113,6 +113,8 @@ def test_two_tower_shapes_param_count_and_classifier():
   classifier = two_tower.Config(**{**two_tower.VARIANTS['tiny'], 'num_classes': 9})
   cp = two_tower.Model(classifier).init(jax.random.key(0), images_)['params']
   assert set(cp) == {'image', 'head'} and 'head' not in cp['image']
+  backbone = sum(x.size for x in jax.tree.leaves(cp['image']))
+  assert backbone == two_tower.param_count(classifier)['total']
   assert 'head' in params['params']['image'] and 'head' in params['params']['text']
 
 

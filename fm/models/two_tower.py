@@ -195,9 +195,14 @@ def sample_inputs(model_cfg: Config, batch_size: int, length: int = 0) -> tuple:
 
 
 def param_count(model_cfg: Config) -> dict[str, int]:
-  image, text = vit.param_count(model_cfg.image_tower), decoder.param_count(model_cfg.text_tower)
-  E, D = model_cfg.embed_dim, model_cfg.d_model
-  heads = (D + 1) * (model_cfg.num_classes or E) + (model_cfg.text_d_model + 1) * E + 2
+  """Both towers, their projections, scale and bias; an image classifier: its image tower
+  (like every family's count, without the classification head)."""
+  image = vit.param_count(model_cfg.image_tower)
+  if model_cfg.num_classes:
+    return image
+  text = decoder.param_count(model_cfg.text_tower)
+  E = model_cfg.embed_dim
+  heads = (model_cfg.d_model + 1) * E + (model_cfg.text_d_model + 1) * E + 2
   return {
     'total': image['total'] + text['total'] + heads,
     'non_embedding': image['non_embedding'] + text['non_embedding'] + heads,

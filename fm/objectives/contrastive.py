@@ -20,6 +20,7 @@ batch, so config.train.microbatches must be 1.
 """
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import ml_collections
 
-from fm import ConfigError
+from fm import ConfigError, sharding
 from fm.models import vit
 
 MODALITY = 'image_text'
@@ -63,9 +64,7 @@ def batch_axes() -> tuple[str, ...]:
   mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return ()
-  axes = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return tuple(a for a in axes if mesh.shape[a] > 1)
+  return tuple(a for a in sharding.batch_axes(rules) if mesh.shape[a] > 1)
 
 
 def pairwise(image_BE, text_BE, scale, bias, weight_B, loss: str) -> dict:
@@ -75,9 +74,7 @@ def pairwise(image_BE, text_BE, scale, bias, weight_B, loss: str) -> dict:
   if not axes:
     return _ring(image_BE, text_BE, scale, bias, weight_B, loss, None, 1)
   mesh = jax.sharding.get_abstract_mesh()
-  n = 1
-  for a in axes:
-    n *= mesh.shape[a]
+  n = math.prod(mesh.shape[a] for a in axes)
   if image_BE.shape[0] % n:
     raise ConfigError(
       f'config.train.global_batch: {image_BE.shape[0]} rows do not split over the {n} devices '

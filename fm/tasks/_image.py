@@ -156,24 +156,21 @@ summarize = _classification.summarize
 def generation(task, config, tokenizer, family, model_cfg, examples, mesh, rules, workdir):
   """Classifiers generate nothing; zero-shot on a captioned dataset: params -> retrieval
   recall@k both ways over the test images and their captions."""
-  del task, tokenizer, mesh, rules, workdir
+  del task, tokenizer, examples, mesh, rules, workdir  # (The test images are read with captions.)
   dataset = config.task_args.dataset
-  if config.finetune.mode != 'zero_shot' or not images.has_captions(dataset):
+  if config.finetune.mode != 'zero_shot' or not images.captioned(dataset):
     return None
-  texts = images.captions(dataset, config.task_args.split_seed, 'config.task_args.dataset')
-  tokens = images.caption_tokens(texts['test'], model_cfg.max_len, 'config.model.max_len')
-  pictures = np.stack([image for image, _ in examples])
+  key = 'config.task_args.dataset'
+  pictures, _, texts = images.load(dataset, config.task_args.split_seed, key, captions=True)['test']
+  tokens = images.caption_tokens(texts, model_cfg.max_len, 'config.model.max_len')
   model, batch = family.Model(model_cfg), config.train.global_batch
   embed_images = jax.jit(lambda p, x: model.apply(p, vit.pixels(x), method='encode_image'))
   embed_texts = jax.jit(lambda p, t: model.apply(p, t, method='encode_text'))
 
   def retrieval(params) -> dict[str, float]:
-    image_NE = np.concatenate(
-      [embed_images(params, pictures[i : i + batch]) for i in range(0, len(pictures), batch)]
+    embed = lambda fn, rows: np.concatenate(
+      [fn(params, rows[i : i + batch]) for i in range(0, len(rows), batch)]
     )
-    text_NE = np.concatenate(
-      [embed_texts(params, tokens[i : i + batch]) for i in range(0, len(tokens), batch)]
-    )
-    return contrastive.retrieval(image_NE, text_NE)
+    return contrastive.retrieval(embed(embed_images, pictures), embed(embed_texts, tokens))
 
   return retrieval

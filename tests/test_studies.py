@@ -1,0 +1,94 @@
+"""The study scripts' analysis code, checked on data with a known answer, and their smoke runs."""
+
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _isoflop_runs(sl, law, budgets, spread, sizes, noise, seed=0) -> list[dict]:
+  """IsoFLOP runs around `law`'s compute-optimal sizes (N from 1/spread to spread times the
+  optimum, D = C / 6N), their losses L(N, D) = E + A / N^alpha + B / D^beta times log-normal
+  noise."""
+  rng = np.random.default_rng(seed)
+  runs = []
+  for c in budgets:
+    centre = sl.frontier(law, [c])['n_opt'][0]
+    for n in centre * np.geomspace(1 / spread, spread, sizes):
+      d = c / (6 * n)
+      exact = law['E'] + law['A'] / n ** law['alpha'] + law['B'] / d ** law['beta']
+      runs.append(dict(budget=c, n=n, d=d, loss=float(exact * np.exp(rng.normal(0, noise)))))
+  return runs
+
+
+def test_scaling_fit_recovers_known_exponents():
+  """Approach 3 (Huber on log-loss, L-BFGS from a grid) recovers the constants that generated
+  noisy IsoFLOP losses, and approach 2's parabolas recover a = beta / (alpha + beta), for two
+  laws whose exponents differ (so the check can fail)."""
+  sl = _script('scaling_law')
+  budgets = [1e12, 1e13, 1e14, 1e15]
+  for law in (
+    dict(E=1.9, A=60.0, B=300.0, alpha=0.45, beta=0.3),
+    dict(E=1.5, A=400.0, B=40.0, alpha=0.3, beta=0.4),
+  ):
+    runs = _isoflop_runs(sl, law, budgets, spread=8, sizes=7, noise=0.002)
+    fit = sl.fit_parametric(*sl._arrays(runs))
+    assert abs(fit['alpha'] - law['alpha']) < 0.04, (law, fit)
+    assert abs(fit['beta'] - law['beta']) < 0.04, (law, fit)
+    assert abs(fit['E'] - law['E']) < 0.05 * law['E'], (law, fit)
+    a = law['beta'] / (law['alpha'] + law['beta'])
+    front = sl.frontier(fit, budgets)
+    assert abs(front['a'] - a) < 0.03 and abs(front['a'] + front['b'] - 1) < 1e-9
+    iso = sl.fit_isoflop(runs)
+    assert iso['skipped'] == [] and abs(iso['a'] - a) < 0.05 and abs(iso['b'] - (1 - a)) < 0.05
+    np.testing.assert_allclose(iso['n_opt'], sl.frontier(law, budgets)['n_opt'], rtol=0.25)
+
+
+def test_scaling_bootstrap_intervals_cover_the_truth():
+  """The bootstrap's 95% intervals (few resamplings) contain the generating exponents and
+  narrow when the noise does."""
+  sl = _script('scaling_law')
+  law = dict(E=1.9, A=60.0, B=300.0, alpha=0.45, beta=0.3)
+  widths = []
+  for noise in (0.01, 0.001):
+    runs = _isoflop_runs(sl, law, [1e12, 1e13, 1e14], spread=6, sizes=5, noise=noise, seed=1)
+    fit = sl.fit_parametric(*sl._arrays(runs))
+    ci = sl.bootstrap(runs, samples=30, seed=0, start=sl.theta(fit))
+    assert ci['alpha'][0] <= law['alpha'] <= ci['alpha'][1], (noise, ci['alpha'])
+    assert ci['beta'][0] <= law['beta'] <= ci['beta'][1], (noise, ci['beta'])
+    widths.append(ci['alpha'][1] - ci['alpha'][0])
+  assert widths[1] < widths[0]
+
+
+@pytest.mark.slow
+def test_scaling_law_script_smoke(tmp_path):
+  """The README's smoke command trains the smoke grid, fits it and writes the table, JSON and
+  plots; a second run re-evaluates instead of retraining."""
+  command = [sys.executable, 'experiments/scaling_law.py', '--workdir', str(tmp_path), '--smoke']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads((tmp_path / 'scaling_law.json').read_text())
+  assert len(out['runs']) == 6 and {r['budget'] for r in out['runs']} == {1e9, 2e9}
+  for r in out['runs']:
+    assert r['flops'] == pytest.approx(r['budget'], rel=0.05) and 0 < r['loss'] < 10
+    assert r['curve'] and 0.9 * r['steps'] <= r['curve'][-1][0] <= r['steps']
+  assert {'alpha', 'beta', 'E'} <= set(out['parametric']) and 'a' in out['frontier']
+  assert 'alpha' in out['intervals']
+  for name in ('isoflop.png', 'frontier.png'):
+    assert (tmp_path / name).stat().st_size > 1000
+  assert '| alpha' in (tmp_path / 'scaling_law.md').read_text()
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert again.returncode == 0 and 'nothing to train' in again.stdout + again.stderr

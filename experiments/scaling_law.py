@@ -69,7 +69,7 @@ class Grid:
 
 
 GRIDS = {
-  'default': Grid((3e12, 1e13, 3e13), 5, 128, 16, 1024),
+  'default': Grid((1e12, 3e12, 1e13), 6, 128, 16, 1024),
   # For an accelerator: 5 budgets up to 1e17 (a few GPU-hours) over the larger rungs; the news
   # corpus's few million tokens are then re-read several times, so point data.train at a bigger
   # corpus (dataset=files or prepared) for it.

@@ -290,12 +290,18 @@ def plan(grid: Grid) -> list[dict]:
   return runs
 
 
-def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict]:
-  """Trains (or re-evaluates) every run of the grid; the JSON is rewritten after each."""
+def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | None:
+  """Trains (or re-evaluates) every run of the grid, the JSON rewritten after each; None when
+  preempted. A run's `seconds` are its training time summed over the commands that trained it
+  (a finished run's re-evaluation adds nothing)."""
   import time
 
   from fm import runs as fm_runs
 
+  path = workdir / 'scaling_law.json'
+  before = json.loads(path.read_text()) if path.exists() else {}
+  finished = {r['name']: r['seconds'] for r in before.get('runs', [])}
+  spent = before.get('spent', {})  # Seconds of runs not finished yet.
   done = []
   for run in plan(grid):
     config = run.pop('config')
@@ -306,10 +312,15 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict]:
     name = f'C{run["budget"]:.0e}-L{run["layers"]}-D{run["d_model"]}'
     start = time.time()
     metrics = fm_runs.run(config, workdir / name)
-    run.update(name=name, loss=metrics['loss'], seconds=time.time() - start)
-    run['curve'] = _curve(workdir / name)
+    elapsed = time.time() - start
+    if 'loss' not in metrics:  # Preempted: the run resumes from its checkpoint next time.
+      spent[name] = spent.get(name, 0.0) + elapsed
+      path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
+      return None
+    seconds = finished.get(name, spent.pop(name, 0.0) + elapsed)
+    run.update(name=name, loss=metrics['loss'], seconds=seconds, curve=_curve(workdir / name))
     done.append(run)
-    (workdir / 'scaling_law.json').write_text(json.dumps({'runs': done}, indent=1))
+    path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
   return done
 
 
@@ -461,6 +472,9 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if runs is None:
+    print('stopped (preempted); rerun the same command to resume.')
+    return 0
   result = analyse(runs, 20 if args.smoke else args.bootstrap)
   markdown = report(runs, result)
   (workdir / 'scaling_law.json').write_text(json.dumps({'runs': runs, **result}, indent=1))

@@ -5,10 +5,11 @@
 
 The architecture is experiments/mae_fashion_mnist.py's backbone (ViT mini: fixed 2-D sine-cosine
 positions, a CLS token) with 7x7 patches instead of 4x4 (16 patches an image instead of 49: three
-times the images per second, so 14 epochs fit where 5 would), freshly initialised
-(finetune.init=random: nothing is pretrained). Training images are flipped at random; 5,000
-training images are held out for validation, the 10,000 test images give the reported top-1
-accuracy and macro-F1.
+times the images per second, so 20 epochs fit where 7 would), freshly initialised
+(finetune.init=random: nothing is pretrained). Training images are shifted by up to one pixel
+(a random crop of the image padded by 1) and flipped at random; 5,000 training images are held
+out for validation, the 10,000 test images give the reported top-1 accuracy and macro-F1.
+Measured on a 2-core CPU: 90.2% test accuracy, 19 minutes for the whole command.
 """
 
 import ml_collections
@@ -18,7 +19,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = 'image_classification'
-  c.task_args = dict(dataset='fashion_mnist', train_fraction=1.0, split_seed=0, pad=0, flip=True)
+  c.task_args = dict(dataset='fashion_mnist', train_fraction=1.0, split_seed=0, pad=1, flip=True)
   # The architecture: the masked autoencoder's backbone with larger patches, not trained.
   c.pretrained = dict(
     experiment='experiments/mae_fashion_mnist.py:pretrain',
@@ -28,7 +29,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.finetune = dict(init='random', mode='full', pool='', head_lr=0.0)
   c.data = dict(seed=0)
   c.train = dict(
-    steps=6000,
+    steps=8500,
     global_batch=128,
     log_every=250,
     eval_every=1000,

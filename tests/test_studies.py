@@ -12,6 +12,24 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _readme_command(script: str) -> list[str]:
+  """The README's smoke command of a study script, its workdir left for the caller."""
+  prefix = f'python experiments/{script}.py --workdir '
+  line = next(
+    line.strip()
+    for line in (ROOT / 'README.md').read_text().splitlines()
+    if line.strip().startswith(prefix) and line.strip().endswith(' --smoke')
+  )
+  assert line.split() == [
+    'python',
+    f'experiments/{script}.py',
+    '--workdir',
+    line.split()[3],
+    '--smoke',
+  ]
+  return [sys.executable, f'experiments/{script}.py', '--workdir']
+
+
 def _script(name: str):
   spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
   module = importlib.util.module_from_spec(spec)
@@ -57,6 +75,7 @@ def test_scaling_fit_recovers_known_exponents():
     np.testing.assert_allclose(iso['n_opt'], sl.frontier(law, budgets)['n_opt'], rtol=0.25)
 
 
+@pytest.mark.slow
 def test_scaling_bootstrap_intervals_cover_the_truth():
   """The bootstrap's 95% intervals (few resamplings) contain the generating exponents and
   narrow when the noise does."""
@@ -77,7 +96,7 @@ def test_scaling_bootstrap_intervals_cover_the_truth():
 def test_scaling_law_script_smoke(tmp_path):
   """The README's smoke command trains the smoke grid, fits it and writes the table, JSON and
   plots; a second run re-evaluates instead of retraining."""
-  command = [sys.executable, 'experiments/scaling_law.py', '--workdir', str(tmp_path), '--smoke']
+  command = _readme_command('scaling_law') + [str(tmp_path), '--smoke']
   result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads((tmp_path / 'scaling_law.json').read_text())
@@ -92,3 +111,40 @@ def test_scaling_law_script_smoke(tmp_path):
   assert '| alpha' in (tmp_path / 'scaling_law.md').read_text()
   again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and 'nothing to train' in again.stdout + again.stderr
+
+
+def test_objective_comparison_budget_is_equal_flops():
+  """Every objective's pretraining gets the causal LM's FLOPs (to the rounding of one step),
+  each on the model family it needs."""
+  oc = _script('objective_comparison')
+  infos = {name: oc.pretraining_config(name, smoke=False) for name in oc.OBJECTIVES}
+  budget = infos['causal_lm'][1]['flops']
+  for name, (config, info) in infos.items():
+    assert config.objective == name and info['family'] == config.model.name
+    assert abs(info['flops'] - budget) <= budget / info['steps'], (name, info)
+  assert infos['masked_lm'][0].model.name == 'encoder'
+  assert infos['ul2'][0].model.name == 'encdec' and infos['ul2'][1]['steps'] < 360
+
+
+@pytest.mark.slow
+def test_objective_comparison_script_smoke(tmp_path):
+  """The README's smoke command pretrains the five objectives and fine-tunes each on the three
+  tasks (masked LM on the two it can do) and writes the table, JSON and loss plot."""
+  command = _readme_command('objective_comparison') + [str(tmp_path), '--smoke']
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads((tmp_path / 'objective_comparison.json').read_text())
+  assert list(out['pretraining']) == [
+    'causal_lm',
+    'prefix_lm',
+    'masked_lm',
+    'span_corruption',
+    'ul2',
+  ]
+  assert all(info['curve'] and info['params'] > 0 for info in out['pretraining'].values())
+  done = {(r['objective'], r['task']) for r in out['finetuning']}
+  assert len(done) == 14 and ('masked_lm', 'headline') not in done
+  assert all(0 <= r['accuracy'] <= 1 for r in out['finetuning'] if 'accuracy' in r)
+  table = (tmp_path / 'objective_comparison.md').read_text()
+  assert sum(line.startswith('| ') for line in table.splitlines()) == 6 and '| n/a |' in table
+  assert (tmp_path / 'pretraining_loss.png').stat().st_size > 1000

@@ -1,0 +1,212 @@
+"""Objective comparison (Raffel et al. 2020, T5, section 3.3 and Table 4), on one compute budget.
+
+  python experiments/objective_comparison.py --workdir /tmp/objectives
+  python experiments/objective_comparison.py --workdir /tmp/objectives_smoke --smoke
+
+Five pretraining objectives on the news corpus, each on the model family it needs, `mini` size
+and one SentencePiece vocabulary (4,096 pieces): causal LM and prefix LM (decoder), BERT-style
+masked LM (encoder), T5 span corruption and UL2 (encoder-decoder). Each gets the training FLOPs
+of experiments/lm_news.py (360 steps x 16 x 256 tokens of the decoder; steps = that budget /
+(its family's flops_per_token x tokens per step)). Each backbone is then fine-tuned, 3 seeds,
+on
+  sentiment      Rotten Tomatoes (experiments/transfer_sentiment.py): test accuracy
+  question_type  TREC question types (the same recipe, task=question_type): test accuracy
+  headline       news article -> title (experiments/transfer_headline.py): test ROUGE-L of
+                 greedy titles for 64 test articles, and the test target loss
+(an encoder cannot write a title: masked LM has no headline score). Writes
+WORKDIR/objective_comparison.{md,json} and pretraining_loss.png; rerunning the command skips
+finished runs (their final checkpoints are only re-evaluated).
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Objective -> (pretraining experiment, config changes). lm_news.py's decoder sets the budget.
+OBJECTIVES = {
+  'causal_lm': ('experiments/lm_news.py', {}),
+  'prefix_lm': ('experiments/lm_news.py', {'objective': 'prefix_lm'}),
+  'masked_lm': ('experiments/lm_news.py', {'objective': 'masked_lm', 'model.name': 'encoder'}),
+  'span_corruption': ('experiments/t5_news.py', {}),
+  'ul2': ('experiments/ul2_news.py', {}),
+}
+# Task -> (fine-tuning experiment, task name, steps, the scores reported: test metric keys).
+TASKS = {
+  'sentiment': ('experiments/transfer_sentiment.py', 'sentiment', 300, ('accuracy',)),
+  'question_type': ('experiments/transfer_sentiment.py', 'question_type', 300, ('accuracy',)),
+  'headline': ('experiments/transfer_headline.py', 'headline', 300, ('greedy_rougeL', 'loss')),
+}
+SEEDS = (0, 1, 2)
+# The paper's GLUE average / CNN-DailyMail ROUGE-2 for its encoder-decoder (Table 4: prefix LM
+# against BERT-style denoising; Table 5: replacing corrupted spans with sentinels, the T5
+# baseline): denoising ahead of language modelling for fine-tuning.
+PAPER = {
+  'prefix_lm': '80.69 / 18.94',
+  'masked_lm': '82.96 / 19.17',
+  'span_corruption': '83.28 / 19.24',
+}
+
+
+def pretraining_config(objective: str, smoke: bool):
+  """The objective's pretraining config with the budget's number of steps."""
+  import ml_collections
+
+  from fm import configs, registry, train
+
+  experiment, changes = OBJECTIVES[objective]
+  suffix = ':smoke' if smoke else ''
+  reference = configs.load('experiments/lm_news.py' + suffix, 'objective_comparison')
+  config = ml_collections.ConfigDict(configs.load(experiment + suffix, 'objective_comparison'))
+  for key, value in changes.items():
+    section, _, field = key.rpartition('.')
+    (config[section] if section else config)[field] = value
+  config = configs.resolve(config)
+
+  def flops_per_step(c) -> float:
+    vocab = c.data.tokenizer.vocab_size + registry.get('objectives', c.objective).EXTRA_TOKENS
+    family, model_cfg = train.model_config(c, vocab)
+    return family.flops_per_token(model_cfg, c.data.seq_len) * c.train.global_batch * c.data.seq_len
+
+  budget = flops_per_step(configs.resolve(reference)) * reference.train.steps
+  steps = max(round(budget / flops_per_step(config)), 1)
+  every = max(steps // 3, 1)
+  config.train.update(steps=steps, eval_every=every, log_every=max(steps // 30, 1))
+  config.checkpoint.every_steps = every
+  return config, dict(family=config.model.name, steps=steps, flops=steps * flops_per_step(config))
+
+
+def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool):
+  import ml_collections
+
+  from fm import configs
+
+  experiment, name, steps, _ = TASKS[task]
+  config = ml_collections.ConfigDict(
+    configs.load(experiment + (':smoke' if smoke else ''), 'objective_comparison')
+  )
+  config.task, config.seed = name, seed
+  config.pretrained.update(workdir=str(backbone), experiment='')
+  steps = 4 if smoke else steps
+  config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 6, 1))
+  config.checkpoint.every_steps = steps
+  config.optim.warmup_steps = max(steps // 10, 1)
+  if task == 'headline':
+    config.task_args.eval_examples = 8 if smoke else 64
+    config.finetune.beams = 2
+  return config
+
+
+def run(workdir: pathlib.Path, smoke: bool) -> dict:
+  from fm import runs
+
+  seeds = SEEDS[:1] if smoke else SEEDS
+  out = {'pretraining': {}, 'finetuning': []}
+  for objective in OBJECTIVES:
+    config, info = pretraining_config(objective, smoke)
+    pretrain_dir = workdir / f'pretrain-{objective}'
+    metrics = runs.run(config, pretrain_dir)
+    info['loss'] = metrics['loss']
+    info['params'] = json.loads((pretrain_dir / 'config.json').read_text())['params']['total']
+    info['curve'] = _curve(pretrain_dir)
+    out['pretraining'][objective] = info
+    write(workdir, out)
+    for task, (_, _, _, keys) in TASKS.items():
+      if task == 'headline' and config.model.name == 'encoder':
+        continue  # An encoder cannot write a target.
+      for seed in seeds:
+        metrics = runs.run(
+          finetuning_config(task, pretrain_dir, seed, smoke), workdir / f'{objective}-{task}-{seed}'
+        )
+        row = dict(objective=objective, task=task, seed=seed)
+        row.update({k: metrics[f'test/{k}'] for k in keys})
+        out['finetuning'].append(row)
+        write(workdir, out)
+  return out
+
+
+def _curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
+  path = run_dir / 'metrics.jsonl'
+  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  return [(r['step'], r['train/loss']) for r in rows if 'train/loss' in r]
+
+
+def write(workdir: pathlib.Path, out: dict) -> str:
+  (workdir / 'objective_comparison.json').write_text(json.dumps(out, indent=1))
+  markdown = table(out)
+  (workdir / 'objective_comparison.md').write_text(markdown + '\n')
+  return markdown
+
+
+def table(out: dict) -> str:
+  """Downstream scores per objective, mean ± std over seeds, with parameters and steps."""
+  columns = [(task, key) for task, (_, _, _, keys) in TASKS.items() for key in keys]
+  head = ' | '.join(f'{t} {k.replace("greedy_", "")}' for t, k in columns)
+  lines = [
+    f'| objective | family | params | pretraining steps | final loss | {head} | paper (GLUE / CNNDM R-2) |',
+    '|---|---|---|---|---|' + '---|' * len(columns) + '---|',
+  ]
+  for objective, info in out['pretraining'].items():
+    cells = []
+    for task, key in columns:
+      values = [
+        r[key] for r in out['finetuning'] if r['objective'] == objective and r['task'] == task
+      ]
+      scale = 100 if key == 'accuracy' else 1
+      if not values:
+        cells.append('n/a' if task == 'headline' and info['family'] == 'encoder' else '')
+        continue
+      std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
+      cells.append(f'{statistics.mean(values) * scale:.2f} ± {std:.2f} (n={len(values)})')
+    lines.append(
+      f'| {objective} | {info["family"]} | {info["params"] / 1e6:.1f}M | {info["steps"]} '
+      f'| {info["loss"]:.3f} | ' + ' | '.join(cells) + f' | {PAPER.get(objective, "")} |'
+    )
+  return '\n'.join(lines)
+
+
+def plot(out: dict, path: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for objective, info in out['pretraining'].items():
+    steps, loss = zip(*info['curve']) if info['curve'] else ((), ())
+    ax.plot([s / info['steps'] for s in steps], loss, label=f'{objective} ({info["family"]})')
+  ax.set_xlabel('share of the compute budget')
+  ax.set_ylabel('training loss (each objective its own)')
+  ax.set_title('Pretraining on news, equal FLOPs')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True)
+  parser.add_argument('--smoke', action='store_true', help='tiny models, 1 seed, 4 steps')
+  args = parser.parse_args()
+  workdir = pathlib.Path(args.workdir).expanduser()
+  workdir.mkdir(parents=True, exist_ok=True)
+  from fm import ConfigError
+
+  try:
+    out = run(workdir, args.smoke)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  markdown = write(workdir, out)
+  plot(out, workdir / 'pretraining_loss.png')
+  print(markdown)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -107,6 +107,8 @@ def pipeline_speed(directory: pathlib.Path, seq_len: int, batch: int, batches: i
 
 
 def run(workdir: pathlib.Path, sizes, steps: int) -> dict:
+  from fm import metrics as metrics_lib  # Reads the training runs' metrics.jsonl.
+
   results_path = workdir / 'data_bench.json'
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
   for size in sizes:
@@ -148,10 +150,7 @@ def run(workdir: pathlib.Path, sizes, steps: int) -> dict:
           '--config.checkpoint.every_steps=0',
         ]
       )
-      records = [
-        json.loads(line) for line in (train_dir / 'metrics.jsonl').read_text().splitlines()
-      ]
-      speeds = [r['steps_per_sec'] for r in records if 'steps_per_sec' in r]
+      speeds = [v for _, v in metrics_lib.series(train_dir, 'steps_per_sec')]
       row['train'] = {
         'peak_rss': result['peak_rss'],
         'steps_per_sec': speeds[-1],

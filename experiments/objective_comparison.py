@@ -102,6 +102,7 @@ def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool)
 
 
 def run(workdir: pathlib.Path, smoke: bool) -> dict:
+  from fm import metrics as metrics_lib
   from fm import runs
 
   seeds = SEEDS[:1] if smoke else SEEDS
@@ -112,7 +113,7 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict:
     metrics = runs.run(config, pretrain_dir)
     info['loss'] = metrics['loss']
     info['params'] = json.loads((pretrain_dir / 'config.json').read_text())['params']['total']
-    info['curve'] = _curve(pretrain_dir)
+    info['curve'] = metrics_lib.series(pretrain_dir, 'train/loss')
     out['pretraining'][objective] = info
     write(workdir, out)
     for task, (_, _, _, keys) in TASKS.items():
@@ -127,12 +128,6 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict:
         out['finetuning'].append(row)
         write(workdir, out)
   return out
-
-
-def _curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
-  path = run_dir / 'metrics.jsonl'
-  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-  return [(r['step'], r['train/loss']) for r in rows if 'train/loss' in r]
 
 
 def write(workdir: pathlib.Path, out: dict) -> str:

@@ -298,6 +298,7 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | No
   (a finished run's re-evaluation adds nothing)."""
   import time
 
+  from fm import metrics as metrics_lib
   from fm import runs as fm_runs
 
   path = workdir / 'scaling_law.json'
@@ -320,17 +321,15 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | No
       path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
       return None
     seconds = finished.get(name, spent.pop(name, 0.0) + elapsed)
-    run.update(name=name, loss=metrics['loss'], seconds=seconds, curve=_curve(workdir / name))
+    run.update(
+      name=name,
+      loss=metrics['loss'],
+      seconds=seconds,
+      curve=metrics_lib.series(workdir / name, 'train/loss'),
+    )
     done.append(run)
     path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
   return done
-
-
-def _curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
-  """(step, training loss) pairs of a run's metrics.jsonl."""
-  path = run_dir / 'metrics.jsonl'
-  rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-  return [(r['step'], r['train/loss']) for r in rows if 'train/loss' in r]
 
 
 # Report

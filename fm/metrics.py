@@ -81,6 +81,14 @@ class Writer:
       self.jsonl.close()
 
 
+def series(workdir: str | pathlib.Path, key: str) -> list[tuple[int, float]]:
+  """(step, value) of every record of `key` that a Writer put in WORKDIR/metrics.jsonl (none if
+  the file is missing), in the order written."""
+  path = pathlib.Path(workdir) / 'metrics.jsonl'
+  records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  return [(r['step'], r[key]) for r in records if key in r]
+
+
 def log(line: str) -> None:
   if jax.process_index() == 0:
     print(line, file=sys.stdout, flush=True)

@@ -18,7 +18,7 @@ by the loss on the whole held-out split. Then
 each with 95% bootstrap intervals (runs resampled with replacement). N counts the parameters
 every token multiplies (all but the input embedding table, whose lookup costs no FLOPs).
 Writes WORKDIR/scaling_law.{md,json}, isoflop.png and frontier.png, the JSON after every run;
-rerunning the command skips finished runs (their final checkpoints are only re-evaluated).
+rerunning the command resumes a stopped run and reuses the results of finished ones.
 """
 
 import argparse
@@ -155,8 +155,9 @@ def frontier(fit: dict[str, float], budgets) -> dict[str, list[float] | float]:
 
 def fit_isoflop(runs: list[dict]) -> dict:
   """Approach 2: per budget, the vertex of a parabola in log N (and in log D) through the
-  losses; then log N_opt and log D_opt linear in log C. Budgets whose parabola does not open
-  upwards (no interior minimum among their sizes) are left out and listed."""
+  losses; then log N_opt and log D_opt linear in log C. Budgets whose parabola has no minimum
+  within their sizes (it opens downwards, or its vertex lies beyond them) are left out and
+  listed."""
   budgets = sorted({r['budget'] for r in runs})
   kept, n_opt, d_opt, skipped = [], [], [], []
   for c in budgets:
@@ -168,9 +169,10 @@ def fit_isoflop(runs: list[dict]) -> dict:
       if len(set(x)) < 3:  # A parabola needs three sizes (a resampling may repeat one).
         break
       k2, k1, _ = np.polyfit(x, loss, 2)
-      if k2 <= 0:
+      vertex = -k1 / (2 * k2) if k2 > 0 else math.inf
+      if not x.min() <= vertex <= x.max():  # No minimum among the sizes: not interpolated.
         break
-      vertices.append(math.exp(-k1 / (2 * k2)))
+      vertices.append(math.exp(vertex))
     if len(vertices) < 2:
       skipped.append(c)
       continue
@@ -293,9 +295,9 @@ def plan(grid: Grid) -> list[dict]:
 
 
 def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | None:
-  """Trains (or re-evaluates) every run of the grid, the JSON rewritten after each; None when
-  preempted. A run's `seconds` are its training time summed over the commands that trained it
-  (a finished run's re-evaluation adds nothing)."""
+  """Trains every run of the grid not finished in an earlier command (those keep their recorded
+  results), the JSON rewritten after each; None when preempted. A run's `seconds` are its
+  training time summed over the commands that trained it."""
   import time
 
   from fm import metrics as metrics_lib
@@ -303,7 +305,7 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | No
 
   path = workdir / 'scaling_law.json'
   before = json.loads(path.read_text()) if path.exists() else {}
-  finished = {r['name']: r['seconds'] for r in before.get('runs', [])}
+  finished = {r['name']: r for r in before.get('runs', [])}
   spent = before.get('spent', {})  # Seconds of runs not finished yet.
   done = []
   for run in plan(grid):
@@ -313,6 +315,13 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | No
     config.optim.warmup_steps = max(min(steps // 10, 100), 1)
     config.checkpoint.every_steps = max(steps // 4, 1) if not smoke else steps
     name = f'C{run["budget"]:.0e}-L{run["layers"]}-D{run["d_model"]}'
+    record = finished.get(name)
+    if (
+      record and record['steps'] == steps and (workdir / name / 'checkpoints' / str(steps)).exists()
+    ):
+      print(f'{name}: finished earlier, held-out loss {record["loss"]:.4f} (as recorded)')
+      done.append(record)
+      continue
     start = time.time()
     metrics = fm_runs.run(config, workdir / name)
     elapsed = time.time() - start
@@ -320,7 +329,7 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | No
       spent[name] = spent.get(name, 0.0) + elapsed
       path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
       return None
-    seconds = finished.get(name, spent.pop(name, 0.0) + elapsed)
+    seconds = spent.pop(name, 0.0) + elapsed
     run.update(
       name=name,
       loss=metrics['loss'],

@@ -428,23 +428,22 @@ def plot(runs: list[dict], result: dict, workdir: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   fit, front = result['parametric'], result['frontier']
+  # FLOPs per token against N along the ladder (attention included), a power law in log-log.
+  slope, offset = np.polyfit(
+    np.log([r['n'] for r in runs]), np.log([r['flops_per_token'] for r in runs]), 1
+  )
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   for c in result['budgets']:
     rows = sorted((r for r in runs if r['budget'] == c), key=lambda r: r['n'])
     n = np.array([r['n'] for r in rows])
     (line,) = ax.plot(n, [r['loss'] for r in rows], 'o', label=f'C = {c:.0e}')
     grid_n = np.geomspace(n.min() / 1.5, n.max() * 1.5, 50)
-    modelled = (
-      fit['E'] + fit['A'] / grid_n ** fit['alpha'] + fit['B'] / (c / (6 * grid_n)) ** fit['beta']
-    )
+    grid_d = c / np.exp(offset + slope * np.log(grid_n))
+    modelled = fit['E'] + fit['A'] / grid_n ** fit['alpha'] + fit['B'] / grid_d ** fit['beta']
     ax.plot(grid_n, modelled, '-', color=line.get_color(), alpha=0.6)
-  ax.set_xscale('log')
-  ax.set_xlabel('parameters N (matmul)')
-  ax.set_ylabel('held-out loss (nats/token)')
-  ax.set_title('IsoFLOP profiles, lines: fitted L(N, C / 6N)')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(workdir / 'isoflop.png', dpi=120)
+  ax.set(xscale='log', xlabel='parameters N (matmul)', ylabel='held-out loss (nats/token)')
+  ax.set_title('IsoFLOP profiles; lines: fitted L(N, D = C / FLOPs per token)', fontsize=10)
+  _save(fig, ax, workdir / 'isoflop.png')
 
   fig, ax = plt.subplots(figsize=(5.5, 3.8))
   budgets = np.array(result['budgets'])
@@ -455,14 +454,17 @@ def plot(runs: list[dict], result: dict, workdir: pathlib.Path) -> None:
     ax.plot(iso['budgets'], iso['n_opt'], 's', label='approach 2: IsoFLOP minima')
   paper = frontier(PAPER, span)['n_opt']
   ax.plot(span, paper, '--', color='gray', label='Hoffmann et al. fit')
-  ax.set_xscale('log')
-  ax.set_yscale('log')
-  ax.set_xlabel('training FLOPs C')
-  ax.set_ylabel('compute-optimal N')
+  ax.set(xscale='log', yscale='log', xlabel='training FLOPs C', ylabel='compute-optimal N')
+  _save(fig, ax, workdir / 'frontier.png')
+
+
+def _save(fig, ax, path: pathlib.Path) -> None:
+  import matplotlib.pyplot as plt
+
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(workdir / 'frontier.png', dpi=120)
-  plt.close('all')
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def main() -> int:

@@ -295,6 +295,27 @@ def test_windows_pack_documents(small):
   assert bytes((w['tokens'] - 3).astype(np.uint8)).decode() == 'ghijklmn'
 
 
+def test_windows_read_from_many_threads_equal_serial_reads(varied, monkeypatch):
+  """Grain's prefetch threads read windows at once: every window read concurrently (documents
+  evicted from the shared cache by other threads meanwhile; a one-document cache and a tiny
+  thread switch interval make that constant) equals the same window read alone."""
+  from concurrent import futures
+
+  n = varied.num_windows(16)
+  serial = [varied.window(i, 16)['tokens'] for i in range(n)]
+  monkeypatch.setattr(pipeline.Split, 'CACHED_DOCUMENTS', 1)
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)
+  try:
+    order = list(range(n)) * 40
+    with futures.ThreadPoolExecutor(8) as pool:
+      windows = list(pool.map(lambda i: varied.window(i, 16)['tokens'], order))
+  finally:
+    sys.setswitchinterval(interval)
+  for i, tokens in zip(order, windows):
+    np.testing.assert_array_equal(tokens, serial[i])
+
+
 def take(ds, n):
   it = iter(ds)
   return [next(it) for _ in range(n)]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 
 from absl import flags
 import grain
@@ -85,7 +86,9 @@ class Split:
           f'a shard of {self.offsets_path.parent} cannot be opened ({str(e).splitlines()[0]}); '
           f'prepare the corpus again (python -m fm.data.prepare).'
         ) from None
-      self._open = (source, np.load(self.offsets_path, mmap_mode='r'), collections.OrderedDict())
+      cache = collections.OrderedDict()
+      # Grain's prefetch threads read windows at once: the cache is touched under the lock.
+      self._open = (source, np.load(self.offsets_path, mmap_mode='r'), cache, threading.Lock())
     return self._open
 
   def num_windows(self, seq_len: int) -> int:
@@ -97,22 +100,26 @@ class Split:
     return ds.map(functools.partial(_window, self, seq_len))
 
   def document(self, n: int) -> np.ndarray:
-    source, _, cache = self._files()
-    if n not in cache:
-      try:
-        cache[n] = np.frombuffer(source[n], np.int32)
-      except Exception as e:  # The reader's errors are not public; say which shard.
-        path = self.paths[int(np.searchsorted(self.first, n, 'right')) - 1]
-        raise ConfigError(
-          f'{path}: document {n} cannot be read ({type(e).__name__}); the shard is damaged, '
-          f'prepare its corpus again (python -m fm.data.prepare).'
-        ) from None
-      if len(cache) > self.CACHED_DOCUMENTS:
+    source, _, cache, lock = self._files()
+    with lock:
+      if n in cache:
+        return cache[n]
+    try:
+      document = np.frombuffer(source[n], np.int32)
+    except Exception as e:  # The reader's errors are not public; say which shard.
+      path = self.paths[int(np.searchsorted(self.first, n, 'right')) - 1]
+      raise ConfigError(
+        f'{path}: document {n} cannot be read ({type(e).__name__}); the shard is damaged, '
+        f'prepare its corpus again (python -m fm.data.prepare).'
+      ) from None
+    with lock:
+      cache[n] = document
+      while len(cache) > self.CACHED_DOCUMENTS:
         cache.popitem(last=False)
-    return cache[n]
+    return document
 
   def window(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
-    _, offsets, _ = self._files()
+    offsets = self._files()[1]
     start, end = index * seq_len, (index + 1) * seq_len
     first = int(np.searchsorted(offsets, start, 'right')) - 1
     last = int(np.searchsorted(offsets, end, 'left'))  # Exclusive.

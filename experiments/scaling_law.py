@@ -66,6 +66,7 @@ class Grid:
   batch: int
   vocab: int  # SentencePiece vocabulary trained on the corpus.
   ladder: tuple[tuple[int, int], ...] = LADDER
+  checkpoints: int = 4  # Saves per run (what a stopped sweep resumes from).
 
 
 GRIDS = {
@@ -74,7 +75,7 @@ GRIDS = {
   # corpus's few million tokens are then re-read several times, so point data.train at a bigger
   # corpus (dataset=files or prepared) for it.
   'large': Grid((1e15, 3e15, 1e16, 3e16, 1e17), 7, 512, 64, 1024),
-  'smoke': Grid((1e9, 2e9), 3, 32, 8, 512, LADDER[:4]),
+  'smoke': Grid((1e9, 2e9), 3, 32, 8, 512, LADDER[:4], checkpoints=1),
 }
 CENTRE_TOKENS_PER_PARAM = 20  # Where each budget's sizes are centred (the fit decides the optimum).
 
@@ -260,24 +261,28 @@ def shape(rung: tuple[int, int], grid: Grid):
 
 
 def plan(grid: Grid) -> list[dict]:
-  """Every run of the grid: per budget, the `sizes` rungs whose N is nearest (in log) to the
-  budget's centre, N with C = 6 N (20 N); steps so that steps x batch x seq_len x FLOPs per
-  token is the budget (D and C as trained, after rounding)."""
+  """Every run of the grid with its own config: per budget, the `sizes` rungs whose N is nearest
+  (in log) to the budget's centre, N with C = 6 N (20 N); steps so that steps x batch x seq_len
+  x FLOPs per token is the budget (D and C as trained, after rounding)."""
   from fm import registry
 
   family = registry.get('models', 'decoder')
   rungs = []
   for rung in grid.ladder:
-    config, model_cfg = shape(rung, grid)
+    model_cfg = shape(rung, grid)[1]
     n = family.flops_per_token(model_cfg, 0) / 6  # Matmul params: 6 FLOPs each per token.
-    rungs.append((rung, config, n, family.flops_per_token(model_cfg, grid.seq_len)))
+    rungs.append((rung, n, family.flops_per_token(model_cfg, grid.seq_len)))
   runs = []
+  tokens_per_step = grid.batch * grid.seq_len
   for budget in grid.budgets:
     centre = math.sqrt(budget / (6 * CENTRE_TOKENS_PER_PARAM))
-    near = sorted(rungs, key=lambda r: abs(math.log(r[2] / centre)))[: grid.sizes]
-    for rung, config, n, flops in sorted(near, key=lambda r: r[2]):
-      tokens_per_step = grid.batch * grid.seq_len
+    near = sorted(rungs, key=lambda r: abs(math.log(r[1] / centre)))[: grid.sizes]
+    for rung, n, flops in sorted(near, key=lambda r: r[1]):
       steps = max(round(budget / (flops * tokens_per_step)), 1)
+      config = shape(rung, grid)[0]
+      config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 20, 1))
+      config.optim.warmup_steps = max(min(steps // 10, 100), 1)
+      config.checkpoint.every_steps = max(steps // grid.checkpoints, 1)
       runs.append(
         dict(
           budget=budget,
@@ -294,7 +299,7 @@ def plan(grid: Grid) -> list[dict]:
   return runs
 
 
-def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | None:
+def train_all(workdir: pathlib.Path, grid: Grid) -> list[dict] | None:
   """Trains every run of the grid not finished in an earlier command (those keep their recorded
   results), the JSON rewritten after each; None when preempted. A run's `seconds` are its
   training time summed over the commands that trained it."""
@@ -309,11 +314,7 @@ def train_all(workdir: pathlib.Path, grid: Grid, smoke: bool) -> list[dict] | No
   spent = before.get('spent', {})  # Seconds of runs not finished yet.
   done = []
   for run in plan(grid):
-    config = run.pop('config')
-    steps = run['steps']
-    config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 20, 1))
-    config.optim.warmup_steps = max(min(steps // 10, 100), 1)
-    config.checkpoint.every_steps = max(steps // 4, 1) if not smoke else steps
+    config, steps = run.pop('config'), run['steps']
     name = f'C{run["budget"]:.0e}-L{run["layers"]}-D{run["d_model"]}'
     record = finished.get(name)
     if (
@@ -480,7 +481,7 @@ def main() -> int:
   from fm import ConfigError
 
   try:
-    runs = train_all(workdir, grid, args.smoke)
+    runs = train_all(workdir, grid)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

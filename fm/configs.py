@@ -63,6 +63,11 @@ SHARED = dict(
     eval_batches=-1,  # Batches per periodic evaluation (-1: the whole split).
     final_eval_batches=-1,  # Batches of the final evaluation of a pretraining run (-1: all).
     nonfinite='raise',  # A non-finite loss or update: 'raise' (stop, save nothing) or 'skip'.
+    # Early stopping: the validation metric (scored on the whole split at every evaluation)
+    # whose best value picks the params that are returned and tested: 'accuracy' (higher is
+    # better) or 'min:loss' (lower); '': the last step's. The best params are kept in the train
+    # state (saved and resumed with it).
+    select='',
   ),
   optim=dict(  # AdamW with linear warmup, then cosine decay (fm/optim.py).
     lr=REQUIRED,  # Peak learning rate.

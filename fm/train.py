@@ -80,6 +80,21 @@ def check_run(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f'config.train.nonfinite={config.train.nonfinite!r} is unknown; choose raise or skip.'
     )
+  selection(config)
+
+
+def selection(config: ml_collections.ConfigDict) -> tuple[str, float] | None:
+  """config.train.select as (validation metric, +1 if higher is better else -1); None: off."""
+  select = config.train.get('select', '')
+  if not select:
+    return None
+  direction, _, name = select.rpartition(':')
+  if direction not in ('', 'max', 'min') or not name:
+    raise ConfigError(
+      f'config.train.select={select!r} is not a validation metric; write its name to keep the '
+      f'params where it is highest (accuracy) or min:NAME where it is lowest (min:loss).'
+    )
+  return name, -1.0 if direction == 'min' else 1.0
 
 
 def validate(
@@ -184,9 +199,15 @@ def sample_inputs(family, model_cfg, batch_size: int, seq_len: int) -> tuple:
 # Shard
 # =============================================================================================
 def state_shardings(
-  model: nn.Module, tx: optax.GradientTransformation, sample: dict, mesh: jax.sharding.Mesh, rules
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  sample: dict,
+  mesh: jax.sharding.Mesh,
+  rules,
+  select: bool = False,
 ) -> tuple[State, State]:
-  """Abstract train state and its shardings, from the params' logical axes (nothing allocated)."""
+  """Abstract train state and its shardings, from the params' logical axes (nothing allocated);
+  with `select` also the best params so far, their score and step (config.train.select)."""
   boxed = jax.eval_shape(model.init, jax.random.key(0), *sample)
   param_sh = sharding.tree_shardings(boxed, mesh, rules)
   params = sharding.unbox(boxed)
@@ -209,6 +230,10 @@ def state_shardings(
     'nonfinite': replicated,
     'first_nonfinite': replicated,
   }
+  if select:
+    abstract.update(best_params=params, best_score=jax.ShapeDtypeStruct((), jnp.float32))
+    abstract['best_step'] = scalar
+    shardings.update(best_params=param_sh, best_score=replicated, best_step=replicated)
   return abstract, shardings
 
 
@@ -317,6 +342,7 @@ def make_train_step(
     ok = finite if policy == 'skip' else finite & (state['first_nonfinite'] < 0)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     new_state = {
+      **state,  # The best params so far (config.train.select) pass through.
       'step': state['step'] + 1,
       'params': keep(params, state['params']),
       'opt_state': keep(opt_state, state['opt_state']),
@@ -356,6 +382,8 @@ class Program(NamedTuple):
   eval_step: Callable  # (params, batch) -> summable metrics, jitted.
   jitted_step: Any  # The jitted train step with the frozen params as its last argument,
   # for ahead-of-time lowering (fm.plan).
+  keep_best: Callable | None = None  # (state, score) -> state holding its params as the best
+  # (config.train.select; None when off).
 
 
 def build(
@@ -377,18 +405,22 @@ def build(
   params enter the jitted steps as arguments with their own shardings. `trainable`: see
   make_train_step. Call inside `sharding.use(mesh, rules)`.
   """
-  abstract, state_sh = state_shardings(model, tx, sample, mesh, rules)
+  select = selection(config) is not None
+  abstract, state_sh = state_shardings(model, tx, sample, mesh, rules, select)
 
   def init(rng):
     params = nn.unbox(model.init(rng, *sample))
     zero = jnp.zeros((), jnp.int32)
-    return {
+    state = {
       'step': zero,
       'params': params,
       'opt_state': tx.init(params),
       'nonfinite': zero,
       'first_nonfinite': zero - 1,
     }
+    if select:  # Nothing scored yet: any score beats -inf.
+      state.update(best_params=params, best_score=jnp.float32(-jnp.inf), best_step=zero - 1)
+    return state
 
   batch_sh = sharding.batch_sharding(mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -407,6 +439,18 @@ def build(
     in_shardings=(state_sh['params'], batch_sh, frozen_sh),
     out_shardings=replicated,
   )
+  # The params as the best so far (a copy: the next step donates the params' buffers).
+  keep_best = jax.jit(
+    lambda state, score: {
+      **state,
+      'best_params': jax.tree.map(jnp.copy, state['params']),
+      'best_score': score.astype(jnp.float32),
+      'best_step': state['step'],
+    },
+    in_shardings=(state_sh, replicated),
+    out_shardings=state_sh,
+    donate_argnums=(0,),
+  )
   return Program(
     abstract,
     state_sh,
@@ -414,6 +458,7 @@ def build(
     lambda state, batch, rng: train_step(state, batch, rng, frozen_params),
     lambda params, batch: eval_step(params, batch, frozen_params),
     train_step,
+    keep_best if select else None,
   )
 
 
@@ -683,19 +728,50 @@ def loop(
     evaluate, program.eval_step, mesh=job.mesh, rules=job.rules, summarize=evals.summarize
   )
 
-  def final_eval(state, step: int) -> dict[str, float]:
-    """The final evaluation, then the test split once."""
+  select = selection(config)
+
+  def score(metrics: dict) -> float:
+    """config.train.select's metric, signed so that higher is better."""
+    name, sign = select
+    if name not in metrics:
+      raise ConfigError(
+        f"config.train.select={config.train.select!r}: this run's validation metrics are "
+        f'{", ".join(sorted(metrics))}; select one of them.'
+      )
+    return sign * float(metrics[name])
+
+  def final_eval(state, step: int) -> tuple[dict[str, float], State]:
+    """The final evaluation, then the test split once (of the selected params, if any); returns
+    the metrics and the state (holding the final params as the best, if they are)."""
     metrics = run_eval(state['params'], evals.final)
     writer.write(step, {f'eval/{k}': v for k, v in metrics.items()})
     metrics_lib.log(f'final eval @ {step}: ' + _fmt(metrics))
+    params = state['params']
+    if select:
+      # Saved with the state, so that a longer rerun weighs it too; `consider` donates the
+      # state's buffers, so the params are read again.
+      state = consider(state, metrics)
+      params, selected = state['params'], int(jax.device_get(state['best_step']))
+      if selected != step:  # An earlier evaluation scored better: its params go on.
+        params = state['best_params']
+        metrics = run_eval(params, evals.final)
+        metrics_lib.log(f'selected the params of step {selected}: ' + _fmt(metrics))
+      metrics['selected_step'] = selected
+      writer.write(step, {'eval/selected_step': selected})
     if evals.test is not None:
-      test = run_eval(state['params'], evals.test)
-      test.update(evals.extra(state['params']) if evals.extra else {})
+      test = run_eval(params, evals.test)
+      test.update(evals.extra(params) if evals.extra else {})
       test = {f'test/{k}': v for k, v in test.items()}
       writer.write(step, test)
       metrics_lib.log(f'test @ {step}: ' + _fmt({k[5:]: v for k, v in test.items()}))
       metrics.update(test)
-    return metrics
+    return metrics, state
+
+  def consider(state, metrics: dict) -> State:
+    """The state, its params kept as the best if they score better than the best so far."""
+    if score(metrics) > float(jax.device_get(state['best_score'])):
+      return program.keep_best(state, jnp.float32(score(metrics)))
+    return state
 
   try:
     state, step = _start(
@@ -725,12 +801,15 @@ def loop(
         writer.write(step, scalars)
         metrics_lib.log(metrics_lib.progress_line(step, steps, scalars))
       if step == steps:
-        eval_metrics = final_eval(state, step)
+        eval_metrics, state = final_eval(state, step)
         progress.reset(step)
       elif step % config.train.eval_every == 0:
-        eval_metrics = run_eval(state['params'], evals.periodic)
+        # Selection scores the whole split, as the final evaluation does.
+        eval_metrics = run_eval(state['params'], evals.final if select else evals.periodic)
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()})
         metrics_lib.log(f'eval @ {step}: ' + _fmt(eval_metrics))
+        if select:
+          state = consider(state, eval_metrics)
         progress.reset(step)  # Leave evals out of throughput.
       preempted = preemption.reached(step)
       if ckpt.should_save(step) or step == steps or preempted:
@@ -752,7 +831,7 @@ def loop(
         else f'nothing to train: the checkpoint is already at the final step {steps} (raise '
         f'config.train.steps to train further); evaluating it.'
       )
-      eval_metrics = final_eval(state, step)
+      eval_metrics, state = final_eval(state, step)
     return eval_metrics
   finally:
     preemption.restore_handlers()

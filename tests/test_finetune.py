@@ -246,6 +246,10 @@ BAD = [
   ),
   (dict(task_args=dict(train_fraction=0.0)), r'config.task_args.train_fraction=0.0 must lie in'),
   (
+    dict(train=dict(select='best:accuracy')),
+    r"config.train.select='best:accuracy' is not a validation metric; write its name",
+  ),
+  (
     dict(
       finetune=dict(mode='zero_shot', init='random'),
       pretrained=dict(experiment='experiments/mlm_shakespeare.py:smoke'),
@@ -457,3 +461,35 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   table = (tmp_path / 'label_efficiency.md').read_text()
   assert table.count('\n| ') == 1 + len(models) and '10% labels' in table  # Header, models.
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000
+
+
+# In the slow set (4 fine-tuning runs, ~25 s); the bad-value sentence is in the default set.
+@pytest.mark.slow
+def test_selection_tests_the_best_validation_params_and_resumes_exactly(tmp_path):
+  """train.select keeps the params of the best validation score: the test split scores those
+  (equal to a run stopped at the selected step), and a run resumed midway selects the same."""
+  config = load_experiment('transfer_sentiment').get_config('smoke')
+  config.pretrained.experiment, config.finetune.init = DECODER, 'random'
+  # A constant rate makes the first k steps of every run the same; at this rate the validation
+  # accuracy peaks before the last step (asserted), so that selection has something to do.
+  config.train.update(steps=6, log_every=1, eval_every=2, eval_batches=1, select='accuracy')
+  config.optim.update(schedule='constant', warmup_steps=0, lr=3e-3)
+  config.checkpoint.every_steps = 2
+  selected = runs.run(config, tmp_path / 'selected')
+  step = selected['selected_step']
+  evals = [r for r in map(json.loads, open(tmp_path / 'selected' / 'metrics.jsonl'))]
+  accuracies = {r['step']: r['eval/accuracy'] for r in evals if 'eval/accuracy' in r}
+  assert step < 6 and selected['accuracy'] == max(accuracies.values()) == accuracies[step]
+
+  stopped = ml_collections.ConfigDict(config.to_dict())
+  stopped.train.update(steps=step, select='')
+  stopped = runs.run(stopped, tmp_path / 'stopped')
+  assert stopped['test/accuracy'] == selected['test/accuracy']
+  np.testing.assert_allclose(stopped['test/loss'], selected['test/loss'], rtol=1e-6)
+
+  first = ml_collections.ConfigDict(config.to_dict())
+  first.train.steps = 4
+  runs.run(first, tmp_path / 'resumed')
+  resumed = runs.run(config, tmp_path / 'resumed')  # From step 4's checkpoint to step 6.
+  assert resumed['selected_step'] == step
+  np.testing.assert_allclose(resumed['test/loss'], selected['test/loss'], rtol=1e-6)

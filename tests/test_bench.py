@@ -1,0 +1,30 @@
+"""fm.bench: the step benchmark's JSON on the tiny shape."""
+
+import json
+
+from fm import bench
+
+
+def test_bench_tiny_two_steps_writes_every_field(tmp_path, capsys):
+  path = tmp_path / 'bench.json'
+  argv = ['--shape', 'tiny', '--steps', '2', '--warmup', '1', '--pipeline_batches', '2']
+  assert bench.main([*argv, '--json', str(path)]) == 0
+  result = json.loads(path.read_text())
+  for key in (
+    'step_time_s',
+    'tokens_per_s',
+    'flops_per_token',
+    'achieved_flops',
+    'peak_flops',
+    'probe_flops',
+    'compile_s',
+  ):
+    assert result[key] > 0, key
+  assert 0 < result['mfu'] <= 1
+  assert len(result['step_times_s']) == 2 and result['params'] == 131_392
+  assert (
+    result['tokens_per_s'] == result['seq_len'] * result['global_batch'] / result['step_time_s']
+  )
+  assert result['memory']['compiled_temp_bytes'] > 0 and result['memory']['host_peak_rss_bytes'] > 0
+  assert result['input']['windows_per_s'] > 0 and result['input']['dataset'] == 'news'
+  assert 'MFU' in capsys.readouterr().out

@@ -133,6 +133,7 @@ def config_for(args) -> ml_collections.ConfigDict:
   config.data.seq_len = args.seq_len or shape.seq_len
   config.train.global_batch = args.batch or shape.batch
   config.train.steps = args.warmup + args.steps
+  config.objective_args = {'vocab_chunk': args.vocab_chunk}
   return configs.resolve(config)
 
 
@@ -152,6 +153,7 @@ def measure(args) -> dict:
     'seq_len': seq_len,
     'global_batch': batch,
     'dtype': args.dtype,
+    'vocab_chunk': args.vocab_chunk,
     'platform': device.platform,
     'device_kind': device.device_kind,
     'devices': jax.device_count(),
@@ -297,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--remat', default='none', help='a layers.REMAT_POLICIES name')
   parser.add_argument('--scan_layers', action='store_true')
   parser.add_argument('--attention', default='xla', choices=('xla', 'cudnn'))
+  parser.add_argument(
+    '--vocab_chunk', type=int, default=0, help='cross-entropy over vocabulary chunks (0: whole)'
+  )
   parser.add_argument(
     '--pipeline_batches',
     type=int,

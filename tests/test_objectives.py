@@ -337,3 +337,51 @@ def test_ul2_bad_mixture_is_one_sentence():
     ul2.validate(args(ul2, mixture=dict(R=1.0, S=-1.0, X=0.0)))
   with pytest.raises(ConfigError, match=r'config.objective_args.x_spans=.*\(mean span length'):
     ul2.validate(args(ul2, x_spans=((3.0, 1.5),)))
+
+
+@pytest.mark.parametrize(
+  'objective,tied,chunk',
+  [('causal_lm', True, 128), ('causal_lm', False, 100), ('prefix_lm', True, 96)],
+)
+def test_vocab_chunked_cross_entropy_equals_whole_logits(objective, tied, chunk):
+  """objective_args.vocab_chunk gives the loss, metrics and gradients of the whole logits (a
+  chunk that does not divide the vocabulary included), and compiles to less temporary memory."""
+  from fm.models import decoder
+
+  cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 512, 'tie_embeddings': tied})
+  model = decoder.Model(cfg)
+  rng = np.random.default_rng(0)
+  B, L = 4, 64
+  seg = np.ones((B, L), np.int32)
+  seg[1, 40:] = 2
+  seg[2, 50:] = 0
+  batch = {
+    'tokens': rng.integers(4, 512, (B, L)).astype(np.int32),
+    'segment_ids': seg,
+    'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+    'token_bytes': rng.integers(1, 5, (B, L)).astype(np.int32),
+  }
+  params = nn.unbox(model.init(jax.random.key(0), jnp.asarray(batch['tokens'])))
+  loss_fn = registry.get('objectives', objective).loss_fn
+  results, temp = [], []
+  for vocab_chunk in (0, chunk):
+    args = ml_collections.ConfigDict({'vocab_chunk': vocab_chunk})
+    f = jax.jit(
+      jax.value_and_grad(
+        lambda p, a=args: loss_fn(model.apply, p, batch, jax.random.key(3), a), has_aux=True
+      )
+    )
+    temp.append(f.lower(params).compile().memory_analysis().temp_size_in_bytes)
+    results.append(f(params))
+  ((whole, whole_parts), whole_grads), ((chunked, chunked_parts), chunked_grads) = results
+  np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+  for key in whole_parts:
+    np.testing.assert_allclose(chunked_parts[key], whole_parts[key], rtol=1e-6, err_msg=key)
+  for a, b in zip(jax.tree.leaves(chunked_grads), jax.tree.leaves(whole_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert temp[1] < temp[0], temp
+
+
+def test_bad_vocab_chunk_is_one_sentence():
+  with pytest.raises(ConfigError, match='config.objective_args.vocab_chunk=-1 must be >= 0'):
+    causal_lm.validate(ml_collections.ConfigDict({'vocab_chunk': -1}))

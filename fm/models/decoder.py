@@ -224,11 +224,15 @@ class Model(nn.Module):
   decode: bool = False  # Generation with a KV cache: see fm/decoding.py.
 
   @nn.compact
-  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, prefix_BL=None):
+  def __call__(
+    self, tokens_BL, segment_ids_BL=None, positions_BL=None, prefix_BL=None, hidden=False
+  ):
     """Logits for every position, or (model_cfg.num_classes > 0) class logits (B, C) from the pooled
     final states. `prefix_BL` (bool) marks a prefix that attends bidirectionally within itself
     (prefix LM); the rest stays causal. With `decode`, the tokens are appended to the KV cache
-    (segment id 0 marks padding) and attend to everything cached before them."""
+    (segment id 0 marks padding) and attend to everything cached before them. With `hidden`,
+    the logits' parts instead: (final states x_BLD, output projection w_VD, scale), logits being
+    x_BLD @ w_VD.T * scale, for a loss that never holds all of them at once."""
     c = self.model_cfg
     if c.positions == 'relative':
       raise ConfigError(
@@ -280,6 +284,14 @@ class Model(nn.Module):
       x_BLD = layers.NORMS[c.norm](c.norm_eps, dt, pdt, name='final_norm')(x_BLD)
     if c.num_classes:
       return layers.ClassifierHead(c.num_classes, c.pool, pdt, name='head')(x_BLD, segment_ids_BL)
+    if hidden:
+      if c.mlm_head:
+        raise ValueError('hidden=True: an MLM head adds a bias and a transform to the logits.')
+      if c.tie_embeddings:
+        scale = c.d_model**-0.5 if c.scale_tied_logits else 1.0
+        return x_BLD, embed.embedding_VD.astype(dt), scale
+      w_DV = layers.lm_head_kernel(self, c.d_model, c.vocab_size, pdt)
+      return x_BLD, w_DV.astype(dt).T, 1.0
     if c.mlm_head:
       x_BLD = layers.MLMTransform(c.norm, c.norm_eps, c.mlp, dt, pdt, name='mlm')(x_BLD)
     if c.tie_embeddings:

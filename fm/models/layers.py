@@ -178,12 +178,16 @@ def bias(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple, para
   return param_with_axes(module, name, nn.initializers.zeros, shape, axes, param_dtype)
 
 
+def lm_head_kernel(module: nn.Module, dim: int, vocab_size: int, param_dtype) -> jax.Array:
+  """`module`'s untied output projection, its param `lm_head` (D, V)."""
+  return param_with_axes(
+    module, 'lm_head', dense_init(dim), (dim, vocab_size), ('embed', 'vocab'), param_dtype
+  )
+
+
 def lm_head(module: nn.Module, x_BLD: jax.Array, vocab_size: int, dtype, param_dtype):
   """Logits from an untied output projection, `module`'s param `lm_head` (D, V)."""
-  D = x_BLD.shape[-1]
-  w_DV = param_with_axes(
-    module, 'lm_head', dense_init(D), (D, vocab_size), ('embed', 'vocab'), param_dtype
-  )
+  w_DV = lm_head_kernel(module, x_BLD.shape[-1], vocab_size, param_dtype)
   return jnp.einsum('BLD,DV->BLV', x_BLD, w_DV.astype(dtype))
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -18,6 +19,48 @@ def weighted_cross_entropy(logits_BLV, targets_BL, weights_BL, target_bytes_BL=N
   count = jnp.sum(weights_BL)
   loss_sum = jnp.sum(token_loss_BL * weights_BL)
   correct = jnp.sum((jnp.argmax(logits_BLV, -1) == targets_BL) * weights_BL)
+  metrics = {'loss_sum': loss_sum, 'correct_sum': correct, 'count': count}
+  if target_bytes_BL is not None:
+    metrics['bytes'] = jnp.sum(target_bytes_BL * weights_BL)
+  return loss_sum / jnp.maximum(count, 1.0), metrics
+
+
+def chunked_cross_entropy(
+  x_BLD, w_VD, scale, targets_BL, weights_BL, target_bytes_BL=None, chunk: int = 8192
+):
+  """weighted_cross_entropy of the logits x_BLD @ w_VD.T * scale, computed `chunk` vocabulary
+  entries at a time (an online log-sum-exp, and the running arg max for accuracy), so that at
+  most batch x length x chunk float32 logits exist at once, in the forward and (each chunk's
+  logits recomputed) the backward pass. The same loss and metrics, to float rounding."""
+  B, L, D = x_BLD.shape
+  V = w_VD.shape[0]
+  n = -(-V // chunk)
+  w_NCD = jnp.pad(w_VD, ((0, n * chunk - V), (0, 0))).reshape(n, chunk, D)
+  x_TD, targets_T = x_BLD.reshape(B * L, D), targets_BL.reshape(B * L)
+
+  @jax.checkpoint
+  def one(carry, inputs):
+    top, total, target, best, best_id = carry
+    i, w_CD = inputs
+    ids_C = i * chunk + jnp.arange(chunk)
+    logits_TC = jnp.einsum('TD,CD->TC', x_TD, w_CD).astype(jnp.float32) * scale
+    logits_TC = jnp.where(ids_C[None] < V, logits_TC, -jnp.inf)  # Padding past the vocabulary.
+    chunk_top = jnp.max(logits_TC, -1)
+    new_top = jnp.maximum(top, chunk_top)
+    total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits_TC - new_top[:, None]), -1)
+    target = target + jnp.sum(jnp.where(ids_C[None] == targets_T[:, None], logits_TC, 0.0), -1)
+    better = chunk_top > best  # Strictly: the first maximum wins, as jnp.argmax's does.
+    best_id = jnp.where(better, i * chunk + jnp.argmax(logits_TC, -1), best_id)
+    return (new_top, total, target, jnp.maximum(best, chunk_top), best_id), None
+
+  start = jnp.full((B * L,), -jnp.inf, jnp.float32)
+  zeros = jnp.zeros((B * L,), jnp.float32)
+  carry = (start, zeros, zeros, start, jnp.zeros((B * L,), jnp.int32))
+  (top, total, target, _, best_id), _ = jax.lax.scan(one, carry, (jnp.arange(n), w_NCD))
+  token_loss_BL = (top + jnp.log(total) - target).reshape(B, L)
+  count = jnp.sum(weights_BL)
+  loss_sum = jnp.sum(token_loss_BL * weights_BL)
+  correct = jnp.sum((best_id.reshape(B, L) == targets_BL) * weights_BL)
   metrics = {'loss_sum': loss_sum, 'correct_sum': correct, 'count': count}
   if target_bytes_BL is not None:
     metrics['bytes'] = jnp.sum(target_bytes_BL * weights_BL)

@@ -7,10 +7,30 @@ last position and document boundaries carry zero weight.
 
 import jax.numpy as jnp
 
-from fm.objectives._losses import summarize, weighted_cross_entropy
+from fm import ConfigError
+from fm.objectives._losses import chunked_cross_entropy, summarize, weighted_cross_entropy
 
 COMPATIBLE_MODELS = ('decoder',)
-__all__ = ['COMPATIBLE_MODELS', 'loss_fn', 'summarize', 'targets_and_weights']
+# vocab_chunk: > 0 computes the cross-entropy that many vocabulary entries at a time, so the
+# float32 logits of the whole batch never exist at once (the same loss); 0: all at once.
+ARGS = {'vocab_chunk': 0}
+__all__ = [
+  'ARGS',
+  'COMPATIBLE_MODELS',
+  'cross_entropy',
+  'loss_fn',
+  'summarize',
+  'targets_and_weights',
+  'validate',
+]
+
+
+def validate(args) -> None:
+  if args.vocab_chunk < 0:
+    raise ConfigError(
+      f'config.objective_args.vocab_chunk={args.vocab_chunk} must be >= 0 (0: the whole '
+      f'vocabulary at once).'
+    )
 
 
 def targets_and_weights(batch):
@@ -27,9 +47,22 @@ def target_bytes(batch):
   return jnp.roll(batch['token_bytes'], -1, axis=1) if 'token_bytes' in batch else None
 
 
+def cross_entropy(apply_fn, params, inputs: tuple, targets_BL, weights_BL, batch, args):
+  """The weighted cross-entropy of the model's logits for `inputs`: whole, or (with
+  args.vocab_chunk) from the logits' parts, a chunk of the vocabulary at a time."""
+  chunk = args.get('vocab_chunk', 0) if args else 0
+  if chunk:
+    x_BLD, w_VD, scale = apply_fn(params, *inputs, hidden=True)
+    return chunked_cross_entropy(
+      x_BLD, w_VD, scale, targets_BL, weights_BL, target_bytes(batch), chunk
+    )
+  logits_BLV = apply_fn(params, *inputs)
+  return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL, target_bytes(batch))
+
+
 def loss_fn(apply_fn, params, batch, rng, args):
   """Mean next-token cross-entropy; metrics for loss, perplexity, accuracy and bits per byte."""
-  del rng, args  # Deterministic, without options.
+  del rng  # Deterministic.
   targets_BL, weights_BL = targets_and_weights(batch)
-  logits_BLV = apply_fn(params, batch['tokens'], batch['segment_ids'], batch['positions'])
-  return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL, target_bytes(batch))
+  inputs = (batch['tokens'], batch['segment_ids'], batch['positions'])
+  return cross_entropy(apply_fn, params, inputs, targets_BL, weights_BL, batch, args)

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from fm.objectives import causal_lm
-from fm.objectives._losses import summarize, weighted_cross_entropy
+from fm.objectives._losses import summarize
 
 COMPATIBLE_MODELS = ('decoder',)
-__all__ = ['COMPATIBLE_MODELS', 'loss_fn', 'summarize', 'split']
+ARGS = causal_lm.ARGS  # vocab_chunk, as in causal LM.
+validate = causal_lm.validate
+__all__ = ['ARGS', 'COMPATIBLE_MODELS', 'loss_fn', 'summarize', 'split', 'validate']
 
 
 def split(rng, batch):
@@ -23,12 +25,9 @@ def split(rng, batch):
 
 
 def loss_fn(apply_fn, params, batch, rng, args):
-  del args  # No options.
   prefix_BL = split(rng, batch)
   targets_BL, weights_BL = causal_lm.targets_and_weights(batch)
   # Position t predicts token t+1: it counts when t+1 lies after the prefix.
   weights_BL = weights_BL * ~jnp.roll(prefix_BL, -1, axis=1)
-  logits_BLV = apply_fn(
-    params, batch['tokens'], batch['segment_ids'], batch['positions'], prefix_BL
-  )
-  return weighted_cross_entropy(logits_BLV, targets_BL, weights_BL, causal_lm.target_bytes(batch))
+  inputs = (batch['tokens'], batch['segment_ids'], batch['positions'], prefix_BL)
+  return causal_lm.cross_entropy(apply_fn, params, inputs, targets_BL, weights_BL, batch, args)

@@ -101,7 +101,9 @@ def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool)
   return config
 
 
-def run(workdir: pathlib.Path, smoke: bool) -> dict:
+def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
+  """Every run of the study, in order, the table and JSON rewritten after each; None when a run
+  was preempted (a rerun resumes it)."""
   from fm import metrics as metrics_lib
   from fm import runs
 
@@ -111,6 +113,8 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict:
     config, info = pretraining_config(objective, smoke)
     pretrain_dir = workdir / f'pretrain-{objective}'
     metrics = runs.run(config, pretrain_dir)
+    if not metrics:
+      return None
     info['loss'] = metrics['loss']
     info['params'] = json.loads((pretrain_dir / 'config.json').read_text())['params']['total']
     info['curve'] = metrics_lib.series(pretrain_dir, 'train/loss')
@@ -123,6 +127,8 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict:
         metrics = runs.run(
           finetuning_config(task, pretrain_dir, seed, smoke), workdir / f'{objective}-{task}-{seed}'
         )
+        if not metrics:
+          return None
         row = dict(objective=objective, task=task, seed=seed)
         row.update({k: metrics[f'test/{k}'] for k in keys})
         out['finetuning'].append(row)
@@ -197,6 +203,9 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if out is None:
+    print('stopped (preempted); rerun the same command to resume.')
+    return 0
   markdown = write(workdir, out)
   plot(out, workdir / 'pretraining_loss.png')
   print(markdown)

@@ -29,8 +29,8 @@ from fm import metrics as metrics_lib
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, float]:
   """Trains and evaluates per `config` in `workdir`, after the runs it depends on; returns the
-  final held-out metrics (and test/* ones), or {} when preempted while training a dependency
-  (rerunning the same command resumes it). Every config check runs before anything is written."""
+  final held-out metrics (and test/* ones), or {} when preempted, while training it or a
+  dependency (rerunning the same command resumes it). Every config check runs before anything is written."""
   config = configs.resolve(config)
   workdir = pathlib.Path(workdir).expanduser()
   mesh = sharding.make_mesh(config.mesh)

@@ -716,7 +716,7 @@ def loop(
   warm_start: str | pathlib.Path | None = None,
 ) -> dict[str, float]:
   """Trains to `job.steps`, evaluating and saving on the way; returns the final metrics (and
-  the test ones). Resumes from the newest checkpoint in the workdir, state and data iterator
+  the test ones), or {} when preempted (SIGTERM/SIGINT: saved, to be resumed). Resumes from the newest checkpoint in the workdir, state and data iterator
   alike; a fresh run takes the params that `warm_start` (default: config.init.from_checkpoint)
   shares with the model. Call inside `sharding.use(mesh, rules)`."""
   config, steps = job.config, job.steps
@@ -819,6 +819,7 @@ def loop(
         writer.write(step, {'checkpoint/blocking_sec': time.perf_counter() - started})
       if preempted:
         ckpt.wait()
+        eval_metrics = {}  # Unfinished: callers (study scripts) stop and rerun later.
         metrics_lib.log(
           f'preempted ({preemption.signal}) at step {step}: checkpoint saved to '
           f'{ckpt.directory / str(step)}; rerun the same command to resume.'

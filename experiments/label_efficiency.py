@@ -40,10 +40,21 @@ class Study:
   batch: int  # Fine-tuning batch.
   title: str
   baseline: str = ''  # A model without pretraining fitted besides ('bag_of_words').
+  # Task-adaptive pretraining ('adapted'): steps and peak rate of the backbone's objective
+  # continued on the task's unlabelled text (its module's `unlabelled`); 0 steps: none.
+  adapt_steps: int = 0
+  adapt_lr: float = 1e-3
+  pool: str = ''  # finetune.pool of every fine-tuning run ('': the experiment's).
 
   @property
   def models(self) -> tuple[str, ...]:
-    return ('pretrained', 'random') + ((self.baseline,) if self.baseline else ())
+    adapted = ('adapted',) if self.adapt_steps else ()
+    return ('pretrained', *adapted, 'random') + ((self.baseline,) if self.baseline else ())
+
+  @property
+  def trained(self) -> tuple[str, ...]:
+    """The models that are fine-tuned (all but the baseline)."""
+    return tuple(m for m in self.models if m != self.baseline)
 
 
 STUDIES = {
@@ -54,6 +65,8 @@ STUDIES = {
     32,
     'Rotten Tomatoes sentiment',
     'bag_of_words',
+    adapt_steps=500,
+    pool='mean',
   ),
   'fashion_mnist': Study(
     'experiments/mae_fashion_mnist.py:finetune',
@@ -83,7 +96,8 @@ def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
 
 
 def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
-  """Every run of the study, in order; the table and JSON are rewritten after each."""
+  """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
+  run was preempted (saved: a rerun resumes it)."""
   import ml_collections
 
   from fm import configs, finetune, registry, runs, tasks
@@ -101,22 +115,35 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
     return []
   base.pretrained.workdir = str(ckpt)
   task = registry.get('tasks', base.task)
+  backbones = {'pretrained': ckpt, 'random': ckpt}  # Random init: its architecture and tokenizer.
+  if study.adapt_steps:
+    backbones['adapted'] = adapt(workdir, task, ckpt, 8 if smoke else study.adapt_steps, study)
+    if backbones['adapted'] is None:
+      return []
   splits = tasks.kind_of(task).load(task, base) if study.baseline else None
   results = []
   for fraction in fractions:
     for seed in seeds:
-      for init in ('pretrained', 'random'):
+      for model in study.trained:
         config = ml_collections.ConfigDict(base.to_dict())
-        config.seed, config.task_args.train_fraction, config.finetune.init = seed, fraction, init
+        config.seed, config.task_args.train_fraction = seed, fraction
+        config.finetune.init = 'random' if model == 'random' else 'pretrained'
+        config.pretrained.workdir = str(backbones[model])
+        config.finetune.pool = study.pool or config.finetune.pool
         steps = 8 if smoke else study.steps[fraction]
-        config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 3, 1))
+        # Early stopping: the params of the best of 10 evaluations on the validation split.
+        every = max(steps // 10, 1)
+        config.train.update(steps=steps, eval_every=every, select='accuracy')
+        config.train.log_every = max(steps // 3, 1)
         if not smoke:
           config.train.global_batch = study.batch
         config.optim.warmup_steps = max(steps // 10, 1)
-        metrics = runs.run(config, workdir / f'{init}-{fraction}-{seed}')
+        metrics = runs.run(config, workdir / f'{model}-{fraction}-{seed}')
+        if not metrics:  # Preempted: saved; the rerun resumes it.
+          return []
         results.append(
           {
-            'model': init,
+            'model': model,
             'fraction': fraction,
             'seed': seed,
             'accuracy': metrics['test/accuracy'],
@@ -136,6 +163,43 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
         )
         write(workdir, study, results)
   return results
+
+
+def adapt(workdir: pathlib.Path, task, ckpt: pathlib.Path, steps: int, study: Study):
+  """Task-adaptive pretraining (Gururangan et al. 2020) into WORKDIR/adapted: the backbone's
+  own objective and tokenizer, continued from `ckpt` on the task's unlabelled text (the
+  training split without labels and what else the task offers; no test text). Returns its
+  final checkpoint, or None when stopped (a rerun resumes)."""
+  import ml_collections
+
+  from fm import checkpoint, configs, runs
+  from fm.data import pipeline
+
+  corpus = workdir / 'adapt_corpus'
+  if not (corpus / 'validation.jsonl').exists():  # Written last: the corpus is complete.
+    corpus.mkdir(parents=True, exist_ok=True)
+    for split, texts in task.unlabelled(0).items():
+      part = corpus / f'{split}.jsonl.part'
+      part.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
+      part.rename(corpus / f'{split}.jsonl')
+  backbone = configs.resolve(checkpoint.read_meta(ckpt)['config'])
+  config = ml_collections.ConfigDict(backbone.to_dict())
+  config.data.update(
+    dataset='files', train=str(corpus / 'train.jsonl'), validation=str(corpus / 'validation.jsonl')
+  )
+  if config.data.tokenizer.kind == 'sentencepiece' and not config.data.tokenizer.model:
+    # The backbone's own, not one trained on the new text.
+    tokenizer = pipeline.prepared_directory(backbone.data) / 'tokenizer.model'
+    config.data.tokenizer.model = str(tokenizer)
+  config.init.from_checkpoint = str(ckpt)
+  every = max(steps // 5, 1)
+  config.train.update(steps=steps, eval_every=every, log_every=max(steps // 25, 1))
+  config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
+  config.checkpoint.every_steps = every
+  runs.run(config, workdir / 'adapted')
+  if checkpoint.latest_step(workdir / 'adapted') < steps:
+    return None
+  return checkpoint.resolve(workdir / 'adapted', 'adapted')
 
 
 def write(workdir: pathlib.Path, study: Study, results: list[dict]) -> str:
@@ -208,8 +272,8 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
-  if not results:  # Preempted while pretraining the backbone.
-    print('stopped while pretraining the backbone; rerun the same command to resume.')
+  if not results:  # Preempted.
+    print('stopped (preempted); rerun the same command to resume.')
     return 0
   markdown = write(workdir, STUDIES[args.study], results)
   plot(STUDIES[args.study], results, workdir / 'label_efficiency.png')

@@ -432,7 +432,7 @@ def test_seq2seq_targets_start_like_a_word_inside_a_document(layout):
 @pytest.mark.parametrize(
   'study, models',
   [
-    ('sentiment', ('pretrained', 'random', 'bag_of_words')),
+    ('sentiment', ('pretrained', 'adapted', 'random', 'bag_of_words')),
     ('fashion_mnist', ('pretrained', 'random')),
   ],
 )

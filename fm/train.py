@@ -351,7 +351,10 @@ def make_train_step(
         ~finite & (state['first_nonfinite'] < 0), state['step'] + 1, state['first_nonfinite']
       ),
     }
-    return new_state, {'loss': loss, 'grad_norm': grad_norm, **aux}
+    # The non-finite counts ride along, so the loop reads them with the step's metrics (a step
+    # late) instead of waiting on the state.
+    counts = {k: new_state[k] for k in ('nonfinite', 'first_nonfinite')}
+    return new_state, {'loss': loss, 'grad_norm': grad_norm, **counts, **aux}
 
   return train_step
 
@@ -697,7 +700,8 @@ class Evals:
 
 
 def _check_finite(config, state) -> int:
-  """Raises under the 'raise' policy if a step was non-finite; returns the count of such steps."""
+  """Raises under the 'raise' policy if a step was non-finite; returns the count of such steps.
+  `state` may be the train state or a step's fetched metrics (both carry the counts)."""
   first, count = (int(x) for x in jax.device_get((state['first_nonfinite'], state['nonfinite'])))
   if first >= 0 and config.train.nonfinite == 'raise':
     raise FloatingPointError(
@@ -782,24 +786,41 @@ def loop(
     )
     lr_schedule = optim.schedule(config.optim, steps)  # For logging; the step has its own.
     eval_metrics, start = {}, step
+    # A log step's metrics stay on the device until the next step is dispatched, so the host
+    # never waits for the step it just queued: (step, metrics) or None.
+    pending = None
+
+    def log_pending():
+      nonlocal pending
+      if pending is None:
+        return
+      (logged, step_metrics), pending = pending, None
+      fetched = jax.device_get(step_metrics)  # Waits for that step only.
+      scalars = {
+        'train/loss': fetched['loss'],
+        'train/grad_norm': fetched['grad_norm'],
+        'train/lr': lr_schedule(logged - 1),
+        'train/nonfinite_skipped': _check_finite(config, fetched),
+        **progress.report(logged),
+      }
+      writer.write(logged, scalars)
+      metrics_lib.log(metrics_lib.progress_line(logged, steps, scalars))
+
     while step < steps:
       state, step_metrics = program.train_step(
         state, sharding.put_batch(next(batches), job.mesh, job.rules), train_rng
       )
       step += 1
+      log_pending()  # The previous log step's, now that this step is queued behind it.
       if step == start + 1:
         progress.reset(step)  # Leave compilation out of throughput.
       if step % config.train.log_every == 0 or step == steps:
-        fetched = jax.device_get(step_metrics)
-        scalars = {
-          'train/loss': fetched['loss'],
-          'train/grad_norm': fetched['grad_norm'],
-          'train/lr': lr_schedule(step - 1),
-          'train/nonfinite_skipped': _check_finite(config, state),
-          **progress.report(step),
-        }
-        writer.write(step, scalars)
-        metrics_lib.log(metrics_lib.progress_line(step, steps, scalars))
+        pending = (step, step_metrics)
+      preempted = preemption.reached(step)
+      if (
+        step == steps or step % config.train.eval_every == 0 or ckpt.should_save(step) or preempted
+      ):
+        log_pending()  # Before anything that waits for this step anyway.
       if step == steps:
         eval_metrics, state = final_eval(state, step)
         progress.reset(step)
@@ -811,7 +832,6 @@ def loop(
         if select:
           state = consider(state, eval_metrics)
         progress.reset(step)  # Leave evals out of throughput.
-      preempted = preemption.reached(step)
       if ckpt.should_save(step) or step == steps or preempted:
         _check_finite(config, state)  # Never save a state that a non-finite step touched.
         started = time.perf_counter()

@@ -25,7 +25,11 @@ def tiny(module, **fields):
   return module.Config(**{**module.VARIANTS['tiny'], 'vocab_size': 256, **fields})
 
 
-@pytest.mark.parametrize('module,scan', [(decoder, False), (decoder, True), (encdec, False)])
+# The scanned decoder (stacked adapters) in the slow set.
+@pytest.mark.parametrize(
+  'module,scan',
+  [(decoder, False), pytest.param(decoder, True, marks=pytest.mark.slow), (encdec, False)],
+)
 def test_merged_lora_gives_the_same_outputs(module, scan):
   cfg = tiny(module, lora_rank=4, num_classes=3, scan_layers=scan)
   inputs = module.inputs(cfg, jax.random.randint(jax.random.key(0), (2, 16), 4, 256))

@@ -339,9 +339,14 @@ def test_ul2_bad_mixture_is_one_sentence():
     ul2.validate(args(ul2, x_spans=((3.0, 1.5),)))
 
 
+# An untied head, a chunk that does not divide the vocabulary and prefix LM in the slow set.
 @pytest.mark.parametrize(
   'objective,tied,chunk',
-  [('causal_lm', True, 128), ('causal_lm', False, 100), ('prefix_lm', True, 96)],
+  [('causal_lm', True, 128)]
+  + [
+    pytest.param(*p, marks=pytest.mark.slow)
+    for p in (('causal_lm', False, 100), ('prefix_lm', True, 96))
+  ],
 )
 def test_vocab_chunked_cross_entropy_equals_whole_logits(objective, tied, chunk):
   """objective_args.vocab_chunk gives the loss, metrics and gradients of the whole logits (a

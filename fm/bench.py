@@ -97,29 +97,16 @@ def peak(platform: str, device_kind: str) -> dict:
   if platform == 'cpu':
     probe = cpu_probe()
     return {'peak_flops': probe, 'peak_source': 'float32 matmul probe', 'probe_flops': probe}
-  probe = matmul_probe(8192, jnp.bfloat16) * jax.device_count()
+  probe = metrics.matmul_flops(8192, jnp.bfloat16) * jax.device_count()
   datasheet = metrics.chip_peak_flops(device_kind) * jax.device_count()
   if math.isnan(datasheet):
     return {'peak_flops': probe, 'peak_source': 'bfloat16 matmul probe', 'probe_flops': probe}
   return {'peak_flops': datasheet, 'peak_source': 'datasheet (dense bf16)', 'probe_flops': probe}
 
 
-def matmul_probe(n: int, dtype, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` n x n matmuls (one device)."""
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
-
-
 def cpu_probe() -> float:
   """The host's float32 matmul peak: the best over sizes (small ones miss it, large ones too)."""
-  return max(matmul_probe(n, jnp.float32) for n in (512, 1024, 2048))
+  return max(metrics.matmul_flops(n, jnp.float32) for n in (512, 1024, 2048))
 
 
 def config_for(args) -> ml_collections.ConfigDict:

@@ -29,7 +29,12 @@ PEAK_FLOPS = (
 @functools.cache
 def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
   """FLOP/s of a float32 matmul on this host (the best of a few), as the CPU's peak."""
-  a = jnp.ones((n, n), jnp.float32)
+  return matmul_flops(n, jnp.float32, repeats)
+
+
+def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` n x n matmuls in `dtype` on the default device."""
+  a = jnp.ones((n, n), dtype)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = math.inf

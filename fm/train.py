@@ -699,6 +699,38 @@ class Evals:
   extra: Callable[[Any], dict[str, float]] | None = None
 
 
+class DevicePrefetch:
+  """The data iterator one batch ahead, that batch already on the devices (its transfer and
+  the host work that made it overlap the step before). Its state is that of the batches handed
+  out, not of the one held back, so a checkpoint resumes on exactly the next batch."""
+
+  def __init__(self, batches, put: Callable[[dict], dict]):
+    self.batches, self.put = batches, put
+    self.ahead = None  # (state before it was drawn, the batch on the devices)
+
+  def fill(self) -> None:
+    state = self.batches.get_state()
+    self.ahead = (state, self.put(next(self.batches)))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self.ahead is None:
+      self.fill()
+    _, batch = self.ahead
+    self.ahead = None
+    self.fill()
+    return batch
+
+  def get_state(self):
+    return self.ahead[0] if self.ahead is not None else self.batches.get_state()
+
+  def set_state(self, state) -> None:
+    self.ahead = None
+    self.batches.set_state(state)
+
+
 def _check_finite(config, state) -> int:
   """Raises under the 'raise' policy if a step was non-finite; returns the count of such steps.
   `state` may be the train state or a step's fetched metrics (both carry the counts)."""
@@ -806,10 +838,9 @@ def loop(
       writer.write(logged, scalars)
       metrics_lib.log(metrics_lib.progress_line(logged, steps, scalars))
 
+    batches = DevicePrefetch(batches, lambda b: sharding.put_batch(b, job.mesh, job.rules))
     while step < steps:
-      state, step_metrics = program.train_step(
-        state, sharding.put_batch(next(batches), job.mesh, job.rules), train_rng
-      )
+      state, step_metrics = program.train_step(state, next(batches), train_rng)
       step += 1
       log_pending()  # The previous log step's, now that this step is queued behind it.
       if step == start + 1:

@@ -304,3 +304,30 @@ def test_inspect_cli(reference):
   assert result.returncode == 0, result.stderr
   assert f'step {STEPS}' in result.stdout and 'params 360,768 in 20 arrays' in result.stdout
   assert 'params/layer_0/attn/query' in result.stdout and '(64, 4, 16)' in result.stdout
+
+
+def test_device_prefetch_state_is_that_of_the_batches_handed_out():
+  """One batch is held ahead, but the state a checkpoint saves resumes on the next batch."""
+
+  class Counter:
+    def __init__(self):
+      self.position = 0
+
+    def __next__(self):
+      self.position += 1
+      return {'x': self.position}
+
+    def get_state(self):
+      return {'position': self.position}
+
+    def set_state(self, state):
+      self.position = state['position']
+
+  inner = Counter()
+  batches = train.DevicePrefetch(inner, lambda b: {'x': b['x'] * 10})
+  assert batches.get_state() == {'position': 0}
+  assert [next(batches)['x'] for _ in range(3)] == [10, 20, 30]
+  assert inner.position == 4 and batches.get_state() == {'position': 3}  # 4th held back.
+  resumed = train.DevicePrefetch(Counter(), lambda b: {'x': b['x'] * 10})
+  resumed.set_state(batches.get_state())
+  assert next(resumed)['x'] == next(batches)['x'] == 40

@@ -117,7 +117,9 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
   task = registry.get('tasks', base.task)
   backbones = {'pretrained': ckpt, 'random': ckpt}  # Random init: its architecture and tokenizer.
   if study.adapt_steps:
-    backbones['adapted'] = adapt(workdir, task, ckpt, 8 if smoke else study.adapt_steps, study)
+    split_seed = base.task_args.split_seed
+    steps = 8 if smoke else study.adapt_steps
+    backbones['adapted'] = adapt(workdir, task, split_seed, ckpt, steps, study)
     if backbones['adapted'] is None:
       return []
   splits = tasks.kind_of(task).load(task, base) if study.baseline else None
@@ -165,7 +167,7 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
   return results
 
 
-def adapt(workdir: pathlib.Path, task, ckpt: pathlib.Path, steps: int, study: Study):
+def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study: Study):
   """Task-adaptive pretraining (Gururangan et al. 2020) into WORKDIR/adapted: the backbone's
   own objective and tokenizer, continued from `ckpt` on the task's unlabelled text (the
   training split without labels and what else the task offers; no test text). Returns its
@@ -178,7 +180,7 @@ def adapt(workdir: pathlib.Path, task, ckpt: pathlib.Path, steps: int, study: St
   corpus = workdir / 'adapt_corpus'
   if not (corpus / 'validation.jsonl').exists():  # Written last: the corpus is complete.
     corpus.mkdir(parents=True, exist_ok=True)
-    for split, texts in task.unlabelled(0).items():
+    for split, texts in task.unlabelled(split_seed).items():
       part = corpus / f'{split}.jsonl.part'
       part.write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts))
       part.rename(corpus / f'{split}.jsonl')
@@ -196,8 +198,7 @@ def adapt(workdir: pathlib.Path, task, ckpt: pathlib.Path, steps: int, study: St
   config.train.update(steps=steps, eval_every=every, log_every=max(steps // 25, 1))
   config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
   config.checkpoint.every_steps = every
-  runs.run(config, workdir / 'adapted')
-  if checkpoint.latest_step(workdir / 'adapted') < steps:
+  if not runs.run(config, workdir / 'adapted'):  # Preempted (at any step, the last included).
     return None
   return checkpoint.resolve(workdir / 'adapted', 'adapted')
 

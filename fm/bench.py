@@ -195,9 +195,9 @@ def measure(args) -> dict:
     loss_first=losses[0],
     loss_last=losses[-1],
   )
+  stats = device.memory_stats() or {}  # Before the probe's own matmuls.
   result.update(peak(device.platform, device.device_kind))
   result['mfu'] = result['achieved_flops'] / result['peak_flops']
-  stats = device.memory_stats() or {}
   result['memory'] = {
     'peak_device_bytes': stats.get('peak_bytes_in_use'),  # None on CPU.
     'compiled_temp_bytes': getattr(memory, 'temp_size_in_bytes', None),

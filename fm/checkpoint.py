@@ -87,6 +87,14 @@ class Checkpointer:
           f'{path} keeps the data position per process, as older fm versions did; resume it '
           f'with the version that wrote it, or start this run in a new workdir.'
         )
+      # A run of another train.select holds another state (the best params or not): refuse it
+      # in one sentence rather than take it for a broken checkpoint.
+      held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
+      if isinstance(target, dict) and bool(held) != ('best_params' in target):
+        raise ConfigError(
+          f'{path} was saved with config.train.select={held!r}; resume it with that value, or '
+          f'start this run in a new workdir.'
+        )
       try:
         restored = self.manager.restore(
           step,

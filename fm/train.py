@@ -700,27 +700,27 @@ class Evals:
 
 
 class DevicePrefetch:
-  """The data iterator one batch ahead, that batch already on the devices (its transfer and
-  the host work that made it overlap the step before). Its state is that of the batches handed
-  out, not of the one held back, so a checkpoint resumes on exactly the next batch."""
+  """The data iterator with the next batch drawn and put on the devices ahead: `fill()` after
+  dispatching a step makes the host's data work and the transfer overlap that step. Its state
+  is that of the batches handed out, not of one held back, so a checkpoint resumes on exactly
+  the next batch."""
 
   def __init__(self, batches, put: Callable[[dict], dict]):
     self.batches, self.put = batches, put
     self.ahead = None  # (state before it was drawn, the batch on the devices)
 
   def fill(self) -> None:
-    state = self.batches.get_state()
-    self.ahead = (state, self.put(next(self.batches)))
+    if self.ahead is None:
+      state = self.batches.get_state()
+      self.ahead = (state, self.put(next(self.batches)))
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    if self.ahead is None:
-      self.fill()
+    self.fill()
     _, batch = self.ahead
     self.ahead = None
-    self.fill()
     return batch
 
   def get_state(self):
@@ -788,6 +788,8 @@ def loop(
       # state's buffers, so the params are read again.
       state = consider(state, metrics)
       params, selected = state['params'], int(jax.device_get(state['best_step']))
+      if selected < 0:  # Nothing scored better than -inf (NaN scores): the final params.
+        selected = step
       if selected != step:  # An earlier evaluation scored better: its params go on.
         params = state['best_params']
         metrics = run_eval(params, evals.final)
@@ -842,6 +844,8 @@ def loop(
     while step < steps:
       state, step_metrics = program.train_step(state, next(batches), train_rng)
       step += 1
+      if step < steps:
+        batches.fill()  # The next batch, while this step runs.
       log_pending()  # The previous log step's, now that this step is queued behind it.
       if step == start + 1:
         progress.reset(step)  # Leave compilation out of throughput.
@@ -870,7 +874,8 @@ def loop(
         writer.write(step, {'checkpoint/blocking_sec': time.perf_counter() - started})
       if preempted:
         ckpt.wait()
-        eval_metrics = {}  # Unfinished: callers (study scripts) stop and rerun later.
+        if step < steps:  # Unfinished: callers (study scripts) stop and rerun later.
+          eval_metrics = {}
         metrics_lib.log(
           f'preempted ({preemption.signal}) at step {step}: checkpoint saved to '
           f'{ckpt.directory / str(step)}; rerun the same command to resume.'

@@ -327,6 +327,7 @@ def test_device_prefetch_state_is_that_of_the_batches_handed_out():
   batches = train.DevicePrefetch(inner, lambda b: {'x': b['x'] * 10})
   assert batches.get_state() == {'position': 0}
   assert [next(batches)['x'] for _ in range(3)] == [10, 20, 30]
+  batches.fill()  # As the loop does after dispatching a step.
   assert inner.position == 4 and batches.get_state() == {'position': 3}  # 4th held back.
   resumed = train.DevicePrefetch(Counter(), lambda b: {'x': b['x'] * 10})
   resumed.set_state(batches.get_state())

@@ -471,7 +471,8 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
 @pytest.mark.slow
 def test_selection_tests_the_best_validation_params_and_resumes_exactly(tmp_path):
   """train.select keeps the params of the best validation score: the test split scores those
-  (equal to a run stopped at the selected step), and a run resumed midway selects the same."""
+  (equal to a run stopped at the selected step), a run resumed midway selects the same, and a
+  run of another select value refuses the workdir."""
   config = load_experiment('transfer_sentiment').get_config('smoke')
   config.pretrained.experiment, config.finetune.init = DECODER, 'random'
   # A constant rate makes the first k steps of every run the same; at this rate the validation
@@ -497,3 +498,21 @@ def test_selection_tests_the_best_validation_params_and_resumes_exactly(tmp_path
   resumed = runs.run(config, tmp_path / 'resumed')  # From step 4's checkpoint to step 6.
   assert resumed['selected_step'] == step
   np.testing.assert_allclose(resumed['test/loss'], selected['test/loss'], rtol=1e-6)
+
+  unselected = ml_collections.ConfigDict(config.to_dict())
+  unselected.train.select = ''  # Another train state: refused, the checkpoints left in place.
+  with pytest.raises(ConfigError, match=r"was saved with config.train.select='accuracy'"):
+    runs.run(unselected, tmp_path / 'resumed')
+  assert not (tmp_path / 'resumed' / 'checkpoints-corrupt').exists()
+
+
+def test_sentiment_unlabelled_text_holds_no_held_out_text():
+  """Task-adaptive pretraining text: the training reviews and plot summaries, no held-out text."""
+  from fm.tasks import sentiment
+
+  text, splits = sentiment.unlabelled(0), sentiment.load(0)
+  held = {name: {t for t, _ in splits[name]} for name in ('validation', 'test')}
+  assert not held['test'] & (set(text['train']) | set(text['validation']))
+  assert not held['validation'] & set(text['train'])
+  assert text['train'][: len(splits['train'])] == [t for t, _ in splits['train']]
+  assert len(text['train']) - len(splits['train']) == 1070  # Plot summaries.

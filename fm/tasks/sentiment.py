@@ -33,18 +33,27 @@ def _rows() -> list[dict[str, str]]:
   return list(csv.DictReader(io.StringIO(raw.decode('utf-8'))))
 
 
+def _movie_splits(rows: list[dict[str, str]], seed: int) -> dict[str, str]:
+  """Movie -> split, 80/10/10 over the movies that have labelled reviews."""
+  movies = sorted({r['movie_name'] for r in rows if r['category'] in LABELS})
+  random.Random(seed).shuffle(movies)
+  cut = [round(len(movies) * f) for f in (0.8, 0.9)]
+  return {
+    m: 'train' if i < cut[0] else 'validation' if i < cut[1] else 'test'
+    for i, m in enumerate(movies)
+  }
+
+
 def unlabelled(seed: int = 0) -> dict[str, list[str]]:
   """Text without labels for task-adaptive pretraining: `train`, the training split's reviews
-  and the 1,070 plot summaries of movies outside the held-out splits; `validation`, the
-  validation split's reviews. No test text."""
-  splits = load(seed)
-  held_out = {t for name in ('validation', 'test') for t, _ in splits[name]}
+  and the plot summaries of every movie outside the held-out splits (1,070 at seed 0);
+  `validation`, the validation split's reviews. No test text."""
   rows = _rows()
-  held_movies = {r['movie_name'] for r in rows if r['text'].strip() in held_out}
+  split_of, splits = _movie_splits(rows, seed), load(seed)
   plots = [
     r['text'].strip()
     for r in rows
-    if r['category'] == 'plot' and r['movie_name'] not in held_movies
+    if r['category'] == 'plot' and split_of.get(r['movie_name'], 'train') == 'train'
   ]
   return {
     'train': [t for t, _ in splits['train']] + plots,
@@ -54,13 +63,7 @@ def unlabelled(seed: int = 0) -> dict[str, list[str]]:
 
 def load(seed: int = 0) -> dict[str, list[tuple[str, int]]]:
   rows = [r for r in _rows() if r['category'] in LABELS]
-  movies = sorted({r['movie_name'] for r in rows})
-  random.Random(seed).shuffle(movies)
-  cut = [round(len(movies) * f) for f in (0.8, 0.9)]
-  split_of = {
-    m: 'train' if i < cut[0] else 'validation' if i < cut[1] else 'test'
-    for i, m in enumerate(movies)
-  }
+  split_of = _movie_splits(rows, seed)
   out = {'train': [], 'validation': [], 'test': []}
   for r in rows:
     out[split_of[r['movie_name']]].append((r['text'].strip(), LABELS.index(r['category'])))

@@ -6,8 +6,9 @@
   python -m fm.bench --shape llama-1b --dtype bfloat16 --attention cudnn   # on a GPU
 
 One causal-LM training step (the decoder, AdamW, the trainer's own jitted step, `train.build`)
-on synthetic tokens already on the devices, after `--warmup` steps: the median step time,
-tokens/s, model FLOPs per token, achieved FLOP/s and MFU, compile time and memory; then the
+on synthetic tokens already on the devices, after `--warmup` steps: the median step time (from
+the end of one step to the end of the next, the following step already queued, as the trainer
+runs), tokens/s, model FLOPs per token, achieved FLOP/s and MFU, compile time and memory; then the
 input pipeline alone on the real data path (the news corpus, prepared and packed as training
 reads it, with BERT masking as the host-side transform) in windows/s against what the step
 consumes. A console table and, with --json, a JSON file.
@@ -171,14 +172,20 @@ def measure(args) -> dict:
     compiled = program.jitted_step.lower(state, batch_on_devices, step_rng, {}).compile()
     result['compile_s'] = time.perf_counter() - started
     memory = compiled.memory_analysis()
-    losses, times = [], []
-    for i in range(args.warmup + args.steps):
+    # A step's time runs from the previous step's end to its own, the next step already queued
+    # (as in the trainer, which never waits on the step it just dispatched): no dispatch gaps.
+    losses, times, queued = [], [], None
+    done = time.perf_counter()
+    for i in range(args.warmup + args.steps + 1):
       if args.profile and i == args.warmup:
         jax.profiler.start_trace(args.profile)
-      started = time.perf_counter()
-      state, out = compiled(state, batch_on_devices, step_rng, {})
-      losses.append(float(out['loss']))  # Waits for the step.
-      times.append(time.perf_counter() - started)
+      if i < args.warmup + args.steps:
+        state, out = compiled(state, batch_on_devices, step_rng, {})
+      if queued is not None:
+        losses.append(float(queued['loss']))  # Waits for the step before this one.
+        times.append(time.perf_counter() - done)
+        done = time.perf_counter()
+      queued = out
     if args.profile:
       jax.profiler.stop_trace()
   step_s = statistics.median(times[args.warmup :])

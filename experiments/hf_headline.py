@@ -46,6 +46,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     eval_every=200,
     eval_batches=-1,
     nonfinite='raise',
+    select='',  # Early stopping: a validation metric ('accuracy', 'min:loss').
     microbatches=1,
   )
   # T5's fine-tuning recipe: a constant-ish rate of about 1e-4 to 1e-3 with Adam-style updates.

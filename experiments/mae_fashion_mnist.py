@@ -81,6 +81,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     eval_every=500,
     eval_batches=-1,
     nonfinite='raise',
+    select='',  # Early stopping: a validation metric ('accuracy', 'min:loss').
     microbatches=1,
   )
   c.optim = dict(

@@ -40,6 +40,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     eval_every=300,
     eval_batches=-1,
     nonfinite='raise',
+    select='',  # Early stopping: a validation metric ('accuracy', 'min:loss').
     microbatches=1,
   )
   c.optim = dict(

@@ -42,6 +42,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     eval_every=200,
     eval_batches=16,
     nonfinite='raise',
+    select='',  # Early stopping: a validation metric ('accuracy', 'min:loss').
     microbatches=1,
   )
   c.optim = dict(

@@ -84,7 +84,7 @@ SHAPES = {
     ),
     1024,
     8,
-    'about 110M params (GPT-2 small sized, SwiGLU)',
+    '135M params (12 x 768, SwiGLU 2048, untied vocabulary 32768)',
   ),
   'llama-1b': Shape(
     dict(decoder.VARIANTS['llama-1b'], max_len=2048), 2048, 8, 'Llama 3.2 1B, for accelerators'

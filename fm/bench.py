@@ -174,18 +174,24 @@ def measure(args) -> dict:
     memory = compiled.memory_analysis()
     # A step's time runs from the previous step's end to its own, the next step already queued
     # (as in the trainer, which never waits on the step it just dispatched): no dispatch gaps.
-    losses, times, queued = [], [], None
+    losses, times = [], []
     done = time.perf_counter()
-    for i in range(args.warmup + args.steps + 1):
+
+    def finish(out) -> None:
+      nonlocal done
+      losses.append(float(out['loss']))  # Waits for that step.
+      times.append(time.perf_counter() - done)
+      done = time.perf_counter()
+
+    previous = None
+    for i in range(args.warmup + args.steps):
       if args.profile and i == args.warmup:
         jax.profiler.start_trace(args.profile)
-      if i < args.warmup + args.steps:
-        state, out = compiled(state, batch_on_devices, step_rng, {})
-      if queued is not None:
-        losses.append(float(queued['loss']))  # Waits for the step before this one.
-        times.append(time.perf_counter() - done)
-        done = time.perf_counter()
-      queued = out
+      state, out = compiled(state, batch_on_devices, step_rng, {})
+      if previous is not None:
+        finish(previous)  # The step before, this one already queued.
+      previous = out
+    finish(previous)
     if args.profile:
       jax.profiler.stop_trace()
   step_s = statistics.median(times[args.warmup :])

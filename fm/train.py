@@ -752,9 +752,10 @@ def loop(
   warm_start: str | pathlib.Path | None = None,
 ) -> dict[str, float]:
   """Trains to `job.steps`, evaluating and saving on the way; returns the final metrics (and
-  the test ones), or {} when preempted (SIGTERM/SIGINT: saved, to be resumed). Resumes from the newest checkpoint in the workdir, state and data iterator
-  alike; a fresh run takes the params that `warm_start` (default: config.init.from_checkpoint)
-  shares with the model. Call inside `sharding.use(mesh, rules)`."""
+  the test ones), or {} when preempted (SIGTERM/SIGINT: saved, to be resumed). Resumes from
+  the newest checkpoint in the workdir, state and data iterator alike; a fresh run takes the
+  params that `warm_start` (default: config.init.from_checkpoint) shares with the model. Call
+  inside `sharding.use(mesh, rules)`."""
   config, steps = job.config, job.steps
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ckpt = checkpoint.Checkpointer(job.workdir, config.checkpoint, log=metrics_lib.log)
@@ -807,8 +808,9 @@ def loop(
 
   def consider(state, metrics: dict) -> State:
     """The state, its params kept as the best if they score better than the best so far."""
-    if score(metrics) > float(jax.device_get(state['best_score'])):
-      return program.keep_best(state, jnp.float32(score(metrics)))
+    value = score(metrics)
+    if value > float(jax.device_get(state['best_score'])):
+      return program.keep_best(state, jnp.float32(value))
     return state
 
   try:

@@ -40,6 +40,21 @@ class LoRA:
 LORA_SUFFIXES = ('_lora_a', '_lora_b')
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+  """`x`'s last `n_in` dims contracted with `w`'s first `n_in`: one 2-D matmul over `x`'s
+  leading dims flattened (`x` (..., *IN) and `w` (*IN, *OUT) give (..., *OUT)).
+
+  The same FLOPs and values as the einsum, but XLA:CPU gives a contraction with batch dims
+  ('BLD,DF->BLF') a weight gradient that first copies the activations' gradient transposed, in
+  the loop fused with their elementwise producers: measured on a SwiGLU MLP of 512 x 2048 on
+  8 x 256 tokens, 2-D is 1.5x faster forward and backward (README: the step-speed log).
+  """
+  lead, inner, outer = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :], w.shape[n_in:]
+  x_ND = x.reshape(math.prod(lead), math.prod(inner))
+  y_NF = x_ND @ w.reshape(math.prod(inner), math.prod(outer))
+  return y_NF.reshape(*lead, *outer)
+
+
 def dense_weight(
   module: nn.Module,
   name: str,
@@ -188,7 +203,7 @@ def lm_head_kernel(module: nn.Module, dim: int, vocab_size: int, param_dtype) ->
 def lm_head(module: nn.Module, x_BLD: jax.Array, vocab_size: int, dtype, param_dtype):
   """Logits from an untied output projection, `module`'s param `lm_head` (D, V)."""
   w_DV = lm_head_kernel(module, x_BLD.shape[-1], vocab_size, param_dtype)
-  return jnp.einsum('BLD,DV->BLV', x_BLD, w_DV.astype(dtype))
+  return project(x_BLD, w_DV.astype(dtype))
 
 
 class Embed(nn.Module):
@@ -212,7 +227,7 @@ class Embed(nn.Module):
 
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     """Tied output projection: logits against the embedding table."""
-    return jnp.einsum('BLD,VD->BLV', x_BLD, self.embedding_VD.astype(self.dtype))
+    return project(x_BLD, self.embedding_VD.astype(self.dtype).T)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: tuple = ()) -> jax.Array:
@@ -365,9 +380,9 @@ class Attention(nn.Module):
     wk_DGK = w('key', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
     wv_DGK = w('value', (D, c.num_kv_heads, c.head_dim), ('embed', 'kv_heads', 'head_dim'), 1)
     wo_HKD = w('out', (c.num_heads, c.head_dim, D), ('heads', 'head_dim', 'embed'), 2)
-    q_BLHK = jnp.einsum('BLD,DHK->BLHK', x_BLD, wq_DHK)
-    k_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wk_DGK)
-    v_BSGK = jnp.einsum('BSD,DGK->BSGK', kv_BSD, wv_DGK)
+    q_BLHK = project(x_BLD, wq_DHK)
+    k_BSGK = project(kv_BSD, wk_DGK)
+    v_BSGK = project(kv_BSD, wv_DGK)
     if c.qkv_bias:
       b = lambda name, heads, axis: bias(
         self, name, (heads, c.head_dim), (axis, 'head_dim'), self.param_dtype
@@ -399,7 +414,7 @@ class Attention(nn.Module):
       scale=c.scale or None,
       implementation=c.implementation,
     )
-    out_BLD = jnp.einsum('BLHK,HKD->BLD', out_BLHK, wo_HKD)
+    out_BLD = project(out_BLHK, wo_HKD, 2)
     if c.out_bias:
       out_BLD = (
         out_BLD
@@ -458,14 +473,14 @@ class MLP(nn.Module):
     b = lambda name, n, axis: bias(self, name, (n,), (axis,), self.param_dtype).astype(self.dtype)
     gated = self.kind in GATED
     if gated:
-      gate_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('gate', (D, F), ('embed', 'mlp')))
-      up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
+      gate_BLF = project(x_BLD, w('gate', (D, F), ('embed', 'mlp')))
+      up_BLF = project(x_BLD, w('up', (D, F), ('embed', 'mlp')))
       h_BLF = GATED[self.kind](gate_BLF) * up_BLF
     else:
-      up_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, w('up', (D, F), ('embed', 'mlp')))
+      up_BLF = project(x_BLD, w('up', (D, F), ('embed', 'mlp')))
       h_BLF = nn.gelu(up_BLF + b('up_bias', F, 'mlp')[None, None], self.kind == 'gelu_tanh')
     h_BLF = constrain(h_BLF, ('act_batch', 'act_length', 'act_mlp'))
-    out_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, w('down', (F, D), ('mlp', 'embed')))
+    out_BLD = project(h_BLF, w('down', (F, D), ('mlp', 'embed')))
     return out_BLD if gated else out_BLD + b('down_bias', D, 'embed')[None, None]
 
 
@@ -486,7 +501,7 @@ class MLMTransform(nn.Module):
   def __call__(self, x_BLD):
     D = x_BLD.shape[-1]
     w_DE = dense_weight(self, 'dense', (D, D), ('embed', 'mlp'), 1, self.dtype, self.param_dtype)
-    h_BLE = jnp.einsum('BLD,DE->BLE', x_BLD, w_DE)
+    h_BLE = project(x_BLD, w_DE)
     h_BLE = (
       h_BLE
       + bias(self, 'dense_bias', (D,), ('mlp',), self.param_dtype).astype(self.dtype)[None, None]

@@ -256,7 +256,7 @@ class Model(nn.Module):
       self, 'patch_embed', (c.patch_dim, c.d_model), (None, 'embed'), 1, dt, pdt
     )
     b_D = layers.bias(self, 'patch_bias', (c.d_model,), ('embed',), pdt).astype(dt)
-    x_BND = jnp.einsum('BNX,XD->BND', patches_BNX, w_XD) + b_D[None, None]
+    x_BND = layers.project(patches_BNX, w_XD) + b_D[None, None]
     grid = c.image_size // c.patch_size
     if c.positions == 'learned':
       pos_ND = layers.param_with_axes(
@@ -311,7 +311,7 @@ class Model(nn.Module):
     dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     E = c.decoder_dim
     w_DE = layers.dense_weight(self, 'mae_embed', (c.d_model, E), ('embed', None), 1, dt, pdt)
-    y_BKE = jnp.einsum('BKD,DE->BKE', x_BKD, w_DE)
+    y_BKE = layers.project(x_BKD, w_DE)
     y_BKE = y_BKE + layers.bias(self, 'mae_embed_bias', (E,), (None,), pdt).astype(dt)[None, None]
     lead, y_BKE = (y_BKE[:, :1], y_BKE[:, 1:]) if c.cls_token else (None, y_BKE)
     B, N = restore_BN.shape
@@ -329,7 +329,7 @@ class Model(nn.Module):
       y_BNE = decoder.Block(blocks, name=f'mae_layer_{i}')(y_BNE, positions, None)
     y_BNE = layers.LayerNorm(c.norm_eps, dt, pdt, name='mae_norm')(y_BNE)
     w_EX = layers.dense_weight(self, 'mae_pred', (E, c.patch_dim), (None, None), 1, dt, pdt)
-    out_BNX = jnp.einsum('BNE,EX->BNX', y_BNE, w_EX)
+    out_BNX = layers.project(y_BNE, w_EX)
     out_BNX = (
       out_BNX
       + layers.bias(self, 'mae_pred_bias', (c.patch_dim,), (None,), pdt).astype(dt)[None, None]

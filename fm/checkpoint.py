@@ -39,6 +39,46 @@ def _restore_args(target: Any) -> Any:
   )
 
 
+def _leaves(tree: Any) -> dict[tuple[str, ...], tuple]:
+  """`tree`'s leaves by path as names, whatever the node types (a saved named tuple reads back
+  as a dict) -> their shapes."""
+  name = lambda k: str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(name(k) for k in path): tuple(getattr(v, 'shape', ())) for path, v in leaves}
+
+
+def _other_state(path: pathlib.Path, target: Any) -> str:
+  """'' when the checkpointed state at `path` has `target`'s entries and params (paths and
+  shapes), else what differs, read from the checkpoint's own metadata (nothing restored)."""
+  if not isinstance(target, dict) or 'params' not in target:
+    return ''
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)  # Not orbax's warning that fm writes no step metadata.
+  try:
+    saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  except Exception:  # Unreadable: left to the restore, which moves a broken one aside.
+    return ''
+  finally:
+    logging.set_verbosity(verbosity)
+  if not isinstance(saved, dict) or 'params' not in saved:
+    return ''
+  if set(saved) != set(target):
+    return f"holds the state entries {sorted(saved)}, not this run's {sorted(target)}"
+  held, wanted = _leaves(saved['params']), _leaves(target['params'])
+  if held != wanted:
+    missing = sorted(set(wanted) - set(held))
+    other = sorted(k for k in wanted if k in held and held[k] != wanted[k])
+    what = (
+      f'{"/".join(missing[0])} missing'
+      if missing
+      else f'{"/".join(other[0])} of shape {held[other[0]]}, not {wanted[other[0]]}'
+      if other
+      else f'{"/".join(sorted(set(held) - set(wanted))[0])} besides'
+    )
+    return f'holds the params of another model ({what})'
+  return ''
+
+
 class Checkpointer:
   """Saves every `every_steps` and on demand; restores the latest complete checkpoint."""
 
@@ -87,13 +127,16 @@ class Checkpointer:
           f'{path} keeps the data position per process, as older fm versions did; resume it '
           f'with the version that wrote it, or start this run in a new workdir.'
         )
-      # A run of another train.select holds another state (the best params or not): refuse it
-      # in one sentence rather than take it for a broken checkpoint.
-      held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
-      if isinstance(target, dict) and bool(held) != ('best_params' in target):
+      # A state of another configuration (another model, or train.select keeping the best
+      # params or not) is refused in one sentence rather than taken for a broken checkpoint.
+      other = _other_state(path / 'state', target)
+      if other:
+        held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
+        if isinstance(target, dict) and bool(held) != ('best_params' in target):
+          other = f'was saved with config.train.select={held!r}; resume it with that value'
         raise ConfigError(
-          f'{path} was saved with config.train.select={held!r}; resume it with that value, or '
-          f'start this run in a new workdir.'
+          f'{path} {other}, or start this run in a new workdir (its config.json is the '
+          f'configuration that wrote it).'
         )
       try:
         restored = self.manager.restore(

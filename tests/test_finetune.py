@@ -465,6 +465,28 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   table = (tmp_path / 'label_efficiency.md').read_text()
   assert table.count('\n| ') == 1 + len(models) and '10% labels' in table  # Header, models.
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000
+  if study != 'sentiment':
+    return
+  # --trend: fine-tuned from the pretraining run's earlier checkpoint (step 10 of 20).
+  result = subprocess.run(
+    [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path), '--smoke']
+    + ['--trend'],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / 'trend.json').read_text())
+  assert [(r['model'], r['fraction'], r['seed']) for r in rows] == [('pretrained@10', 0.1, 0)]
+  trend = (tmp_path / 'trend.md').read_text()
+  # Random init at 0 tokens, the checkpoint at step 10, the final backbone at twice its tokens.
+  tokens = rows[0]['pretraining_tokens']
+  assert tokens > 0 and [line.split(' | ')[:2] for line in trend.splitlines()[4:7]] == [
+    ['| random', '0'],
+    ['| pretrained@10', f'{tokens:,}'],
+    ['| pretrained', f'{2 * tokens:,}'],
+  ], trend
 
 
 # In the slow set (4 fine-tuning runs, ~25 s); the bad-value sentence is in the default set.

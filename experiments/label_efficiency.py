@@ -105,17 +105,10 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
   """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
 
-  from fm import configs, finetune, registry, runs, tasks
+  from fm import finetune, registry, runs, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
-  base = configs.resolve(
-    configs.load(study.smoke if smoke else study.experiment, 'label_efficiency')
-  )
-  # The backbone, pretrained once (or resumed) unless --pretrained names a finished run; every
-  # fine-tuning run then reads it as it is.
-  base.pretrained.workdir = pretrained
-  backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
-  ckpt = runs.obtain(backbone)
+  base, ckpt = pretrain(workdir, study, smoke, pretrained)
   if ckpt is None:
     return []
   base.pretrained.workdir = str(ckpt)
@@ -161,6 +154,20 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
   return results
 
 
+def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
+  """The study's fine-tuning config and its backbone's final checkpoint: pretrained once (or
+  resumed) into WORKDIR/pretrained unless `pretrained` names a finished run; every fine-tuning
+  run then reads it as it is. The checkpoint is None when that pretraining was preempted."""
+  from fm import configs, runs
+
+  base = configs.resolve(
+    configs.load(study.smoke if smoke else study.experiment, 'label_efficiency')
+  )
+  base.pretrained.workdir = pretrained
+  backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
+  return base, runs.obtain(backbone)
+
+
 def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fraction, seed):
   """A fine-tuning run of the study: `fraction` of the labels drawn by `seed`, from `backbone`
   (or its architecture from random init), stopping early on validation accuracy."""
@@ -190,12 +197,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   from fm import checkpoint, configs, runs
 
   fraction, seeds = study.trend_fraction, (0,) if smoke else SEEDS
-  base = configs.resolve(
-    configs.load(study.smoke if smoke else study.experiment, 'label_efficiency')
-  )
-  base.pretrained.workdir = pretrained
-  backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
-  final = runs.obtain(backbone)
+  base, final = pretrain(workdir, study, smoke, pretrained)
   if final is None:
     return None
   held = configs.resolve(checkpoint.read_meta(final)['config'])

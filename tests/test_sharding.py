@@ -126,3 +126,41 @@ def test_mesh_errors():
     'fsdp': 2,
     'tensor': 2,
   }
+
+
+def step_collectives(mesh_cfg: dict) -> dict[str, int]:
+  """How many of each collective the compiled train step of the test decoder holds."""
+  import re
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), jax.devices())
+  rules = sharding.DEFAULT_RULES
+  model, tx = decoder.Model(CFG), optim.make(config().optim, total_steps=10)
+  sample = train.sample_inputs(decoder, CFG, B, L)
+  loss_fn = functools.partial(causal_lm.loss_fn, args=None)
+  with sharding.use(mesh, rules):
+    program = train.build(model, tx, loss_fn, config(), mesh, rules, sample)
+    state = program.init(jax.random.key(0))
+    on_mesh = sharding.put_batch(batch(), mesh, rules)
+    hlo = program.jitted_step.lower(state, on_mesh, jax.random.key(1), {}).compile().as_text()
+  names = ('all-gather', 'all-to-all', 'all-reduce', 'collective-permute', 'reduce-scatter')
+  return {n: len(re.findall(rf'= [^=]*\b{n}(-start)?\(', hlo)) for n in names}
+
+
+# The mesh without a length split in the slow set.
+@pytest.mark.parametrize(
+  'mesh_name',
+  [pytest.param('data=2,fsdp=2,tensor=2', marks=pytest.mark.slow), 'data=2,sequence=2,tensor=2'],
+)
+def test_flattened_projections_add_no_collectives(mesh_name, monkeypatch):
+  """layers.project's one 2-D matmul (batch and length merged) compiles to no more collectives
+  than the contraction with its dims kept; where the mesh splits the length, merging would
+  reshard the activations, so project keeps the dims there."""
+  from fm.models import layers
+
+  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1}
+  mesh_cfg.update({k: int(v) for k, v in (kv.split('=') for kv in mesh_name.split(','))})
+  ours = step_collectives(mesh_cfg)
+  monkeypatch.setattr(layers, 'project', lambda x, w, n_in=1: jax.numpy.tensordot(x, w, n_in))
+  kept = step_collectives(mesh_cfg)
+  assert all(ours[n] <= kept[n] for n in ours), (ours, kept)
+  assert sum(ours.values()) > 0  # The count sees collectives at all.

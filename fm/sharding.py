@@ -159,13 +159,13 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-def length_split() -> bool:
-  """Whether the mesh in context splits activations along their length (act_length's axes)."""
+def split(logical_axis: str) -> bool:
+  """Whether the mesh in context splits activations along `logical_axis` (e.g. act_length)."""
   mesh = jax.sharding.get_abstract_mesh()
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return False
-  axes = nn.logical_to_mesh_axes(('act_length',), rules)[0]
+  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return any(dict(mesh.shape).get(a, 1) > 1 for a in axes)
 

@@ -52,7 +52,7 @@ def project(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
   the mesh splits activations along their length, merging batch and length would reshard them
   (all-gathers and all-to-alls), so there the contraction keeps its dims.
   """
-  if sharding.length_split():
+  if sharding.split('act_length'):
     return jnp.tensordot(x, w, axes=n_in)
   lead, inner, outer = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in :], w.shape[n_in:]
   x_ND = x.reshape(math.prod(lead), math.prod(inner))

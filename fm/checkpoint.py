@@ -129,11 +129,12 @@ class Checkpointer:
         )
       # A state of another configuration (another model, or train.select keeping the best
       # params or not) is refused in one sentence rather than taken for a broken checkpoint.
+      # The select check reads the run's own meta, so it holds without orbax's metadata too.
+      held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
       other = _other_state(path / 'state', target)
+      if isinstance(target, dict) and bool(held) != ('best_params' in target):
+        other = f'was saved with config.train.select={held!r}; resume it with that value'
       if other:
-        held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
-        if isinstance(target, dict) and bool(held) != ('best_params' in target):
-          other = f'was saved with config.train.select={held!r}; resume it with that value'
         raise ConfigError(
           f'{path} {other}, or start this run in a new workdir (its config.json is the '
           f'configuration that wrote it).'

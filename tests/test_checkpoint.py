@@ -177,6 +177,7 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
+@pytest.mark.slow  # A subprocess start (~15 s); the corrupt-checkpoint path runs by default.
 @ON_REFERENCE
 def test_checkpoint_of_another_model_is_refused_not_moved_aside(reference, tmp_path):
   """A workdir holding another model's state is refused in one sentence naming what differs;

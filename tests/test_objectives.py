@@ -392,7 +392,10 @@ def test_bad_vocab_chunk_is_one_sentence():
     causal_lm.validate(ml_collections.ConfigDict({'vocab_chunk': -1}))
 
 
-@pytest.mark.parametrize('vocab', [50, 4096, 997])
+# A vocabulary of blocks in the default set; a large one and a prime one (no blocks) slow.
+@pytest.mark.parametrize(
+  'vocab', [50] + [pytest.param(v, marks=pytest.mark.slow) for v in (4096, 997)]
+)
 def test_token_accuracy_is_the_arg_max_one_ties_included(vocab):
   """Token accuracy picks the first maximum, as jnp.argmax does, through blocks (faster on
   XLA:CPU): the same on logits rounded to bfloat16 (many ties), on rows that are all tied, and for

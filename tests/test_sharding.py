@@ -47,15 +47,20 @@ def batch():
   }
 
 
-def one_step(mesh_cfg: dict, devices):
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
-  rules = sharding.DEFAULT_RULES
+def build(mesh, rules):
+  """The test decoder's train program on `mesh` (call inside sharding.use) and its first state."""
   model, tx = decoder.Model(CFG), optim.make(config().optim, total_steps=10)
   sample = train.sample_inputs(decoder, CFG, B, L)
   loss_fn = functools.partial(causal_lm.loss_fn, args=None)
+  program = train.build(model, tx, loss_fn, config(), mesh, rules, sample)
+  return program, program.init(jax.random.key(0))
+
+
+def one_step(mesh_cfg: dict, devices):
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
+  rules = sharding.DEFAULT_RULES
   with sharding.use(mesh, rules):
-    program = train.build(model, tx, loss_fn, config(), mesh, rules, sample)
-    state = program.init(jax.random.key(0))
+    program, state = build(mesh, rules)
     init_params = jax.device_get(state['params'])
     state, metrics = program.train_step(
       state, sharding.put_batch(batch(), mesh, rules), jax.random.key(1)
@@ -134,12 +139,8 @@ def step_collectives(mesh_cfg: dict) -> dict[str, int]:
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), jax.devices())
   rules = sharding.DEFAULT_RULES
-  model, tx = decoder.Model(CFG), optim.make(config().optim, total_steps=10)
-  sample = train.sample_inputs(decoder, CFG, B, L)
-  loss_fn = functools.partial(causal_lm.loss_fn, args=None)
   with sharding.use(mesh, rules):
-    program = train.build(model, tx, loss_fn, config(), mesh, rules, sample)
-    state = program.init(jax.random.key(0))
+    program, state = build(mesh, rules)
     on_mesh = sharding.put_batch(batch(), mesh, rules)
     hlo = program.jitted_step.lower(state, on_mesh, jax.random.key(1), {}).compile().as_text()
   names = ('all-gather', 'all-to-all', 'all-reduce', 'collective-permute', 'reduce-scatter')

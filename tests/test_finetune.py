@@ -443,21 +443,14 @@ def test_seq2seq_targets_start_like_a_word_inside_a_document(layout):
 def test_label_efficiency_script_smoke(study, models, tmp_path):
   """The README's smoke commands of the label-efficiency studies write their tables and plots."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  result = subprocess.run(
-    [
-      sys.executable,
-      'experiments/label_efficiency.py',
-      '--study',
-      study,
-      '--workdir',
-      str(tmp_path),
-      '--smoke',
-    ],
+  study_command = lambda *args: subprocess.run(
+    [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path), *args],
     cwd=root,
     capture_output=True,
     text=True,
     timeout=900,
   )
+  result = study_command('--study', study, '--smoke')
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads((tmp_path / 'label_efficiency.json').read_text())
   assert {(r['model'], r['fraction']) for r in rows} == {(m, f) for m in models for f in (0.1, 1.0)}
@@ -468,14 +461,7 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   if study != 'sentiment':
     return
   # --trend: fine-tuned from the pretraining run's earlier checkpoint (step 10 of 20).
-  result = subprocess.run(
-    [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path), '--smoke']
-    + ['--trend'],
-    cwd=root,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  result = study_command('--smoke', '--trend')
   assert result.returncode == 0, result.stderr[-3000:]
   rows = json.loads((tmp_path / 'trend.json').read_text())
   assert [(r['model'], r['fraction'], r['seed']) for r in rows] == [('pretrained@10', 0.1, 0)]

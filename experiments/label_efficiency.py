@@ -104,7 +104,6 @@ def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
 def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
-
   from fm import finetune, registry, runs, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)

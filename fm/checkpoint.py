@@ -65,17 +65,17 @@ def _other_state(path: pathlib.Path, target: Any) -> str:
   if set(saved) != set(target):
     return f"holds the state entries {sorted(saved)}, not this run's {sorted(target)}"
   held, wanted = _leaves(saved['params']), _leaves(target['params'])
-  if held != wanted:
-    missing = sorted(set(wanted) - set(held))
-    other = sorted(k for k in wanted if k in held and held[k] != wanted[k])
-    what = (
-      f'{"/".join(missing[0])} missing'
-      if missing
-      else f'{"/".join(other[0])} of shape {held[other[0]]}, not {wanted[other[0]]}'
-      if other
-      else f'{"/".join(sorted(set(held) - set(wanted))[0])} besides'
-    )
-    return f'holds the params of another model ({what})'
+  missing = sorted(set(wanted) - set(held))
+  if missing:
+    return f'holds the params of another model ({"/".join(missing[0])} missing)'
+  for k in sorted(wanted):
+    if held[k] != wanted[k]:
+      return (
+        f'holds the params of another model ({"/".join(k)} of shape {held[k]}, not {wanted[k]})'
+      )
+  extra = sorted(set(held) - set(wanted))
+  if extra:
+    return f'holds the params of another model ({"/".join(extra[0])} besides)'
   return ''
 
 
@@ -131,9 +131,10 @@ class Checkpointer:
       # params or not) is refused in one sentence rather than taken for a broken checkpoint.
       # The select check reads the run's own meta, so it holds without orbax's metadata too.
       held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
-      other = _other_state(path / 'state', target)
       if isinstance(target, dict) and bool(held) != ('best_params' in target):
         other = f'was saved with config.train.select={held!r}; resume it with that value'
+      else:
+        other = _other_state(path / 'state', target)
       if other:
         raise ConfigError(
           f'{path} {other}, or start this run in a new workdir (its config.json is the '

@@ -165,9 +165,7 @@ def split(logical_axis: str) -> bool:
   rules = nn.get_logical_axis_rules()
   if mesh.empty or not rules:
     return False
-  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return any(dict(mesh.shape).get(a, 1) > 1 for a in axes)
+  return any(dict(mesh.shape).get(a, 1) > 1 for a in mesh_axes(logical_axis, rules))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
@@ -177,10 +175,15 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, spec)
 
 
+def mesh_axes(logical_axis: str, rules) -> tuple[str, ...]:
+  """The mesh axes `rules` map a logical axis to (none, one or several)."""
+  axes = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_axes(rules) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over."""
-  axes = nn.logical_to_mesh_axes(('act_batch',), rules)[0]
-  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return mesh_axes('act_batch', rules)
 
 
 def batch_divisor(mesh: Mesh, rules) -> int:

@@ -56,6 +56,13 @@ def build(mesh, rules):
   return program, program.init(jax.random.key(0))
 
 
+def mesh_config(name: str) -> dict[str, int]:
+  """'data=2,tensor=4' -> the mesh config, unnamed axes 1."""
+  return {'data': 1, 'fsdp': 1, 'tensor': 1} | {
+    k: int(v) for k, v in (kv.split('=') for kv in name.split(','))
+  }
+
+
 def one_step(mesh_cfg: dict, devices):
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), devices)
   rules = sharding.DEFAULT_RULES
@@ -91,9 +98,7 @@ EXPECTED_SHARDS = {
 
 @pytest.mark.parametrize('mesh_name', list(EXPECTED_SHARDS))
 def test_sharded_step_equals_single_device(mesh_name, reference):
-  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  mesh_cfg.update({k: int(v) for k, v in (kv.split('=') for kv in mesh_name.split(','))})
-  init_params, state, metrics = one_step(mesh_cfg, jax.devices())
+  init_params, state, metrics = one_step(mesh_config(mesh_name), jax.devices())
   ref_init, ref_params, ref_metrics = reference
 
   p = state['params']['params']
@@ -133,9 +138,9 @@ def test_mesh_errors():
   }
 
 
-def step_collectives(mesh_cfg: dict) -> dict[str, int]:
-  """How many of each collective the compiled train step of the test decoder holds."""
-  import re
+def step_collectives(mesh_cfg: dict) -> dict[str, dict]:
+  """fm.plan's count and bytes of each collective in the test decoder's compiled train step."""
+  from fm import plan
 
   mesh = sharding.make_mesh(ml_collections.ConfigDict(mesh_cfg), jax.devices())
   rules = sharding.DEFAULT_RULES
@@ -143,8 +148,7 @@ def step_collectives(mesh_cfg: dict) -> dict[str, int]:
     program, state = build(mesh, rules)
     on_mesh = sharding.put_batch(batch(), mesh, rules)
     hlo = program.jitted_step.lower(state, on_mesh, jax.random.key(1), {}).compile().as_text()
-  names = ('all-gather', 'all-to-all', 'all-reduce', 'collective-permute', 'reduce-scatter')
-  return {n: len(re.findall(rf'= [^=]*\b{n}(-start)?\(', hlo)) for n in names}
+  return plan.collectives(hlo, mesh.size)
 
 
 @pytest.mark.slow  # Two compilations of the sharded step each (~15 s).
@@ -155,10 +159,10 @@ def test_flattened_projections_add_no_collectives(mesh_name, monkeypatch):
   reshard the activations, so project keeps the dims there."""
   from fm.models import layers
 
-  mesh_cfg = {'data': 1, 'fsdp': 1, 'tensor': 1}
-  mesh_cfg.update({k: int(v) for k, v in (kv.split('=') for kv in mesh_name.split(','))})
-  ours = step_collectives(mesh_cfg)
+  ours = step_collectives(mesh_config(mesh_name))
   monkeypatch.setattr(layers, 'project', lambda x, w, n_in=1: jax.numpy.tensordot(x, w, n_in))
-  kept = step_collectives(mesh_cfg)
-  assert all(ours[n] <= kept[n] for n in ours), (ours, kept)
-  assert sum(ours.values()) > 0  # The count sees collectives at all.
+  kept = step_collectives(mesh_config(mesh_name))
+  for op, entry in ours.items():
+    assert op in kept and entry['count'] <= kept[op]['count'], (ours, kept)
+    assert entry['bytes'] <= kept[op]['bytes'], (ours, kept)
+  assert ours  # The count sees collectives at all.

@@ -203,6 +203,7 @@ def eight_steps(**train_overrides):
   )
 
 
+@pytest.mark.slow
 def test_resume_on_another_mesh(tmp_path, capsys):
   config = eight_steps()
   config.mesh.update(data=1, fsdp=8, tensor=1)

@@ -47,7 +47,13 @@ def test_kv_cache_matches_recomputation(family, scan):
   np.testing.assert_array_equal(np.asarray(alone)[0], cached[0])
 
 
-@pytest.mark.parametrize('family', decoding.FAMILIES)
+# The decoder's beam search runs by default; the prefix LM's and the encoder-decoder's (the same
+# search over their own caches, whose steps test_kv_cache_matches_recomputation checks) in the
+# slow set.
+@pytest.mark.parametrize(
+  'family',
+  [f if f == 'decoder' else pytest.param(f, marks=pytest.mark.slow) for f in decoding.FAMILIES],
+)
 def test_beam_search(family):
   cfg, params, tokens, seg = setup(family)
   greedy = decoding.greedy(family, cfg, params, tokens, seg, max_new=10)

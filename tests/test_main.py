@@ -137,15 +137,20 @@ def test_readme_overrides_name_keys_that_experiments_set():
 # decoding are test_convert's, its plan test_plan's, the seq2seq fine-tuning transfer_headline's),
 # and the vision recipes (mae_fashion_mnist, vit_fashion_mnist, siglip_emoji: the ViT, the masked
 # autoencoder's loss and masking, the image task's data and augmentation are test_vision's and
-# test_objectives', the two towers and their losses test_contrastive's).
+# test_objectives', the two towers and their losses test_contrastive's), hf_sentiment (an
+# imported GPT-2 fine-tuned on sentiment: its import and logits are test_convert's, its plan
+# test_plan's, the classification fine-tuning the README transfer command's) and ul2_news (the
+# encoder-decoder recipe of t5_news with UL2's mixture, whose loss is test_objectives').
 COVERED_ELSEWHERE = (
   'distill_shakespeare',
   'hf_headline',
+  'hf_sentiment',
   'llama',
   'mae_fashion_mnist',
   'siglip_emoji',
   'transfer_sentiment',
   'transfer_translate',
+  'ul2_news',
   'vit_fashion_mnist',
 )
 

@@ -139,15 +139,16 @@ def test_interface_and_finite_gradients(name):
 
 
 # Encoder-decoder objectives compile the largest programs, the image objective's ViT has its
-# decoder too, and the contrastive loss's own sharding is test_contrastive's: their sharded
-# steps run in the slow set (tests/test_sharding.py checks every
-# mesh on the decoder).
+# decoder too, the contrastive loss's own sharding is test_contrastive's, prefix LM is causal
+# LM's loss under another mask and distillation adds a teacher's forward pass to it: their
+# sharded steps run in the slow set (tests/test_sharding.py checks every mesh on the decoder).
 @pytest.mark.parametrize(
   'name',
   [
     pytest.param(n, marks=pytest.mark.slow)
     if 'encdec' in registry.get('objectives', n).COMPATIBLE_MODELS
     or registry.get('objectives', n).MODALITY != 'text'
+    or n in ('prefix_lm', 'distill')
     else n
     for n in OBJECTIVES
   ],

@@ -183,6 +183,7 @@ def test_plan_for_a_small_tpu_slice(tmp_path):
   assert p['fits'] and p['capacity'] == 16 * 2**30 and p['collectives']
 
 
+@pytest.mark.slow
 def test_plan_of_a_published_model():
   """A fine-tuning config with pretrained.hf plans the imported model's own shapes (GPT-2's
   LayerNorm, learned positions, biases; T5's relative bias and untied head) at the run's batch

@@ -14,8 +14,9 @@ on
   headline       news article -> title (experiments/transfer_headline.py): test ROUGE-L of
                  greedy titles for 64 test articles, and the test target loss
 (an encoder cannot write a title: masked LM has no headline score). Writes
-WORKDIR/objective_comparison.{md,json} and pretraining_loss.png; rerunning the command skips
-finished runs (their final checkpoints are only re-evaluated).
+WORKDIR/objective_comparison.{md,json} and pretraining_loss.png, with each run's minutes of
+training steps; rerunning the command resumes a stopped run and takes finished ones as the JSON
+recorded them.
 """
 
 import argparse
@@ -101,36 +102,52 @@ def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool)
   return config
 
 
+def _finished(run_dir: pathlib.Path, steps: int) -> bool:
+  return (run_dir / 'checkpoints' / str(steps)).exists()
+
+
 def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
   """Every run of the study, in order, the table and JSON rewritten after each; None when a run
-  was preempted (a rerun resumes it)."""
+  was preempted (a rerun resumes it). Runs recorded in the JSON whose final checkpoint exists
+  are taken as recorded, not evaluated again. `minutes` are training steps' time (from the
+  throughput each run logged, summed over the commands that trained it)."""
   from fm import metrics as metrics_lib
   from fm import runs
 
   seeds = SEEDS[:1] if smoke else SEEDS
+  path = workdir / 'objective_comparison.json'
+  before = json.loads(path.read_text()) if path.exists() else {}
+  recorded = {(r['objective'], r['task'], r['seed']): r for r in before.get('finetuning', [])}
   out = {'pretraining': {}, 'finetuning': []}
   for objective in OBJECTIVES:
     config, info = pretraining_config(objective, smoke)
     pretrain_dir = workdir / f'pretrain-{objective}'
-    metrics = runs.run(config, pretrain_dir)
-    if not metrics:
-      return None
-    info['loss'] = metrics['loss']
+    if objective in before.get('pretraining', {}) and _finished(pretrain_dir, info['steps']):
+      info['loss'] = before['pretraining'][objective]['loss']
+    else:
+      metrics = runs.run(config, pretrain_dir)
+      if not metrics:
+        return None
+      info['loss'] = metrics['loss']
     info['params'] = json.loads((pretrain_dir / 'config.json').read_text())['params']['total']
     info['curve'] = metrics_lib.series(pretrain_dir, 'train/loss')
+    info['minutes'] = metrics_lib.training_seconds(pretrain_dir) / 60
     out['pretraining'][objective] = info
     write(workdir, out)
     for task, (_, _, _, keys) in TASKS.items():
       if task == 'headline' and config.model.name == 'encoder':
         continue  # An encoder cannot write a target.
       for seed in seeds:
-        metrics = runs.run(
-          finetuning_config(task, pretrain_dir, seed, smoke), workdir / f'{objective}-{task}-{seed}'
-        )
-        if not metrics:
-          return None
-        row = dict(objective=objective, task=task, seed=seed)
-        row.update({k: metrics[f'test/{k}'] for k in keys})
+        config_ft = finetuning_config(task, pretrain_dir, seed, smoke)
+        run_dir = workdir / f'{objective}-{task}-{seed}'
+        row = recorded.get((objective, task, seed))
+        if not (row and _finished(run_dir, config_ft.train.steps)):
+          metrics = runs.run(config_ft, run_dir)
+          if not metrics:
+            return None
+          row = dict(objective=objective, task=task, seed=seed)
+          row.update({k: metrics[f'test/{k}'] for k in keys})
+        row['minutes'] = metrics_lib.training_seconds(run_dir) / 60
         out['finetuning'].append(row)
         write(workdir, out)
   return out
@@ -148,8 +165,9 @@ def table(out: dict) -> str:
   columns = [(task, key) for task, (_, _, _, keys) in TASKS.items() for key in keys]
   head = ' | '.join(f'{t} {k.replace("greedy_", "")}' for t, k in columns)
   lines = [
-    f'| objective | family | params | pretraining steps | final loss | {head} | paper (GLUE / CNNDM R-2) |',
-    '|---|---|---|---|---|' + '---|' * len(columns) + '---|',
+    f'| objective | family | params | pretraining steps | minutes | final loss | {head} '
+    '| paper (GLUE / CNNDM R-2) |',
+    '|---|---|---|---|---|---|' + '---|' * len(columns) + '---|',
   ]
   for objective, info in out['pretraining'].items():
     cells = []
@@ -165,7 +183,9 @@ def table(out: dict) -> str:
       cells.append(f'{statistics.mean(values) * scale:.2f} ± {std:.2f} (n={len(values)})')
     lines.append(
       f'| {objective} | {info["family"]} | {info["params"] / 1e6:.1f}M | {info["steps"]} '
-      f'| {info["loss"]:.3f} | ' + ' | '.join(cells) + f' | {PAPER.get(objective, "")} |'
+      f'| {info["minutes"]:.1f} | {info["loss"]:.3f} | '
+      + ' | '.join(cells)
+      + f' | {PAPER.get(objective, "")} |'
     )
   return '\n'.join(lines)
 
@@ -208,7 +228,10 @@ def main() -> int:
     return 0
   markdown = write(workdir, out)
   plot(out, workdir / 'pretraining_loss.png')
+  minutes = sum(i['minutes'] for i in out['pretraining'].values())
+  tuned = sum(r['minutes'] for r in out['finetuning'])
   print(markdown)
+  print(f'training steps: {minutes:.1f} minutes of pretraining, {tuned:.1f} of fine-tuning')
   return 0
 
 

@@ -94,6 +94,17 @@ def series(workdir: str | pathlib.Path, key: str) -> list[tuple[int, float]]:
   return [(r['step'], r[key]) for r in records if key in r]
 
 
+def training_seconds(workdir: str | pathlib.Path) -> float:
+  """Seconds a run spent in training steps, summed over every command that trained it: each
+  logged window's steps over its steps per second (compilation, evaluation and checkpoints are
+  outside the windows)."""
+  total, previous = 0.0, 0
+  for step, rate in series(workdir, 'steps_per_sec'):
+    total += max(step - previous, 0) / rate
+    previous = step
+  return total
+
+
 def log(line: str) -> None:
   if jax.process_index() == 0:
     print(line, file=sys.stdout, flush=True)

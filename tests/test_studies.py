@@ -157,3 +157,11 @@ def test_objective_comparison_script_smoke(tmp_path):
   table = (tmp_path / 'objective_comparison.md').read_text()
   assert sum(line.startswith('| ') for line in table.splitlines()) == 6 and '| n/a |' in table
   assert (tmp_path / 'pretraining_loss.png').stat().st_size > 1000
+  assert all(info['minutes'] > 0 for info in out['pretraining'].values())
+  # A rerun takes the finished runs as recorded: nothing trained or evaluated again (which
+  # would append to a run's metrics).
+  logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob('*/metrics.jsonl')}
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert len(logs) == 19 and logs == {p: p.stat().st_mtime_ns for p in logs}
+  assert json.loads((tmp_path / 'objective_comparison.json').read_text()) == out

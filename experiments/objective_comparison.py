@@ -90,7 +90,9 @@ def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool)
   config = ml_collections.ConfigDict(
     configs.load(experiment + (':smoke' if smoke else ''), 'objective_comparison')
   )
-  config.task, config.seed = name, seed
+  # A seed draws the new head's init and the order of the training examples (a decoder's
+  # seq2seq fine-tuning adds no parameters: its seeds differ in the order alone).
+  config.task, config.seed, config.data.seed = name, seed, seed
   config.pretrained.update(workdir=str(backbone), experiment='')
   steps = 4 if smoke else steps
   config.train.update(steps=steps, eval_every=steps, log_every=max(steps // 6, 1))

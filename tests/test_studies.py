@@ -135,6 +135,22 @@ def test_objective_comparison_budget_is_equal_flops():
   assert infos['ul2'][0].model.name == 'encdec' and infos['ul2'][1]['steps'] < 360
 
 
+def test_objective_comparison_seeds_draw_the_training_order(tmp_path):
+  """A fine-tuning seed draws the order of the training examples, not only a new head's init:
+  a decoder's seq2seq fine-tuning adds no parameters, so the order is all its seeds vary."""
+  from fm.data import pipeline
+
+  oc = _script('objective_comparison')
+  rows = {'tokens': np.arange(64, dtype=np.int32)[:, None]}
+  for task in oc.TASKS:
+    configs = [oc.finetuning_config(task, tmp_path, seed, smoke=False) for seed in oc.SEEDS]
+    first = {
+      tuple(next(iter(pipeline.example_dataset(rows, 8, c.data.seed)))['tokens'][:, 0])
+      for c in configs
+    }
+    assert len(first) == len(oc.SEEDS), task
+
+
 @pytest.mark.slow
 def test_objective_comparison_script_smoke(tmp_path):
   """The README's smoke command pretrains the five objectives and fine-tunes each on the three

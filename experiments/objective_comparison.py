@@ -15,8 +15,8 @@ on
                  greedy titles for 64 test articles, and the test target loss
 (an encoder cannot write a title: masked LM has no headline score). Writes
 WORKDIR/objective_comparison.{md,json} and pretraining_loss.png, with each run's minutes of
-training steps; rerunning the command resumes a stopped run and takes finished ones as the JSON
-recorded them.
+training steps, rewritten after every run (a stopped study has them for what it finished);
+rerunning the command resumes a stopped run and takes finished ones as the JSON recorded them.
 """
 
 import argparse
@@ -159,6 +159,7 @@ def write(workdir: pathlib.Path, out: dict) -> str:
   (workdir / 'objective_comparison.json').write_text(json.dumps(out, indent=1))
   markdown = table(out)
   (workdir / 'objective_comparison.md').write_text(markdown + '\n')
+  plot(out, workdir / 'pretraining_loss.png')
   return markdown
 
 
@@ -229,7 +230,6 @@ def main() -> int:
     print('stopped (preempted); rerun the same command to resume.')
     return 0
   markdown = write(workdir, out)
-  plot(out, workdir / 'pretraining_loss.png')
   minutes = sum(i['minutes'] for i in out['pretraining'].values())
   tuned = sum(r['minutes'] for r in out['finetuning'])
   print(markdown)

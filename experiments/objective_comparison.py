@@ -104,17 +104,13 @@ def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool)
   return config
 
 
-def _finished(run_dir: pathlib.Path, steps: int) -> bool:
-  return (run_dir / 'checkpoints' / str(steps)).exists()
-
-
 def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
   """Every run of the study, in order, the table and JSON rewritten after each; None when a run
   was preempted (a rerun resumes it). Runs recorded in the JSON whose final checkpoint exists
   are taken as recorded, not evaluated again. `minutes` are training steps' time (from the
   throughput each run logged, summed over the commands that trained it)."""
+  from fm import checkpoint, runs
   from fm import metrics as metrics_lib
-  from fm import runs
 
   seeds = SEEDS[:1] if smoke else SEEDS
   path = workdir / 'objective_comparison.json'
@@ -124,7 +120,10 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
   for objective in OBJECTIVES:
     config, info = pretraining_config(objective, smoke)
     pretrain_dir = workdir / f'pretrain-{objective}'
-    if objective in before.get('pretraining', {}) and _finished(pretrain_dir, info['steps']):
+    if (
+      objective in before.get('pretraining', {})
+      and checkpoint.latest_step(pretrain_dir) >= info['steps']
+    ):
       info['loss'] = before['pretraining'][objective]['loss']
     else:
       metrics = runs.run(config, pretrain_dir)
@@ -143,7 +142,7 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
         config_ft = finetuning_config(task, pretrain_dir, seed, smoke)
         run_dir = workdir / f'{objective}-{task}-{seed}'
         row = recorded.get((objective, task, seed))
-        if not (row and _finished(run_dir, config_ft.train.steps)):
+        if not (row and checkpoint.latest_step(run_dir) >= config_ft.train.steps):
           metrics = runs.run(config_ft, run_dir)
           if not metrics:
             return None

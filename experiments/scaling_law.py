@@ -305,6 +305,7 @@ def train_all(workdir: pathlib.Path, grid: Grid) -> list[dict] | None:
   training time summed over the commands that trained it."""
   import time
 
+  from fm import checkpoint
   from fm import metrics as metrics_lib
   from fm import runs as fm_runs
 
@@ -317,9 +318,7 @@ def train_all(workdir: pathlib.Path, grid: Grid) -> list[dict] | None:
     config, steps = run.pop('config'), run['steps']
     name = f'C{run["budget"]:.0e}-L{run["layers"]}-D{run["d_model"]}'
     record = finished.get(name)
-    if (
-      record and record['steps'] == steps and (workdir / name / 'checkpoints' / str(steps)).exists()
-    ):
+    if record and record['steps'] == steps and checkpoint.latest_step(workdir / name) >= steps:
       print(f'{name}: finished earlier, held-out loss {record["loss"]:.4f} (as recorded)')
       done.append(record)
       continue

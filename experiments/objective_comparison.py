@@ -17,6 +17,8 @@ on
 WORKDIR/objective_comparison.{md,json} and pretraining_loss.png, with each run's minutes of
 training steps, rewritten after every run (a stopped study has them for what it finished);
 rerunning the command resumes a stopped run and takes finished ones as the JSON recorded them.
+`--objectives ul2` runs one objective (or a comma-separated few) and keeps the others as the
+JSON in WORKDIR recorded them, so a study can be finished or redone one objective at a time.
 """
 
 import argparse
@@ -104,11 +106,15 @@ def finetuning_config(task: str, backbone: pathlib.Path, seed: int, smoke: bool)
   return config
 
 
-def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
+def run(
+  workdir: pathlib.Path, smoke: bool, only: tuple[str, ...] = tuple(OBJECTIVES)
+) -> dict | None:
   """Every run of the study, in order, the table and JSON rewritten after each; None when a run
   was preempted (a rerun resumes it). Runs recorded in the JSON whose final checkpoint exists
-  are taken as recorded, not evaluated again. `minutes` are training steps' time (from the
-  throughput each run logged, summed over the commands that trained it)."""
+  are taken as recorded, not evaluated again; objectives left out of `only` are kept exactly as
+  the JSON recorded them (curve and minutes too), without their run directories. `minutes` are
+  training steps' time (from the throughput each run logged, summed over the commands that
+  trained it)."""
   from fm import checkpoint, runs
   from fm import metrics as metrics_lib
 
@@ -118,6 +124,11 @@ def run(workdir: pathlib.Path, smoke: bool) -> dict | None:
   recorded = {(r['objective'], r['task'], r['seed']): r for r in before.get('finetuning', [])}
   out = {'pretraining': {}, 'finetuning': []}
   for objective in OBJECTIVES:
+    if objective not in only:
+      if objective in before.get('pretraining', {}):
+        out['pretraining'][objective] = before['pretraining'][objective]
+        out['finetuning'] += [r for r in before['finetuning'] if r['objective'] == objective]
+      continue
     config, info = pretraining_config(objective, smoke)
     pretrain_dir = workdir / f'pretrain-{objective}'
     if (
@@ -215,13 +226,28 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--smoke', action='store_true', help='tiny models, 1 seed, 4 steps')
+  parser.add_argument(
+    '--objectives',
+    default=','.join(OBJECTIVES),
+    help='comma-separated objectives to run (default: all); the others keep what '
+    'WORKDIR/objective_comparison.json recorded for them',
+  )
   args = parser.parse_args()
+  only = tuple(o for o in args.objectives.split(',') if o)
+  unknown = [o for o in only if o not in OBJECTIVES]
+  if unknown:
+    print(
+      f'error: --objectives {",".join(unknown)} is not an objective of this study; '
+      f'choose from {",".join(OBJECTIVES)}.',
+      file=sys.stderr,
+    )
+    return 2
   workdir = pathlib.Path(args.workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   from fm import ConfigError
 
   try:
-    out = run(workdir, args.smoke)
+    out = run(workdir, args.smoke, only)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -181,3 +182,18 @@ def test_objective_comparison_script_smoke(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert len(logs) == 19 and logs == {p: p.stat().st_mtime_ns for p in logs}
   assert json.loads((tmp_path / 'objective_comparison.json').read_text()) == out
+  # One objective rerun alone keeps the others as the JSON recorded them, even with their run
+  # directories gone; an unknown objective is refused in one sentence.
+  for run_dir in tmp_path.glob('*causal_lm*'):
+    shutil.rmtree(run_dir)
+  logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob('*/metrics.jsonl')}
+  alone = subprocess.run(
+    command + ['--objectives', 'ul2'], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert alone.returncode == 0, alone.stderr[-3000:]
+  assert logs == {p: p.stat().st_mtime_ns for p in logs}
+  assert json.loads((tmp_path / 'objective_comparison.json').read_text()) == out
+  wrong = subprocess.run(
+    command + ['--objectives', 'ul3'], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert wrong.returncode == 2 and '--objectives ul3' in wrong.stderr

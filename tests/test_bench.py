@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from fm import bench
 
 
+@pytest.mark.slow  # Compiles and times a step (about 35 s); CI runs it.
 def test_bench_tiny_two_steps_writes_every_field(tmp_path, capsys):
   path = tmp_path / 'bench.json'
   argv = ['--shape', 'tiny', '--steps', '2', '--warmup', '1', '--pipeline_batches', '2']

@@ -119,6 +119,7 @@ def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, final_params(tmp_path), final_params(ref_dir))
 
 
+@pytest.mark.slow  # A subprocess start; what a killed save leaves is test_sigkill's by default.
 @ON_REFERENCE
 def test_partial_save_on_disk_is_ignored(reference, tmp_path):
   """What a kill mid-save leaves (orbax's temporary directory) never counts as a checkpoint."""
@@ -136,10 +137,9 @@ def test_partial_save_on_disk_is_ignored(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
+@pytest.mark.slow  # Subprocess runs (about 40 s each); resume after a kill runs by default.
 @pytest.mark.parametrize(
-  'every',
-  [pytest.param(1000, id='no_save_in_flight')]
-  + [pytest.param(1, id='save_every_step', marks=pytest.mark.slow)],
+  'every', [pytest.param(1000, id='no_save_in_flight'), pytest.param(1, id='save_every_step')]
 )
 def test_sigterm_saves_and_exits_zero(every, tmp_path):
   proc = launch(tmp_path, f'--config.checkpoint.every_steps={every}')
@@ -156,6 +156,7 @@ def test_sigterm_saves_and_exits_zero(every, tmp_path):
   assert f'at step {step}' in out and max(losses(tmp_path)) == STEPS
 
 
+@pytest.mark.slow  # A subprocess start (about 20 s); CI runs it.
 @ON_REFERENCE
 def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   ref_dir, ref_losses = reference
@@ -177,7 +178,7 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
-@pytest.mark.slow  # A subprocess start (~15 s); the corrupt-checkpoint path runs by default.
+@pytest.mark.slow  # A subprocess start (~15 s), beside the corrupt-checkpoint path's.
 @ON_REFERENCE
 def test_checkpoint_of_another_model_is_refused_not_moved_aside(reference, tmp_path):
   """A workdir holding another model's state is refused in one sentence naming what differs;
@@ -253,6 +254,7 @@ def test_nonfinite_raise_saves_nothing(tmp_path):
   assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
 
 
+@pytest.mark.slow  # An 8-step run (about 20 s); the raise policy's runs by default.
 def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
   config = eight_steps(nonfinite='skip')
   config.optim.lr = float('nan')
@@ -266,6 +268,7 @@ def test_nonfinite_skip_counts_and_keeps_params(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, init)
 
 
+@pytest.mark.slow  # About 35 s; warm starting through the config runs by default.
 @ON_REFERENCE
 def test_warm_start_loads_backbone_and_keeps_fresh_head(reference, capsys):
   ref_dir, _ = reference

@@ -31,8 +31,16 @@ def setup(family, scan=False):
   return cfg, params, tokens, seg
 
 
+# The scanned decoder, the prefix LM and the encoder-decoder in the slow set (17-24 s each on a
+# 2-core AVX2 machine); the prefix LM's and the encoder-decoder's caches decode by default in
+# test_no_repeat_ngram.
 @pytest.mark.parametrize(
-  'family,scan', [('decoder', False), ('decoder', True), ('prefix_lm', False), ('encdec', False)]
+  'family,scan',
+  [('decoder', False)]
+  + [
+    pytest.param(*p, marks=pytest.mark.slow)
+    for p in (('decoder', True), ('prefix_lm', False), ('encdec', False))
+  ],
 )
 def test_kv_cache_matches_recomputation(family, scan):
   cfg, params, tokens, seg = setup(family, scan)
@@ -47,13 +55,10 @@ def test_kv_cache_matches_recomputation(family, scan):
   np.testing.assert_array_equal(np.asarray(alone)[0], cached[0])
 
 
-# The decoder's beam search runs by default; the prefix LM's and the encoder-decoder's (the same
-# search over their own caches, whose steps test_kv_cache_matches_recomputation checks) in the
-# slow set.
-@pytest.mark.parametrize(
-  'family',
-  [f if f == 'decoder' else pytest.param(f, marks=pytest.mark.slow) for f in decoding.FAMILIES],
-)
+# Beam search's checks in the slow set (27 s for the decoder on a 2-core AVX2 machine); the
+# search itself runs by default in test_no_repeat_ngram, on the prefix LM and encoder-decoder.
+@pytest.mark.slow
+@pytest.mark.parametrize('family', decoding.FAMILIES)
 def test_beam_search(family):
   cfg, params, tokens, seg = setup(family)
   greedy = decoding.greedy(family, cfg, params, tokens, seg, max_new=10)

@@ -25,10 +25,10 @@ def tiny(module, **fields):
   return module.Config(**{**module.VARIANTS['tiny'], 'vocab_size': 256, **fields})
 
 
-# The scanned decoder (stacked adapters) in the slow set.
+# The decoder (scanned: stacked adapters; or not) in the slow set, the encoder-decoder by default.
 @pytest.mark.parametrize(
   'module,scan',
-  [(decoder, False), pytest.param(decoder, True, marks=pytest.mark.slow), (encdec, False)],
+  [pytest.param(decoder, s, marks=pytest.mark.slow) for s in (False, True)] + [(encdec, False)],
 )
 def test_merged_lora_gives_the_same_outputs(module, scan):
   cfg = tiny(module, lora_rank=4, num_classes=3, scan_layers=scan)
@@ -65,7 +65,10 @@ def test_default_lora_trains_under_5_percent_of_the_backbone():
   assert 0 < counts['trainable'] <= 0.05 * counts['backbone'], counts
 
 
-@pytest.mark.parametrize('mode', ['linear_probe', 'lora', 'full'])
+# LoRA and full fine-tuning in the slow set (about 25 s each).
+@pytest.mark.parametrize(
+  'mode', ['linear_probe'] + [pytest.param(m, marks=pytest.mark.slow) for m in ('lora', 'full')]
+)
 def test_frozen_params_stay_bitwise_unchanged(mode):
   """Train a few steps on 8 devices; frozen params keep their bits, trainable ones move, and
   frozen params hold no optimizer state."""
@@ -169,12 +172,9 @@ SEQ2SEQ = [t for t in TASKS if registry.get('tasks', t).KIND == 'seq2seq']
 DECODER, ENCODER, ENCDEC = (
   f'experiments/{e}.py:smoke' for e in ('lm_shakespeare', 'mlm_shakespeare', 't5_news')
 )
-# The default suite runs zero_shot on a decoder and lora on an encoder; full fine-tuning of a
-# decoder is the README's transfer command (test_main), lora on a decoder
-# test_lora_run_on_a_pretrained_backbone_merges, a seq2seq task on a decoder the
-# transfer_headline smoke run (test_main). The rest of the matrix is in the slow set (seq2seq
-# runs compile greedy and beam decoding, 20-27 s each).
-DEFAULT = {('sentiment', 'zero_shot', DECODER), ('sentiment', 'lora', ENCODER)}
+# The whole matrix runs in the slow set (25-50 s a run on a 2-core AVX2 machine; seq2seq runs
+# compile greedy and beam decoding); fine-tuning's sharded step runs by default in
+# test_frozen_params_stay_bitwise_unchanged[linear_probe].
 SMOKE = (
   [(task, mode, DECODER) for task in CLASSIFICATION for mode in _classification.MODES]
   + [('sentiment', 'lora', ENCODER), ('question_type', 'full', ENCDEC)]
@@ -185,9 +185,9 @@ SMOKE = (
     for backbone in (ENCDEC, DECODER)
   ]
 )
-SMOKE = [s if s in DEFAULT else pytest.param(*s, marks=pytest.mark.slow) for s in SMOKE]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('task,mode,backbone', SMOKE)
 def test_task_and_mode_two_steps_on_8_devices(task, mode, backbone, tmp_path):
   seq2seq = task in SEQ2SEQ
@@ -326,6 +326,7 @@ def test_a_default_backbone_workdir_holding_another_run_is_refused(tmp_path):
     runs.run(config, tmp_path / 'run')
 
 
+@pytest.mark.slow  # Subprocess runs (about 35 s); CI runs it.
 def test_pointing_at_a_run_never_trains_it(tmp_path):
   """pretrained.workdir wins over pretrained.experiment: a run with fewer steps than its
   experiment asks for is used as it is (nothing written there), not resumed."""

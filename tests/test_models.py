@@ -79,7 +79,9 @@ def influence(model, params, tokens, t, **kwargs):
   return np.abs(np.asarray(grad_VD[tokens[0]])).sum(-1)
 
 
-@pytest.mark.parametrize('scan', [False, True])
+# The scanned stack in the slow set (24 s on a 2-core AVX2 machine); scanning's equivalence is
+# test_remat_and_scan_leave_loss_and_gradients_unchanged's, by default.
+@pytest.mark.parametrize('scan', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_causal(scan):
   _, model, params, tokens = make(tie_embeddings=False, scan_layers=scan)
   for t in (0, 7, 31):
@@ -191,6 +193,7 @@ def test_encoder_decoder_sees_all_inputs_and_only_past_targets():
     assert np.abs(changed - out).max(-1).min() > 0
 
 
+@pytest.mark.slow  # Compiles two steps and their memory analyses (about 25 s); CI runs it.
 def test_gradient_accumulation_matches_the_whole_batch_and_saves_memory():
   """microbatches=4 gives the whole batch's loss and update (float32, rtol 1e-5) with less
   temporary memory in the compiled step."""

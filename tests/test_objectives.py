@@ -117,7 +117,16 @@ def test_a_module_missing_a_required_name_is_refused(tmp_path, monkeypatch):
     registry.get('objectives', 'half_done')
 
 
-@pytest.mark.parametrize('name', OBJECTIVES)
+# UL2 (span corruption's encoder-decoder loss with a mixture, whose host side
+# test_ul2_mixture_modes_and_reassembly checks) and the contrastive loss (test_contrastive's) in
+# the slow set.
+@pytest.mark.parametrize(
+  'name',
+  [
+    pytest.param(n, marks=pytest.mark.slow) if n in ('ul2', 'contrastive') else n
+    for n in OBJECTIVES
+  ],
+)
 def test_interface_and_finite_gradients(name):
   objective = registry.get('objectives', name)
   for model_name in objective.COMPATIBLE_MODELS:
@@ -138,21 +147,10 @@ def test_interface_and_finite_gradients(name):
     assert np.isclose(summary['loss'], loss, rtol=1e-5)
 
 
-# Encoder-decoder objectives compile the largest programs, the image objective's ViT has its
-# decoder too, the contrastive loss's own sharding is test_contrastive's, prefix LM is causal
-# LM's loss under another mask and distillation adds a teacher's forward pass to it: their
-# sharded steps run in the slow set (tests/test_sharding.py checks every mesh on the decoder).
-@pytest.mark.parametrize(
-  'name',
-  [
-    pytest.param(n, marks=pytest.mark.slow)
-    if 'encdec' in registry.get('objectives', n).COMPATIBLE_MODELS
-    or registry.get('objectives', n).MODALITY != 'text'
-    or n in ('prefix_lm', 'distill')
-    else n
-    for n in OBJECTIVES
-  ],
-)
+# Every objective's sharded step runs in the slow set (20-40 s each on a 2-core AVX2 machine);
+# tests/test_sharding.py checks the causal LM's step on data and tensor meshes by default.
+@pytest.mark.slow
+@pytest.mark.parametrize('name', OBJECTIVES)
 def test_sharded_step_equals_single_device(name):
   """One optimizer step of every objective gives the same loss on 8 devices as on one."""
   objective = registry.get('objectives', name)
@@ -266,6 +264,7 @@ def test_span_corruption_reassembles_exactly(seq_len):
   assert abs(np.mean(span_lengths) - num_noise / num_spans) < 1e-9 and min(span_lengths) >= 1
 
 
+@pytest.mark.slow  # About 40 s; distillation's loss and gradients run by default (interface).
 def test_distillation_loss_is_zero_when_student_equals_teacher():
   _, model, sample = setup_model('distill', 'decoder')
   batch = jax.tree.map(jnp.asarray, tiny_batch())

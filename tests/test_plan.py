@@ -52,6 +52,7 @@ def test_plan_command_on_host_devices(tmp_path):
   assert p['param_bytes'] == sum(r['bytes_per_device'] for r in p['sharding'])
 
 
+@pytest.mark.slow  # Compiles four plans (about 40 s); CI runs it.
 def test_remat_and_accumulation_lower_compiled_memory():
   """What fm.plan reads from the compiler: rematerialisation and microbatches shrink the
   temporaries of the same step (their loss and gradients are unchanged: test_models)."""

@@ -29,6 +29,7 @@ def test_patchify_round_trip(shape, patch):
   np.testing.assert_array_equal(vit.unpatchify(patches, patch, shape[3]), images_)
 
 
+@pytest.mark.slow  # About 25 s; the masked autoencoder's loss and gradients are test_objectives'.
 def test_mae_encoder_never_sees_masked_patches():
   """The encoder's output (kept patches only) has zero gradient with respect to every pixel of
   a masked patch, and not with respect to the kept ones."""

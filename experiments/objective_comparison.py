@@ -7,8 +7,9 @@ Five pretraining objectives on the news corpus, each on the model family it need
 and one SentencePiece vocabulary (4,096 pieces): causal LM and prefix LM (decoder), BERT-style
 masked LM (encoder), T5 span corruption and UL2 (encoder-decoder). Each gets the training FLOPs
 of experiments/lm_news.py (360 steps x 16 x 256 tokens of the decoder; steps = that budget /
-(its family's flops_per_token x tokens per step)). Each backbone is then fine-tuned, 3 seeds,
-on
+train.step_flops: the family's flops_per_token x tokens per step, or, for the encoder-decoder,
+flops_per_row at the shapes the objective's rows have, which UL2 pads to its longest
+denoiser's). Each backbone is then fine-tuned, 3 seeds, on
   sentiment      Rotten Tomatoes (experiments/transfer_sentiment.py): test accuracy
   question_type  TREC question types (the same recipe, task=question_type): test accuracy
   headline       news article -> title (experiments/transfer_headline.py): test ROUGE-L of
@@ -71,9 +72,12 @@ def pretraining_config(objective: str, smoke: bool):
   config = configs.resolve(config)
 
   def flops_per_step(c) -> float:
-    vocab = c.data.tokenizer.vocab_size + registry.get('objectives', c.objective).EXTRA_TOKENS
-    family, model_cfg = train.model_config(c, vocab)
-    return family.flops_per_token(model_cfg, c.data.seq_len) * c.train.global_batch * c.data.seq_len
+    objective = registry.get('objectives', c.objective)
+    family, model_cfg = train.model_config(c, c.data.tokenizer.vocab_size + objective.EXTRA_TOKENS)
+    args = c.objective_args
+    return train.step_flops(
+      family, model_cfg, objective, args, c.data.seq_len, c.train.global_batch
+    )
 
   budget = flops_per_step(configs.resolve(reference)) * reference.train.steps
   steps = max(round(budget / flops_per_step(config)), 1)

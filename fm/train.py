@@ -190,6 +190,15 @@ def check_batch(
     )
 
 
+def step_flops(family, model_cfg, objective, args, seq_len: int, batch: int) -> float:
+  """Model FLOPs of one training step of `batch` rows made of `seq_len`-token windows: the
+  rows' own shapes when the objective states them and the family counts them (an
+  encoder-decoder under span corruption or UL2), else `flops_per_token` per window token."""
+  if objective.row_lengths is not None and family.flops_per_row is not None:
+    return family.flops_per_row(model_cfg, *objective.row_lengths(seq_len, args)) * batch
+  return family.flops_per_token(model_cfg, seq_len) * batch * seq_len
+
+
 def sample_inputs(family, model_cfg, batch_size: int, seq_len: int) -> tuple:
   """Zero model inputs for an init (param shapes do not depend on their lengths)."""
   return models.sample_inputs(family, model_cfg, batch_size, seq_len)
@@ -495,7 +504,8 @@ def train_and_evaluate(
 
   model = family.Model(model_cfg)
   counts = family.param_count(model_cfg)
-  flops_per_step = family.flops_per_token(model_cfg, seq_len) * global_batch * seq_len
+  args = config.objective_args
+  flops_per_step = step_flops(family, model_cfg, objective, args, seq_len, global_batch)
   text_model = objective.MODALITY == 'text'
   meta = record(
     workdir,

@@ -48,6 +48,30 @@ def test_every_family_honours_its_contract(name):
   assert family.flops_per_token(model_cfg, 16) > 0
 
 
+@pytest.mark.parametrize('input_len,target_len', [(58, 13), (64, 43), (16, 64)])
+def test_encdec_flops_per_row_agree_with_xla(input_len, target_len):
+  """encdec.flops_per_row, at an encoder input and a decoder target of their own lengths, is
+  within 5% of XLA's count of the gradient of the tiny model's outputs; so is the decoder's
+  flops_per_token."""
+  model_cfg = encdec.Config(**encdec.VARIANTS['tiny'])
+  model = encdec.Model(model_cfg)
+  inputs = [jnp.ones((1, n), jnp.int32) for n in (input_len, target_len) * 2]
+  count = encdec.flops_per_row(model_cfg, input_len, target_len)
+  assert abs(xla_grad_flops(model, inputs) / count - 1) < 0.05
+  model_cfg = decoder.Config(**decoder.VARIANTS['tiny'])
+  inputs = decoder.inputs(model_cfg, jnp.ones((1, input_len), jnp.int32))
+  count = decoder.flops_per_token(model_cfg, input_len) * input_len
+  assert abs(xla_grad_flops(decoder.Model(model_cfg), inputs) / count - 1) < 0.05
+
+
+def xla_grad_flops(model, inputs) -> float:
+  """XLA's FLOPs of the gradient of the mean output (forward and backward passes)."""
+  params = jax.eval_shape(model.init, jax.random.key(0), *inputs)
+  grad = jax.grad(lambda p: model.apply(p, *inputs).mean())
+  cost = jax.jit(grad).lower(params).compile().cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+
 @pytest.mark.parametrize('variant', FITS_ON_CPU)
 def test_forward_shapes_and_finite(variant):
   cfg, model, params, tokens = make(variant)

@@ -59,6 +59,11 @@ DEFAULTS: dict[str, Any] = {
   # `sample_inputs(model_cfg, batch_size, length) -> tuple`: zero inputs of an initialisation;
   # None: `inputs` of zero tokens (a family whose inputs are not tokens, images, defines it).
   'sample_inputs': None,
+  # `flops_per_row(model_cfg, input_len, target_len) -> float`: training FLOPs of one row of a
+  # family that reads an input and writes a target of their own lengths (an encoder-decoder),
+  # counted when the objective states those lengths (its `row_lengths`); None: rows are
+  # counted with `flops_per_token`.
+  'flops_per_row': None,
 }
 
 

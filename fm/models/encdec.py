@@ -70,11 +70,43 @@ def param_count(model_cfg: Config) -> dict[str, int]:
   }
 
 
+def _matmuls(c: Config, input_len: float, target_len: float) -> float:
+  """Matmul params applied per row: each encoder token passes the encoder's layers and every
+  decoder layer's cross-attention keys and values; each decoder token the decoder's layers
+  (self-attention, cross-attention's queries and outputs, MLP) and the output projection."""
+  D, K, H = c.d_model, c.head_dim, c.num_heads
+  mlp = (3 if c.mlp in layers.GATED else 2) * D * c.mlp_dim
+  self_attn = D * K * (2 * H + 2 * c.num_kv_heads)
+  encoder = c.num_layers * (self_attn + mlp + 2 * D * K * c.num_kv_heads)
+  dec = c.num_layers * (self_attn + 2 * D * K * H + mlp) + c.vocab_size * D
+  return input_len * encoder + target_len * dec
+
+
+def _scores(c: Config, input_len: float, target_len: float) -> float:
+  """QK^T and AV of encoder self-, decoder self- and cross-attention, per row (as
+  decoder.flops_per_token counts them: the causal half fully)."""
+  S, T = input_len, target_len
+  return c.num_layers * 2 * c.num_heads * c.head_dim * (S * S + T * T + T * S)
+
+
+def flops_per_row(model_cfg: Config, input_len: int, target_len: int) -> float:
+  """Training FLOPs (forward + backward) of one row whose encoder reads `input_len` tokens and
+  whose decoder writes `target_len`: 6 x (matmul params per token through them + scores)."""
+  return 6.0 * (
+    _matmuls(model_cfg, input_len, target_len) + _scores(model_cfg, input_len, target_len)
+  )
+
+
+# T5's default corruption (15% noise in spans of mean length 3): per text token, the encoder
+# reads about 0.9 tokens and the decoder writes about 0.2.
+T5_SHARES = (0.9, 0.2)
+
+
 def flops_per_token(model_cfg: Config, seq_len: int) -> float:
-  """Per raw text token, for T5's default corruption: the encoder reads about 0.9 and the
-  decoder about 0.2 tokens per text token, and each decoder layer adds cross-attention; about
-  1.2 decoder-equivalents in all."""
-  return 1.2 * decoder.flops_per_token(model_cfg, seq_len)
+  """Per text token of a `seq_len`-token window under T5's default corruption. An objective
+  with other shapes states them (its `row_lengths`) and train.step_flops counts its rows
+  with `flops_per_row` instead."""
+  return 6.0 * (_matmuls(model_cfg, *T5_SHARES) + seq_len * _scores(model_cfg, *T5_SHARES))
 
 
 class DecoderBlock(nn.Module):

@@ -71,6 +71,10 @@ DEFAULTS: dict[str, Any] = {
   'WHOLE_BATCH': False,
   'host_transform': None,
   'validate': _no_checks,
+  # `row_lengths(seq_len, args) -> (input_len, target_len)`: the fixed shapes of the rows the
+  # objective makes of a `seq_len`-token window for an encoder-decoder, so FLOPs count what the
+  # model computes (train.step_flops); None: the window itself.
+  'row_lengths': None,
 }
 PRIVATE = ()
 

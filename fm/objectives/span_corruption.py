@@ -28,6 +28,7 @@ __all__ = [
   'loss_fn',
   'summarize',
   'reassemble',
+  'row_lengths',
 ]
 
 
@@ -37,6 +38,12 @@ def lengths(seq_len: int, density: float = 0.15, mean_span: float = 3.0) -> tupl
   num_noise = min(max(int(round(seq_len * density)), 1), seq_len - 1)
   num_spans = max(int(round(num_noise / mean_span)), 1)
   return num_noise, num_spans, seq_len - num_noise + num_spans
+
+
+def row_lengths(seq_len: int, args: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(encoder input length, decoder target length) of a window's row."""
+  num_noise, num_spans, input_len = lengths(seq_len, args.noise_density, args.mean_span)
+  return input_len, num_noise + num_spans
 
 
 def noise_mask(seq_len: int, density: float, mean_span: float, rng: np.random.Generator):

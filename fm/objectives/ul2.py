@@ -44,6 +44,7 @@ __all__ = [
   'host_transform',
   'lengths',
   'loss_fn',
+  'row_lengths',
   'summarize',
   'validate',
 ]
@@ -86,6 +87,9 @@ def lengths(seq_len: int, args: ml_collections.ConfigDict) -> tuple[int, int]:
   targets = [sum(span_corruption.lengths(seq_len, density, span)[:2]) for span, density in pairs]
   s_max = _s_max_target(seq_len, d['S'])
   return 1 + max(inputs + [seq_len - 1]), max(targets + [s_max])
+
+
+row_lengths = lengths  # Every denoiser's rows are padded to the longest.
 
 
 def _s_max_target(seq_len: int, density: float) -> int:

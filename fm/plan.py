@@ -447,7 +447,7 @@ def plan(config, topology: Topology, devices: list) -> dict:
     'opt_bytes': _per_device_bytes(opt_rows),
     'capacity': capacity,
     'compiler': 'libtpu' if chip.platform == 'tpu' else 'host CPU',
-    'model_flops': module.flops_per_token(model_cfg, L) * B * L,
+    'model_flops': train.step_flops(module, model_cfg, objective, config.objective_args, L, B),
     'sharding': [
       {
         'name': n,

@@ -145,12 +145,13 @@ def train_and_evaluate(
   counts = param_counts(abstract, mask)
   tx = make_tx(config, mask, steps) if kind.trains(config) else optax.set_to_zero()
   # Frozen parts skip their weight gradients (a linear probe skips the backbone's backward).
-  flops_per_step = (
-    family.flops_per_token(model_cfg, row_len)
-    * global_batch
-    * row_len
-    * {'full': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3)
-  )
+  if family.flops_per_row is None:
+    flops_per_row = family.flops_per_token(model_cfg, row_len) * row_len
+  elif model_cfg.num_classes:  # A classifier reads its input alone (an encoder-decoder's encoder).
+    flops_per_row = family.flops_per_row(model_cfg, row_len, 0)
+  else:  # A seq2seq row: its source and target.
+    flops_per_row = family.flops_per_row(model_cfg, config.data.source_len, config.data.target_len)
+  flops_per_step = flops_per_row * global_batch * {'full': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3)
   meta = train.record(
     workdir,
     config,

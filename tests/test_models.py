@@ -51,13 +51,17 @@ def test_every_family_honours_its_contract(name):
 @pytest.mark.parametrize('input_len,target_len', [(58, 13), (64, 43), (16, 64)])
 def test_encdec_flops_per_row_agree_with_xla(input_len, target_len):
   """encdec.flops_per_row, at an encoder input and a decoder target of their own lengths, is
-  within 5% of XLA's count of the gradient of the tiny model's outputs; so is the decoder's
-  flops_per_token."""
+  within 5% of XLA's count of the gradient of the tiny model's outputs, and with no target
+  (a classifier: the encoder alone) too; so is the decoder's flops_per_token."""
   model_cfg = encdec.Config(**encdec.VARIANTS['tiny'])
   model = encdec.Model(model_cfg)
   inputs = [jnp.ones((1, n), jnp.int32) for n in (input_len, target_len) * 2]
   count = encdec.flops_per_row(model_cfg, input_len, target_len)
   assert abs(xla_grad_flops(model, inputs) / count - 1) < 0.05
+  classifier_cfg = dataclasses.replace(model_cfg, num_classes=3)  # The encoder alone.
+  inputs = encdec.inputs(classifier_cfg, jnp.ones((1, input_len), jnp.int32))
+  count = encdec.flops_per_row(classifier_cfg, input_len, 0)
+  assert abs(xla_grad_flops(encdec.Model(classifier_cfg), inputs) / count - 1) < 0.05
   model_cfg = decoder.Config(**decoder.VARIANTS['tiny'])
   inputs = decoder.inputs(model_cfg, jnp.ones((1, input_len), jnp.int32))
   count = decoder.flops_per_token(model_cfg, input_len) * input_len

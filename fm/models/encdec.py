@@ -71,13 +71,14 @@ def param_count(model_cfg: Config) -> dict[str, int]:
 
 
 def _matmuls(c: Config, input_len: float, target_len: float) -> float:
-  """Matmul params applied per row: each encoder token passes the encoder's layers and every
-  decoder layer's cross-attention keys and values; each decoder token the decoder's layers
-  (self-attention, cross-attention's queries and outputs, MLP) and the output projection."""
+  """Matmul params applied per row: each encoder token passes the encoder's layers and, when
+  there is a decoder target, every decoder layer's cross-attention keys and values; each
+  decoder token the decoder's layers (self-attention, cross-attention's queries and outputs,
+  MLP) and the output projection. Without a target (a classifier) the encoder runs alone."""
   D, K, H = c.d_model, c.head_dim, c.num_heads
   mlp = (3 if c.mlp in layers.GATED else 2) * D * c.mlp_dim
   self_attn = D * K * (2 * H + 2 * c.num_kv_heads)
-  encoder = c.num_layers * (self_attn + mlp + 2 * D * K * c.num_kv_heads)
+  encoder = c.num_layers * (self_attn + mlp + 2 * D * K * c.num_kv_heads * (target_len > 0))
   dec = c.num_layers * (self_attn + 2 * D * K * H + mlp) + c.vocab_size * D
   return input_len * encoder + target_len * dec
 
@@ -91,7 +92,8 @@ def _scores(c: Config, input_len: float, target_len: float) -> float:
 
 def flops_per_row(model_cfg: Config, input_len: int, target_len: int) -> float:
   """Training FLOPs (forward + backward) of one row whose encoder reads `input_len` tokens and
-  whose decoder writes `target_len`: 6 x (matmul params per token through them + scores)."""
+  whose decoder writes `target_len` (0: a classifier, the encoder alone): 6 x (matmul params
+  per token through them + scores)."""
   return 6.0 * (
     _matmuls(model_cfg, input_len, target_len) + _scores(model_cfg, input_len, target_len)
   )

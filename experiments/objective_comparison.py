@@ -135,6 +135,7 @@ def run(
       continue
     config, info = pretraining_config(objective, smoke)
     pretrain_dir = workdir / f'pretrain-{objective}'
+    check_budget(pretrain_dir, objective, info['steps'], workdir)
     if (
       objective in before.get('pretraining', {})
       and checkpoint.latest_step(pretrain_dir) >= info['steps']
@@ -167,6 +168,22 @@ def run(
         out['finetuning'].append(row)
         write(workdir, out)
   return out
+
+
+def check_budget(pretrain_dir: pathlib.Path, objective: str, steps: int, workdir) -> None:
+  """A pretraining run in the workdir made for another number of steps (another budget or
+  FLOPs count) is refused, not resumed or reused as if it were this budget's."""
+  from fm import ConfigError
+
+  held = pretrain_dir / 'config.json'
+  if held.exists():
+    made = json.loads(held.read_text())['config']['train']['steps']
+    if made != steps:
+      raise ConfigError(
+        f'{pretrain_dir} is a run of {made} steps, but the budget gives {objective} {steps}; '
+        f'move it and its fine-tuning runs ({workdir}/{objective}-*) away, or use a new '
+        f'--workdir.'
+      )
 
 
 def write(workdir: pathlib.Path, out: dict) -> str:

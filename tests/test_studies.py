@@ -133,7 +133,24 @@ def test_objective_comparison_budget_is_equal_flops():
     assert config.objective == name and info['family'] == config.model.name
     assert abs(info['flops'] - budget) <= budget / info['steps'], (name, info)
   assert infos['masked_lm'][0].model.name == 'encoder'
-  assert infos['ul2'][0].model.name == 'encdec' and infos['ul2'][1]['steps'] < 360
+  # UL2 pads its rows to its longest denoiser's shapes: fewer steps than span corruption's.
+  assert infos['ul2'][0].model.name == 'encdec'
+  assert infos['ul2'][1]['steps'] < infos['span_corruption'][1]['steps'] < 360
+
+
+def test_objective_comparison_refuses_a_run_of_another_budget(tmp_path):
+  """A pretraining directory trained for another number of steps than the budget gives (an
+  older FLOPs count) is refused in one sentence naming it, before anything trains."""
+  from fm import ConfigError
+
+  oc = _script('objective_comparison')
+  (tmp_path / 'pretrain-ul2').mkdir()
+  (tmp_path / 'pretrain-ul2' / 'config.json').write_text('{"config": {"train": {"steps": 298}}}')
+  steps = oc.pretraining_config('ul2', smoke=False)[1]['steps']
+  message = f'pretrain-ul2 is a run of 298 steps, but the budget gives ul2 {steps}; move it'
+  with pytest.raises(ConfigError, match=message):
+    oc.run(tmp_path, smoke=False, only=('ul2',))
+  assert [p.name for p in tmp_path.iterdir()] == ['pretrain-ul2']
 
 
 def test_objective_comparison_seeds_draw_the_training_order(tmp_path):

@@ -116,7 +116,9 @@ def test_repeated_ngram_tokens():
   assert banned(1, 3) == [set(), set()] and banned(5, 0) == [set(), set()]
 
 
-@pytest.mark.parametrize('family', ['prefix_lm', 'encdec'])
+# The encoder-decoder's in the slow set: both layouts ban with decoding.repeated_ngram_tokens
+# (test_repeated_ngram_tokens checks it alone), and the prefix LM's runs by default.
+@pytest.mark.parametrize('family', ['prefix_lm', pytest.param('encdec', marks=pytest.mark.slow)])
 def test_no_repeat_ngram(family):
   """A random model loops; with no_repeat_ngram=2 no bigram comes twice, in greedy or beam
   search, and an n longer than the output changes nothing."""

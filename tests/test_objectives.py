@@ -324,7 +324,7 @@ def test_ul2_mixture_modes_and_reassembly():
     )
   )
   corrupt = ul2.host_transform(V, args)
-  input_len, target_len = ul2.lengths(L, args)
+  input_len, target_len = ul2.row_lengths(L, args)
   rng = np.random.default_rng(0)
   counts = np.zeros(3)
   for i in range(draws):

@@ -42,7 +42,6 @@ __all__ = [
   'MODES',
   'denoisers',
   'host_transform',
-  'lengths',
   'loss_fn',
   'row_lengths',
   'summarize',
@@ -79,17 +78,15 @@ def validate(args: ml_collections.ConfigDict) -> None:
   denoisers(args)
 
 
-def lengths(seq_len: int, args: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(encoder input length, decoder target length): the longest any denoiser produces."""
+def row_lengths(seq_len: int, args: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(encoder input length, decoder target length): the longest any denoiser produces (every
+  denoiser's rows are padded to them)."""
   _, d = denoisers(args)
   pairs = d['R'] + d['X']
   inputs = [span_corruption.lengths(seq_len, density, span)[2] for span, density in pairs]
   targets = [sum(span_corruption.lengths(seq_len, density, span)[:2]) for span, density in pairs]
   s_max = _s_max_target(seq_len, d['S'])
   return 1 + max(inputs + [seq_len - 1]), max(targets + [s_max])
-
-
-row_lengths = lengths  # Every denoiser's rows are padded to the longest.
 
 
 def _s_max_target(seq_len: int, density: float) -> int:
@@ -99,7 +96,7 @@ def _s_max_target(seq_len: int, density: float) -> int:
 def host_transform(vocab_size: int, args: ml_collections.ConfigDict):
   probs, d = denoisers(args)
   mode_ids = vocab_size + span_corruption.EXTRA_TOKENS + np.arange(len(MODES))
-  shape = functools.lru_cache(lambda L: lengths(L, args))  # Per window length, not per window.
+  shape = functools.lru_cache(lambda L: row_lengths(L, args))  # Per window length, not per window.
 
   def corrupt(window: dict, rng: np.random.Generator) -> dict:
     tokens = window['tokens']

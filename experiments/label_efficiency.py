@@ -7,7 +7,9 @@
 
 Test accuracy and macro-F1 with 1%, 10% and 100% of the training labels, 3 seeds each, for a
 pretrained backbone fine-tuned (finetune.init=pretrained) and the same architecture from random
-init (finetune.init=random), each seed drawing its own label subset (the same for all models):
+init (finetune.init=random), each seed drawing its own label subset (the same for all models),
+the params a run starts from (the new head's; all of them for random init) and the training
+examples' order:
   sentiment      Rotten Tomatoes; experiments/transfer_sentiment.py's backbone pretrained on
                  news; also a bag-of-words logistic regression (scikit-learn, TF-IDF of word
                  1-2-grams)
@@ -15,11 +17,12 @@ init (finetune.init=random), each seed drawing its own label subset (the same fo
                  a masked autoencoder, fully fine-tuned
 Fine-tuning runs use the study's experiment with fewer steps for fewer labels; the backbone is
 pretrained once into WORKDIR/pretrained (or --pretrained DIR, a finished pretraining run). Writes
-WORKDIR/label_efficiency.{md,json,png}, the table and JSON after every run; rerunning the command
-skips finished runs (their final checkpoints are only re-evaluated). --trend fine-tunes at 10% of
-the labels from the pretraining run's earlier checkpoints and writes WORKDIR/trend.{md,json}:
-accuracy against pretraining tokens, beside random init and the final backbone from the study's
-own runs, with the log-linear trend of the gain.
+WORKDIR/label_efficiency.{md,json,png}, the table (with each run's minutes of training steps)
+and JSON after every run; rerunning the command skips finished runs (their final checkpoints are
+only re-evaluated). --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
+earlier checkpoints (the sentiment study's own pretraining keeps steps 90, 180, 270 and 360) and
+writes WORKDIR/trend.{md,json}: accuracy against pretraining tokens, beside random init and the
+final backbone from the study's own runs, with the log-linear trend of the gain.
 """
 
 import argparse
@@ -50,7 +53,11 @@ class Study:
   adapt_steps: int = 0
   adapt_lr: float = 1e-3
   pool: str = ''  # finetune.pool of every fine-tuning run ('': the experiment's).
-  trend_fraction: float = 0.1  # --trend: the label budget fine-tuned from earlier checkpoints.
+  # --trend: the label budgets fine-tuned from the pretraining run's earlier checkpoints.
+  trend_fractions: tuple = (0.01, 0.1)
+  # Overrides ('key=value ...') on the backbone's pretraining when the study trains it: which
+  # checkpoints it keeps, the points of --trend.
+  pretrain_overrides: str = ''
 
   @property
   def models(self) -> tuple[str, ...]:
@@ -73,6 +80,7 @@ STUDIES = {
     'bag_of_words',
     adapt_steps=500,
     pool='mean',
+    pretrain_overrides='checkpoint.every_steps=90 checkpoint.keep=4',
   ),
   'fashion_mnist': Study(
     'experiments/mae_fashion_mnist.py:finetune',
@@ -104,7 +112,7 @@ def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
 def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
-  from fm import finetune, registry, runs, tasks
+  from fm import finetune, metrics, registry, runs, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
   base, ckpt = pretrain(workdir, study, smoke, pretrained)
@@ -126,19 +134,21 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
       for model in study.trained:
         init = 'random' if model == 'random' else 'pretrained'
         config = finetune_config(base, study, smoke, init, backbones[model], fraction, seed)
-        metrics = runs.run(config, workdir / f'{model}-{fraction}-{seed}')
-        if not metrics:  # Preempted: saved; the rerun resumes it.
+        run_dir = workdir / f'{model}-{fraction}-{seed}'
+        scores = runs.run(config, run_dir)
+        if not scores:  # Preempted: saved; the rerun resumes it.
           return []
         results.append(
           {
             'model': model,
             'fraction': fraction,
             'seed': seed,
-            'accuracy': metrics['test/accuracy'],
-            'macro_f1': metrics['test/macro_f1'],
+            'accuracy': scores['test/accuracy'],
+            'macro_f1': scores['test/macro_f1'],
+            'minutes': metrics.training_seconds(run_dir) / 60,
           }
         )
-        write(workdir, study, results)
+        write(workdir, study, results, backbones)
       if study.baseline == 'bag_of_words':
         subset = finetune.subset(splits['train'], fraction, seed)
         results.append(
@@ -149,7 +159,7 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
             **bag_of_words(subset, splits['test'], seed),
           }
         )
-        write(workdir, study, results)
+        write(workdir, study, results, backbones)
   return results
 
 
@@ -163,6 +173,8 @@ def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
     configs.load(study.smoke if smoke else study.experiment, 'label_efficiency')
   )
   base.pretrained.workdir = pretrained
+  if not (smoke or pretrained):
+    base.pretrained.overrides = f'{base.pretrained.overrides} {study.pretrain_overrides}'.strip()
   backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
   return base, runs.obtain(backbone)
 
@@ -173,7 +185,9 @@ def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fracti
   import ml_collections
 
   config = ml_collections.ConfigDict(base.to_dict())
-  config.seed, config.task_args.train_fraction = seed, fraction
+  # The seed draws the label subset, the new head's (or random init's) params and the order of
+  # the training examples.
+  config.seed, config.data.seed, config.task_args.train_fraction = seed, seed, fraction
   config.finetune.init = init
   config.pretrained.workdir = str(backbone)
   config.finetune.pool = study.pool or config.finetune.pool
@@ -189,56 +203,64 @@ def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fracti
 
 
 def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''):
-  """Accuracy at `study.trend_fraction` of the labels against pretraining tokens: fine-tuned
-  from each earlier checkpoint of the pretraining run (its own schedule's state at that step),
-  3 seeds each, into WORKDIR/pretrained@STEP-FRACTION-SEED. Returns those runs and the final
-  checkpoint's pretraining tokens, or None when preempted."""
-  from fm import checkpoint, configs, runs
+  """Accuracy at each of `study.trend_fractions` of the labels against pretraining tokens:
+  fine-tuned from each earlier checkpoint of the pretraining run (its own schedule's state at
+  that step), 3 seeds each, into WORKDIR/pretrained@STEP-FRACTION-SEED. Returns those runs and
+  the final checkpoint's pretraining tokens, or None when preempted."""
+  from fm import checkpoint, configs, metrics, runs
 
-  fraction, seeds = study.trend_fraction, (0,) if smoke else SEEDS
+  fractions = study.trend_fractions[-1:] if smoke else study.trend_fractions
+  seeds = (0,) if smoke else SEEDS
   base, final = pretrain(workdir, study, smoke, pretrained)
   if final is None:
     return None
   held = configs.resolve(checkpoint.read_meta(final)['config'])
   per_step = held.train.global_batch * held.data.seq_len
+  steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
   results = []
-  for step in sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit()):
-    if step == int(final.name):
-      continue  # The study's own `pretrained` rows.
-    for seed in seeds:
-      ckpt = final.parent / str(step)
-      config = finetune_config(base, study, smoke, 'pretrained', ckpt, fraction, seed)
-      metrics = runs.run(config, workdir / f'pretrained@{step}-{fraction}-{seed}')
-      if not metrics:
-        return None
-      results.append(
-        {
-          'model': f'pretrained@{step}',
-          'pretraining_steps': step,
-          'pretraining_tokens': step * per_step,
-          'fraction': fraction,
-          'seed': seed,
-          'accuracy': metrics['test/accuracy'],
-          'macro_f1': metrics['test/macro_f1'],
-        }
-      )
-      (workdir / 'trend.json').write_text(json.dumps(results, indent=1))
+  for fraction in fractions:
+    for step in steps:
+      if step == int(final.name):
+        continue  # The study's own `pretrained` rows.
+      for seed in seeds:
+        ckpt = final.parent / str(step)
+        config = finetune_config(base, study, smoke, 'pretrained', ckpt, fraction, seed)
+        run_dir = workdir / f'pretrained@{step}-{fraction}-{seed}'
+        scores = runs.run(config, run_dir)
+        if not scores:
+          return None
+        results.append(
+          {
+            'model': f'pretrained@{step}',
+            'pretraining_steps': step,
+            'pretraining_tokens': step * per_step,
+            'fraction': fraction,
+            'seed': seed,
+            'accuracy': scores['test/accuracy'],
+            'macro_f1': scores['test/macro_f1'],
+            'minutes': metrics.training_seconds(run_dir) / 60,
+          }
+        )
+        (workdir / 'trend.json').write_text(json.dumps(results, indent=1))
   return results, int(final.name) * per_step
 
 
-def trend_table(study: Study, runs_: list[dict], final_tokens: int, main: list[dict]) -> str:
-  """Accuracy against pretraining tokens (random init: 0; the study's own pretrained and adapted
-  rows from `main` where finished) and the log-linear trend of the gain over random init."""
-  f = study.trend_fraction
+def trend_table(
+  study: Study, fraction: float, runs_: list[dict], final_tokens: int, main: list[dict]
+) -> str:
+  """Accuracy at `fraction` of the labels against pretraining tokens (random init: 0; the
+  study's own pretrained rows from `main` where finished) and the log-linear trend of the gain
+  over random init."""
   points = {}  # tokens -> (label, accuracies)
   for r in main:
-    if r['fraction'] == f and r['model'] in ('random', 'pretrained'):
+    if r['fraction'] == fraction and r['model'] in ('random', 'pretrained'):
       tokens = 0 if r['model'] == 'random' else final_tokens
       points.setdefault(tokens, (r['model'], []))[1].append(100 * r['accuracy'])
   for r in runs_:
-    points.setdefault(r['pretraining_tokens'], (r['model'], []))[1].append(100 * r['accuracy'])
+    if r['fraction'] == fraction:
+      points.setdefault(r['pretraining_tokens'], (r['model'], []))[1].append(100 * r['accuracy'])
   lines = [
-    f'{study.title}: test accuracy (%) at {f:.0%} of the labels against pretraining tokens\n',
+    f'{study.title}: test accuracy (%) at {fraction:.0%} of the labels against pretraining tokens\n',
     '| backbone | pretraining tokens | accuracy | gain over random init |',
     '|---|---|---|---|',
   ]
@@ -304,10 +326,21 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   return checkpoint.resolve(workdir / 'adapted', 'adapted')
 
 
-def write(workdir: pathlib.Path, study: Study, results: list[dict]) -> str:
+def write(workdir: pathlib.Path, study: Study, results: list[dict], backbones: dict) -> str:
+  from fm import metrics
+
   (workdir / 'label_efficiency.json').write_text(json.dumps(results, indent=1))
   markdown = f'{study.title} test accuracy (%), mean ± std over seeds\n\n'
   markdown += table(study, results)
+  # Training steps' minutes (summed over the commands that trained each run): the backbones'
+  # (the pretraining run holds its checkpoints in RUN/checkpoints/STEP) and the fine-tuning's.
+  spent = {'pretraining': backbones['pretrained'].parents[1]}
+  if 'adapted' in backbones:
+    spent['task-adaptive pretraining'] = backbones['adapted'].parents[1]
+  cells = [f'{name} {metrics.training_seconds(d) / 60:.1f}' for name, d in spent.items()]
+  tuned = [r['minutes'] for r in results if 'minutes' in r]
+  cells.append(f'{len(tuned)} fine-tuning runs {sum(tuned):.1f}')
+  markdown += '\n\nMinutes of training steps: ' + ', '.join(cells) + '.'
   (workdir / 'label_efficiency.md').write_text(markdown + '\n')
   return markdown
 
@@ -365,7 +398,9 @@ def report_trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: s
     return 0
   main_results = workdir / 'label_efficiency.json'
   finished = json.loads(main_results.read_text()) if main_results.exists() else []
-  markdown = trend_table(study, *done, finished)
+  runs_, final_tokens = done
+  fractions = sorted({r['fraction'] for r in runs_})
+  markdown = '\n\n'.join(trend_table(study, f, runs_, final_tokens, finished) for f in fractions)
   (workdir / 'trend.md').write_text(markdown + '\n')
   print(markdown)
   return 0
@@ -399,7 +434,7 @@ def main() -> int:
   if not results:  # Preempted.
     print('stopped (preempted); rerun the same command to resume.')
     return 0
-  markdown = write(workdir, study, results)
+  markdown = (workdir / 'label_efficiency.md').read_text()  # Written after the last run.
   plot(study, results, workdir / 'label_efficiency.png')
   print(markdown)
   return 0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from workdirs import load_experiment, smoke_config
 
-from fm import ConfigError, checkpoint, finetune, registry, runs, sharding, tasks, train
+from fm import ConfigError, checkpoint, configs, finetune, registry, runs, sharding, tasks, train
 from fm.models import decoder, encdec, layers
 from fm.tasks import _classification, _seq2seq
 
@@ -433,6 +433,15 @@ def test_seq2seq_targets_start_like_a_word_inside_a_document(layout):
   assert _seq2seq.target_text(tok, list(target) + [0, 0]) == 'Its title'
 
 
+def test_label_efficiency_seed_draws_labels_init_and_order():
+  """A study's seed draws the label subset, the params a run starts from and the training
+  examples' order, so at 100% of the labels the seeds still differ in more than a head's init."""
+  study = load_experiment('label_efficiency')
+  base = configs.resolve(load_experiment('transfer_sentiment').get_config())
+  config = study.finetune_config(base, study.STUDIES['sentiment'], False, 'random', 'x', 1.0, 2)
+  assert (config.seed, config.data.seed, config.task_args.train_fraction) == (2, 2, 1.0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
   'study, models',
@@ -458,6 +467,11 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   assert all(0 <= r['accuracy'] <= 1 for r in rows)
   table = (tmp_path / 'label_efficiency.md').read_text()
   assert table.count('\n| ') == 1 + len(models) and '10% labels' in table  # Header, models.
+  tuned = [r for r in rows if r['model'] != 'bag_of_words']
+  assert all(r['minutes'] > 0 for r in tuned)
+  assert (
+    f'{len(tuned)} fine-tuning runs' in table and 'Minutes of training steps: pretraining' in table
+  )
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000
   if study != 'sentiment':
     return

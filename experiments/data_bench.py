@@ -8,7 +8,9 @@ document marked with its copy number; 64x is about 0.5 GB of text). Per size it 
   - `python -m fm.data.prepare` with 1 and 2 DirectRunner workers: wall time and the peak memory
     of the whole process tree (sampled resident set sizes, summed over the driver and workers);
     once training the tokenizer on the driver (a fixed cost, about 8 s here, that workers do not
-    share) and once given it (--tokenizer_model, as corpora to be mixed are prepared);
+    share) and once given it (--tokenizer_model, as corpora to be mixed are prepared). Each of
+    the four is run REPEATS times from scratch, in interleaved rounds (so a slow spell of the
+    machine falls on all of them alike); the table gives the median, the JSON every run;
   - the default experiment (experiments/lm_shakespeare.py) training 20 steps on the prepared
     corpus (--config.data.dataset=prepared): the training process's peak resident set;
   - the input pipeline alone, with BERT masking as its host-side transform: windows per second,
@@ -29,6 +31,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SIZES = (1, 4, 16, 64)
+REPEATS = 3  # Runs of each prepare measurement; the median is reported.
 
 
 def write_corpus(directory: pathlib.Path, copies: int) -> str:
@@ -106,7 +109,10 @@ def pipeline_speed(directory: pathlib.Path, seq_len: int, batch: int, batches: i
   return batches * batch / (time.perf_counter() - started)
 
 
-def run(workdir: pathlib.Path, sizes, steps: int) -> dict:
+def run(workdir: pathlib.Path, sizes, steps: int, repeats: int) -> dict:
+  import shutil
+  import statistics
+
   from fm import metrics as metrics_lib  # Reads the training runs' metrics.jsonl.
 
   results_path = workdir / 'data_bench.json'
@@ -115,20 +121,30 @@ def run(workdir: pathlib.Path, sizes, steps: int) -> dict:
     row = results.setdefault(str(size), {})
     corpus = write_corpus(workdir / f'corpus-{size}', size)
     row['text_bytes'] = sum(p.stat().st_size for p in (workdir / f'corpus-{size}').glob('*.jsonl'))
-    for tokenizer, workers in (('trained', 1), ('trained', 2), ('given', 1), ('given', 2)):
-      key = f'prepare_{workers}' if tokenizer == 'trained' else f'given_{workers}'
-      suffix = '' if tokenizer == 'trained' else '-given'
-      output = workdir / f'prepared-{size}-w{workers}{suffix}'
-      if key not in row:
+    for _ in range(repeats):  # Rounds: each measurement once per round.
+      for tokenizer, workers in (('trained', 1), ('trained', 2), ('given', 1), ('given', 2)):
+        key = f'prepare_{workers}' if tokenizer == 'trained' else f'given_{workers}'
+        suffix = '' if tokenizer == 'trained' else '-given'
+        output = workdir / f'prepared-{size}-w{workers}{suffix}'
+        done = row.setdefault(key, {'runs': []})
+        if len(done['runs']) >= repeats:
+          continue
+        shutil.rmtree(output, ignore_errors=True)  # From scratch (a prepared output is reused).
         command = [sys.executable, '-m', 'fm.data.prepare', '--train', corpus]
         command += ['--output', str(output), '--workers', str(workers)]
         if tokenizer == 'given':
           command += ['--tokenizer_model', str(workdir / f'prepared-{size}-w1' / 'tokenizer.model')]
         result = measure(command)
-        row[key] = {'seconds': result['seconds'], 'peak_rss': result['peak_rss']}
+        measured = {'seconds': result['seconds'], 'peak_rss': result['peak_rss']}
         trained = re.search(r'\[ *([0-9.]+) s\] the tokenizer trained', result['output'])
         if trained:
-          row[key]['tokenizer_trained_at'] = float(trained.group(1))
+          measured['tokenizer_trained_at'] = float(trained.group(1))
+        done['runs'].append(measured)
+        runs = done['runs']
+        done['seconds'] = statistics.median(r['seconds'] for r in runs)
+        done['peak_rss'] = max(r['peak_rss'] for r in runs)
+        if trained:
+          done['tokenizer_trained_at'] = statistics.median(r['tokenizer_trained_at'] for r in runs)
         _save(results_path, results)
     if 'train' not in row:
       train_dir = workdir / f'train-{size}'
@@ -208,11 +224,13 @@ def main() -> int:
   parser.add_argument('--workdir', required=True)
   parser.add_argument('--smoke', action='store_true', help='sizes 1 and 2, 4 training steps')
   parser.add_argument('--sizes', type=int, nargs='*', default=list(SIZES))
+  parser.add_argument('--repeats', type=int, default=REPEATS, help='runs of each prepare (median)')
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  results = run(workdir, (1, 2) if args.smoke else args.sizes, 4 if args.smoke else 20)
+  sizes, steps, repeats = ((1, 2), 4, 1) if args.smoke else (args.sizes, 20, args.repeats)
+  results = run(workdir, sizes, steps, repeats)
   markdown = table(results)
   (workdir / 'data_bench.md').write_text(markdown + '\n')
   print(markdown)

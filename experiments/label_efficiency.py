@@ -56,7 +56,7 @@ class Study:
   # --trend: the label budgets fine-tuned from the pretraining run's earlier checkpoints.
   trend_fractions: tuple = (0.01, 0.1)
   # Overrides ('key=value ...') on the backbone's pretraining when the study trains it: which
-  # checkpoints it keeps, the points of --trend.
+  # checkpoints it saves and keeps, the points of --trend (with room for a preemption's).
   pretrain_overrides: str = ''
 
   @property
@@ -80,7 +80,7 @@ STUDIES = {
     'bag_of_words',
     adapt_steps=500,
     pool='mean',
-    pretrain_overrides='checkpoint.every_steps=90 checkpoint.keep=4',
+    pretrain_overrides='checkpoint.every_steps=90 checkpoint.keep=8',
   ),
   'fashion_mnist': Study(
     'experiments/mae_fashion_mnist.py:finetune',
@@ -216,7 +216,10 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
     return None
   held = configs.resolve(checkpoint.read_meta(final)['config'])
   per_step = held.train.global_batch * held.data.seq_len
+  # The checkpoints its schedule saved (not those a preemption saved between them).
+  every = held.checkpoint.every_steps
   steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
+  steps = [step for step in steps if every and step % every == 0]
   results = []
   for fraction in fractions:
     for step in steps:

@@ -558,6 +558,7 @@ def test_data_benchmark_smoke(tmp_path):
     row = results[size]
     assert {'prepare_1', 'prepare_2', 'given_1', 'given_2', 'train'} <= set(row)
     assert row['prepare_1']['tokenizer_trained_at'] > 0 and row['pipeline_windows_per_sec'] > 0
+    assert all(len(row[key]['runs']) == 1 for key in ('prepare_1', 'prepare_2', 'given_1'))
   rows = [
     line for line in done.stdout.splitlines() if line.startswith('| 1x') or line.startswith('| 2x')
   ]

@@ -7,7 +7,7 @@ Corpora of 1x, 4x, 16x and 64x the Shakespeare plays (one .jsonl file per copy, 
 document marked with its copy number; 64x is about 0.5 GB of text). Per size it measures:
   - `python -m fm.data.prepare` with 1 and 2 DirectRunner workers: wall time and the peak memory
     of the whole process tree (sampled resident set sizes, summed over the driver and workers);
-    once training the tokenizer on the driver (a fixed cost, about 8 s here, that workers do not
+    once training the tokenizer on the driver (a fixed cost, 8-19 s on 2 cores, that workers do not
     share) and once given it (--tokenizer_model, as corpora to be mixed are prepared). Each of
     the four is run REPEATS times from scratch, in interleaved rounds (so a slow spell of the
     machine falls on all of them alike); the table gives the median, the JSON every run;

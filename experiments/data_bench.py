@@ -126,8 +126,9 @@ def run(workdir: pathlib.Path, sizes, steps: int, repeats: int) -> dict:
         key = f'prepare_{workers}' if tokenizer == 'trained' else f'given_{workers}'
         suffix = '' if tokenizer == 'trained' else '-given'
         output = workdir / f'prepared-{size}-w{workers}{suffix}'
-        done = row.setdefault(key, {'runs': []})
-        if len(done['runs']) >= repeats:
+        done = row.setdefault(key, {})
+        runs = done.setdefault('runs', [])  # (A workdir of single measurements: run anew.)
+        if len(runs) >= repeats:
           continue
         shutil.rmtree(output, ignore_errors=True)  # From scratch (a prepared output is reused).
         command = [sys.executable, '-m', 'fm.data.prepare', '--train', corpus]
@@ -139,8 +140,7 @@ def run(workdir: pathlib.Path, sizes, steps: int, repeats: int) -> dict:
         trained = re.search(r'\[ *([0-9.]+) s\] the tokenizer trained', result['output'])
         if trained:
           measured['tokenizer_trained_at'] = float(trained.group(1))
-        done['runs'].append(measured)
-        runs = done['runs']
+        runs.append(measured)
         done['seconds'] = statistics.median(r['seconds'] for r in runs)
         done['peak_rss'] = max(r['peak_rss'] for r in runs)
         if trained:

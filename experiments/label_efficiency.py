@@ -112,7 +112,7 @@ def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
 def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
   """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
-  from fm import finetune, metrics, registry, runs, tasks
+  from fm import finetune, metrics, registry, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
   base, ckpt = pretrain(workdir, study, smoke, pretrained)
@@ -128,27 +128,27 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
     if backbones['adapted'] is None:
       return []
   splits = tasks.kind_of(task).load(task, base) if study.baseline else None
+  # The backbones' minutes of training steps (each run holds its checkpoints in
+  # RUN/checkpoints/STEP), summed over the commands that trained them.
+  names = {'pretrained': 'pretraining', 'adapted': 'task-adaptive pretraining'}
+  spent = {
+    names[m]: metrics.training_seconds(backbones[m].parents[1]) / 60
+    for m in names
+    if m in backbones
+  }
   results = []
   for fraction in fractions:
     for seed in seeds:
       for model in study.trained:
         init = 'random' if model == 'random' else 'pretrained'
         config = finetune_config(base, study, smoke, init, backbones[model], fraction, seed)
-        run_dir = workdir / f'{model}-{fraction}-{seed}'
-        scores = runs.run(config, run_dir)
-        if not scores:  # Preempted: saved; the rerun resumes it.
-          return []
-        results.append(
-          {
-            'model': model,
-            'fraction': fraction,
-            'seed': seed,
-            'accuracy': scores['test/accuracy'],
-            'macro_f1': scores['test/macro_f1'],
-            'minutes': metrics.training_seconds(run_dir) / 60,
-          }
+        row = finetune_row(
+          config, workdir / f'{model}-{fraction}-{seed}', model=model, fraction=fraction, seed=seed
         )
-        write(workdir, study, results, backbones)
+        if row is None:  # Preempted: saved; the rerun resumes it.
+          return []
+        results.append(row)
+        write(workdir, study, results, spent)
       if study.baseline == 'bag_of_words':
         subset = finetune.subset(splits['train'], fraction, seed)
         results.append(
@@ -159,7 +159,7 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
             **bag_of_words(subset, splits['test'], seed),
           }
         )
-        write(workdir, study, results, backbones)
+        write(workdir, study, results, spent)
   return results
 
 
@@ -177,6 +177,22 @@ def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
     base.pretrained.overrides = f'{base.pretrained.overrides} {study.pretrain_overrides}'.strip()
   backbone = runs.dependency(base.pretrained, 'config.pretrained', workdir / 'pretrained')
   return base, runs.obtain(backbone)
+
+
+def finetune_row(config, run_dir: pathlib.Path, **fields) -> dict | None:
+  """Runs (or resumes, or re-evaluates) one fine-tuning run: `fields` with its test scores and
+  minutes of training steps, or None when it was preempted (saved: a rerun resumes it)."""
+  from fm import metrics, runs
+
+  scores = runs.run(config, run_dir)
+  if not scores:
+    return None
+  return {
+    **fields,
+    'accuracy': scores['test/accuracy'],
+    'macro_f1': scores['test/macro_f1'],
+    'minutes': metrics.training_seconds(run_dir) / 60,
+  }
 
 
 def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fraction, seed):
@@ -207,7 +223,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   fine-tuned from each earlier checkpoint of the pretraining run (its own schedule's state at
   that step), 3 seeds each, into WORKDIR/pretrained@STEP-FRACTION-SEED. Returns those runs and
   the final checkpoint's pretraining tokens, or None when preempted."""
-  from fm import checkpoint, configs, metrics, runs
+  from fm import checkpoint, configs
 
   fractions = study.trend_fractions[-1:] if smoke else study.trend_fractions
   seeds = (0,) if smoke else SEEDS
@@ -218,32 +234,27 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   per_step = held.train.global_batch * held.data.seq_len
   # The checkpoints its schedule saved (not those a preemption saved between them).
   every = held.checkpoint.every_steps
+  # The final one is the study's own `pretrained` rows.
   steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
-  steps = [step for step in steps if every and step % every == 0]
+  steps = [step for step in steps if every and step % every == 0 and step != int(final.name)]
   results = []
   for fraction in fractions:
     for step in steps:
-      if step == int(final.name):
-        continue  # The study's own `pretrained` rows.
       for seed in seeds:
         ckpt = final.parent / str(step)
         config = finetune_config(base, study, smoke, 'pretrained', ckpt, fraction, seed)
-        run_dir = workdir / f'pretrained@{step}-{fraction}-{seed}'
-        scores = runs.run(config, run_dir)
-        if not scores:
-          return None
-        results.append(
-          {
-            'model': f'pretrained@{step}',
-            'pretraining_steps': step,
-            'pretraining_tokens': step * per_step,
-            'fraction': fraction,
-            'seed': seed,
-            'accuracy': scores['test/accuracy'],
-            'macro_f1': scores['test/macro_f1'],
-            'minutes': metrics.training_seconds(run_dir) / 60,
-          }
+        row = finetune_row(
+          config,
+          workdir / f'pretrained@{step}-{fraction}-{seed}',
+          model=f'pretrained@{step}',
+          pretraining_steps=step,
+          pretraining_tokens=step * per_step,
+          fraction=fraction,
+          seed=seed,
         )
+        if row is None:
+          return None
+        results.append(row)
         (workdir / 'trend.json').write_text(json.dumps(results, indent=1))
   return results, int(final.name) * per_step
 
@@ -329,18 +340,13 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   return checkpoint.resolve(workdir / 'adapted', 'adapted')
 
 
-def write(workdir: pathlib.Path, study: Study, results: list[dict], backbones: dict) -> str:
-  from fm import metrics
-
+def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict) -> str:
+  """The JSON and the table, with the minutes of training steps `spent` on the backbones and
+  those of the fine-tuning runs so far."""
   (workdir / 'label_efficiency.json').write_text(json.dumps(results, indent=1))
   markdown = f'{study.title} test accuracy (%), mean ± std over seeds\n\n'
   markdown += table(study, results)
-  # Training steps' minutes (summed over the commands that trained each run): the backbones'
-  # (the pretraining run holds its checkpoints in RUN/checkpoints/STEP) and the fine-tuning's.
-  spent = {'pretraining': backbones['pretrained'].parents[1]}
-  if 'adapted' in backbones:
-    spent['task-adaptive pretraining'] = backbones['adapted'].parents[1]
-  cells = [f'{name} {metrics.training_seconds(d) / 60:.1f}' for name, d in spent.items()]
+  cells = [f'{name} {minutes:.1f}' for name, minutes in spent.items()]
   tuned = [r['minutes'] for r in results if 'minutes' in r]
   cells.append(f'{len(tuned)} fine-tuning runs {sum(tuned):.1f}')
   markdown += '\n\nMinutes of training steps: ' + ', '.join(cells) + '.'

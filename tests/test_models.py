@@ -51,8 +51,9 @@ def test_every_family_honours_its_contract(name):
 def test_flops_agree_with_xla():
   """encdec.flops_per_row is within 5% of XLA's count of the gradient of the tiny model's
   outputs at three (encoder input, decoder target) lengths, and with no target (a classifier:
-  the encoder alone); so is the decoder's flops_per_token. What 64 more encoder tokens and 64
-  more decoder tokens add agrees within 7% with what they add to XLA's count (about 4% of the
+  the encoder alone); so is the decoder's flops_per_token, as a language model and as a
+  classifier (no output projection). What 64 more encoder tokens and 64 more decoder tokens
+  add agrees within 7% with what they add to XLA's count (about 4% of the
   encoder tokens' is the norms' and softmaxes' elementwise work, which XLA also counts):
   cross-attention's keys and values counted per decoder token instead of per encoder token
   would be 10% off."""
@@ -72,8 +73,10 @@ def test_flops_agree_with_xla():
   assert abs(xla_grad_flops(encdec.Model(classifier_cfg), inputs) / count - 1) < 0.05
   model_cfg = decoder.Config(**decoder.VARIANTS['tiny'])
   inputs = decoder.inputs(model_cfg, jnp.ones((1, 64), jnp.int32))
-  count = decoder.flops_per_token(model_cfg, 64) * 64
-  assert abs(xla_grad_flops(decoder.Model(model_cfg), inputs) / count - 1) < 0.05
+  for num_classes in (0, 3):  # A classifier has no output projection (the pooled head reads it).
+    model_cfg = dataclasses.replace(model_cfg, num_classes=num_classes)
+    count = decoder.flops_per_token(model_cfg, 64) * 64
+    assert abs(xla_grad_flops(decoder.Model(model_cfg), inputs) / count - 1) < 0.05, num_classes
 
 
 def xla_grad_flops(model, inputs) -> float:

@@ -175,11 +175,14 @@ def param_count(model_cfg: Config) -> dict[str, int]:
 
 
 def flops_per_token(model_cfg: Config, seq_len: int) -> float:
-  """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores."""
+  """Training FLOPs per token (forward + backward): 6 x matmul params + attention scores. A
+  classifier (num_classes > 0) has no output projection: its head reads one pooled state per row
+  (num_classes x d_model, left out like the norms)."""
   D, K, H = model_cfg.d_model, model_cfg.head_dim, model_cfg.num_heads
   mlp = (3 if model_cfg.mlp in layers.GATED else 2) * D * model_cfg.mlp_dim
   matmul = model_cfg.num_layers * (D * K * (2 * H + 2 * model_cfg.num_kv_heads) + mlp)
-  matmul += model_cfg.vocab_size * D  # Output projection.
+  if not model_cfg.num_classes:  # Output projection (and BERT's transform before it).
+    matmul += model_cfg.vocab_size * D + model_cfg.mlm_head * D * D
   attention = model_cfg.num_layers * 2 * H * K * seq_len  # QK^T and AV, causal half counted fully.
   return 6.0 * matmul + 6.0 * attention
 

@@ -211,10 +211,13 @@ def param_count(model_cfg: Config) -> dict[str, int]:
 
 
 def flops_per_token(model_cfg: Config, seq_len: int) -> float:
-  """Training FLOPs per token of a pair's `sequence_length` tokens (both towers' shares)."""
+  """Training FLOPs per token of a pair's `sequence_length` tokens (both towers' shares); an image
+  classifier (num_classes > 0) runs the image tower alone."""
   del seq_len
   patches = vit.sequence_length(model_cfg.image_tower)
   image = vit.flops_per_token(model_cfg.image_tower, patches) * patches
+  if model_cfg.num_classes:
+    return image / sequence_length(model_cfg)
   text = decoder.flops_per_token(model_cfg.text_tower, model_cfg.max_len) * model_cfg.max_len
   return (image + text) / sequence_length(model_cfg)
 

@@ -5,9 +5,10 @@
   python experiments/scaling_law.py --workdir /tmp/scaling_large --grid large
 
 For each compute budget C of the grid, decoders of several sizes (a ladder of shapes, the ones
-centred on the budget) are each trained for C FLOPs of causal LM on the news corpus (one epoch
-at most: D = C / FLOPs per token tokens, the FLOPs per token of the model family's
-`flops_per_token`, attention included), with a cosine schedule as long as the run, and scored
+centred on the budget) are each trained for C FLOPs of causal LM on the news corpus (D = C /
+FLOPs per token tokens, the FLOPs per token of the model family's `flops_per_token`, attention
+included; the smallest models of the larger budgets read the corpus more than once), with a
+cosine schedule as long as the run, and scored
 by the loss on the whole held-out split. Then
   approach 2  a parabola in log N through each budget's losses gives the budget's best size
               N_opt(C) and token count D_opt(C); N_opt ~ C^a and D_opt ~ C^b by least squares;
@@ -400,9 +401,10 @@ def report(runs: list[dict], result: dict) -> str:
     '',
     'Compute-optimal models',
     '',
-    '| C | N_opt (3) | D_opt (3) | N_opt (2) | D_opt (2) |',
+    '| C | N_opt (3) | D_opt (3) | N_opt (2) | D_opt (2) | paper N_opt | paper D_opt |',
   ]
-  lines += ['|---|---|---|---|---|']
+  lines += ['|---|---|---|---|---|---|---|']
+  paper = frontier(PAPER, result['budgets'])  # Its Eq. 10, far below the budgets it fitted.
   for i, c in enumerate(result['budgets']):
     two = ['', '']
     if c in iso['budgets']:
@@ -410,7 +412,7 @@ def report(runs: list[dict], result: dict) -> str:
       two = [_count(iso['n_opt'][j]), _count(iso['d_opt'][j])]
     lines.append(
       f'| {c:.0e} | {_count(front["n_opt"][i])} | {_count(front["d_opt"][i])} '
-      f'| {two[0]} | {two[1]} |'
+      f'| {two[0]} | {two[1]} | {_count(paper["n_opt"][i])} | {_count(paper["d_opt"][i])} |'
     )
   if iso['skipped']:
     lines.append('')

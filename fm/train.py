@@ -558,11 +558,20 @@ def _text_data(config, objective, pidx: int, pcount: int):
   objectives may add ids after the tokenizer's (a mask token, sentinels)."""
   data = pipeline.prepare(config.data)
   seq_len, global_batch = config.data.seq_len, config.train.global_batch
-  if data.train.num_windows(seq_len) < global_batch:
+  windows = data.train.num_windows(seq_len)
+  if windows < global_batch:
     raise ConfigError(
-      f'config.data.dataset={config.data.dataset!r} has only '
-      f'{data.train.num_windows(seq_len)} training windows of seq_len={seq_len}; '
-      f'lower config.train.global_batch below that.'
+      f'config.data.dataset={config.data.dataset!r} has only {windows} training windows of '
+      f'config.data.seq_len={seq_len}, fewer than config.train.global_batch={global_batch}; '
+      + (f'lower global_batch to at most {windows}, ' if windows else '')
+      + 'lower seq_len, or add text.'
+    )
+  if not data.validation.num_windows(seq_len):
+    raise ConfigError(
+      f'the held-out split of config.data.dataset={config.data.dataset!r} has '
+      f'{data.validation.num_tokens} tokens, less than one window of config.data.seq_len='
+      f'{seq_len}; raise config.data.validation_fraction, give config.data.validation files, '
+      f'or lower seq_len.'
     )
   transform = objective.host_transform and objective.host_transform(
     data.tokenizer.vocab_size, config.objective_args

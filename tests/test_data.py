@@ -182,6 +182,7 @@ def test_prepare_killed_then_rerun_gives_the_same_shards(tmp_path):
   )
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert shards(killed) == shards(tmp_path / 'clean')
+  assert not list(killed.glob('.*.partial'))  # The killed run's half-written files are gone.
 
 
 def test_input_formats_and_validation_files(tmp_path):
@@ -443,7 +444,7 @@ def test_a_missing_or_damaged_shard_is_named(varied):
     with pytest.raises(
       ConfigError,
       match=rf'{shard.name} is {len(original) - 10} bytes, not '
-      rf'{len(original)}; prepare .* again',
+      rf'{len(original)}; run the python -m fm.data.prepare command that made .* again',
     ):
       pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
     damaged = bytearray(original)
@@ -453,16 +454,54 @@ def test_a_missing_or_damaged_shard_is_named(varied):
     split = pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
     with pytest.raises(
       ConfigError,
-      match=rf'{shard.name}: document \d+ cannot be read|a shard '
-      rf'of {directory} cannot be opened',
+      match=rf'({shard.name}: document \d+ cannot be read|a shard '
+      rf'of {directory} cannot be opened).* delete (it|that shard), then run the python -m',
     ):
       for n in range(manifest['splits']['train']['documents']):
         split.document(n)
     shard.unlink()
-    with pytest.raises(ConfigError, match=rf'{shard.name} is missing; prepare'):
+    with pytest.raises(ConfigError, match=rf'{shard.name} is missing; run the python -m'):
       pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
   finally:
     shard.write_bytes(original)
+
+
+def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):
+  """The fix the messages above give works: prepare run again on a directory whose shard is
+  gone or cut short, or whose offsets are gone, rewrites that item alone (the others' files
+  untouched) and gives what it gave before. A directory prepared again for another spec loses
+  its manifest first, so a stop midway leaves nothing that looks complete. A URL output and a
+  manifest without its fields are one sentence each."""
+  spec = byte_spec(write_corpus(tmp_path / 'in', files=3, docs=40))
+  out = tmp_path / 'out'
+  prepare.prepare(spec, out)
+  before = shards(out)
+  kept = out / prepare.shard_name('train', 0)
+  stamp = kept.stat().st_mtime_ns
+  (out / prepare.shard_name('train', 1)).write_bytes(before[prepare.shard_name('train', 1)][:-7])
+  (out / prepare.shard_name('validation', 2)).unlink()
+  (out / 'train.offsets.npy').unlink()
+  lines = []
+  prepare.prepare(spec, out, say=lines.append)
+  assert shards(out) == before and kept.stat().st_mtime_ns == stamp
+  assert any('2 item(s) with a missing or damaged file' in line for line in lines), lines
+  other = prepare.Spec(train=spec.train, tokenizer='bytes', validation_fraction=0.3)
+
+  def stopped(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(prepare, 'run_pipeline', stopped)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare(other, out)
+  assert not (out / prepare.MANIFEST).exists()
+  with pytest.raises(ConfigError, match=r'--output gs://b/p is a URL; .* mounts'):
+    prepare.prepare(spec, 'gs://b/p')
+  monkeypatch.undo()
+  manifest = prepare.prepare(spec, out)
+  del manifest['splits']['train']['shards'][0]['bytes']
+  (out / prepare.MANIFEST).write_text(json.dumps(manifest))
+  with pytest.raises(ConfigError, match=r'manifest.json is damaged'):
+    prepare.read_manifest(out)
 
 
 def test_lines_too_long_for_the_tokenizer_trainer_are_one_sentence():
@@ -563,3 +602,41 @@ def test_data_benchmark_smoke(tmp_path):
     line for line in done.stdout.splitlines() if line.startswith('| 1x') or line.startswith('| 2x')
   ]
   assert len(rows) == 2 and all(line.count(' s, ') == 4 for line in rows)
+
+
+def test_files_too_small_for_a_batch_or_a_held_out_window_are_one_sentence(tmp_path, monkeypatch):
+  """Own files from config.data.train and config.data.validation: too few training windows for
+  a batch, or a held-out split shorter than one window, each stop in one sentence naming the
+  keys to change; with enough text the same globs train."""
+  from workdirs import smoke_config
+
+  from fm import registry, train
+
+  monkeypatch.setenv('FM_DATA_DIR', str(tmp_path / 'cache'))
+  (tmp_path / 'train.jsonl').write_text(json.dumps({'text': 'x' * 300}) + '\n')
+  (tmp_path / 'held.jsonl').write_text(json.dumps({'text': 'short'}) + '\n')
+  data = dict(
+    dataset='files',
+    train=str(tmp_path / 'train.jsonl'),
+    validation=str(tmp_path / 'held.jsonl'),
+    seq_len=32,
+    tokenizer=dict(kind='bytes', vocab_size=0, model=''),
+  )
+  config = smoke_config(data=data, train=dict(global_batch=16))
+  objective = registry.get('objectives', config.objective)
+  with pytest.raises(
+    ConfigError,
+    match=r'has only 9 training windows of config.data.seq_len=32, fewer than config.train.'
+    r'global_batch=16; lower global_batch to at most 9, lower seq_len, or add text',
+  ):
+    train._text_data(config, objective, 0, 1)
+  config = smoke_config(data=data, train=dict(global_batch=8))
+  with pytest.raises(
+    ConfigError,
+    match=r'held-out split .* has 6 tokens, less than one window of config.data.seq_len=32; '
+    r'raise config.data.validation_fraction, give config.data.validation files',
+  ):
+    train._text_data(config, objective, 0, 1)
+  (tmp_path / 'held.jsonl').write_text(json.dumps({'text': 'y' * 100}) + '\n')
+  *_, batches, held_out = train._text_data(config, objective, 0, 1)
+  assert next(iter(batches))['tokens'].shape == (8, 32) and len(list(held_out(-1))) == 1

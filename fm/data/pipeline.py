@@ -49,6 +49,12 @@ def chain(*transforms: Transform | None) -> Transform | None:
 
 
 WINDOW_KEYS = ('tokens', 'segment_ids', 'positions', 'token_bytes')
+# How a prepared directory with a missing or damaged file is mended: prepare finds the items
+# whose shards are missing or of another size and rewrites them alone.
+REPAIR = (
+  'run the python -m fm.data.prepare command that made {directory} again (for a named source '
+  'or config.data.dataset=files, rerun the run): it rewrites what is missing.'
+)
 
 
 class Split:
@@ -65,9 +71,7 @@ class Split:
       size, wanted = (os.stat(path).st_size if os.path.exists(path) else None), shard['bytes']
       if size != wanted:
         state = 'missing' if size is None else f'{size} bytes, not {wanted}'
-        raise ConfigError(
-          f'{path} is {state}; prepare {directory} again (python -m fm.data.prepare).'
-        )
+        raise ConfigError(f'{path} is {state}; {REPAIR.format(directory=directory)}')
     self.first = np.cumsum([0] + [shard['documents'] for shard in info['shards']])
     self.offsets_path = directory / f'{split}.offsets.npy'
     self.num_tokens = info['tokens']
@@ -79,16 +83,24 @@ class Split:
 
   def _files(self):
     if self._open is None:
+      directory = self.offsets_path.parent
       try:
         source = grain.sources.ArrayRecordDataSource(self.paths)
       except Exception as e:  # The reader's errors are not public; it names the shard.
         raise ConfigError(
-          f'a shard of {self.offsets_path.parent} cannot be opened ({str(e).splitlines()[0]}); '
-          f'prepare the corpus again (python -m fm.data.prepare).'
+          f'a shard of {directory} cannot be opened ({str(e).splitlines()[0]}); delete that '
+          f'shard, then {REPAIR.format(directory=directory)}'
+        ) from None
+      try:
+        offsets = np.load(self.offsets_path, mmap_mode='r')
+        assert offsets.ndim == 1 and offsets.dtype.kind in 'iu'
+      except (OSError, ValueError, AssertionError):
+        raise ConfigError(
+          f'{self.offsets_path} is missing or damaged; {REPAIR.format(directory=directory)}'
         ) from None
       cache = collections.OrderedDict()
       # Grain's prefetch threads read windows at once: the cache is touched under the lock.
-      self._open = (source, np.load(self.offsets_path, mmap_mode='r'), cache, threading.Lock())
+      self._open = (source, offsets, cache, threading.Lock())
     return self._open
 
   def num_windows(self, seq_len: int) -> int:
@@ -109,8 +121,8 @@ class Split:
     except Exception as e:  # The reader's errors are not public; say which shard.
       path = self.paths[int(np.searchsorted(self.first, n, 'right')) - 1]
       raise ConfigError(
-        f'{path}: document {n} cannot be read ({type(e).__name__}); the shard is damaged, '
-        f'prepare its corpus again (python -m fm.data.prepare).'
+        f'{path}: document {n} cannot be read ({type(e).__name__}); the shard is damaged: '
+        f'delete it, then {REPAIR.format(directory=self.offsets_path.parent)}'
       ) from None
     with lock:
       cache[n] = document
@@ -155,6 +167,10 @@ class Mixture:
   def num_windows(self, seq_len: int) -> int:
     return sum(split.num_windows(seq_len) for split in self.splits)
 
+  @property
+  def num_tokens(self) -> int:
+    return sum(split.num_tokens for split in self.splits)
+
   def window(self, index: int, seq_len: int) -> dict[str, np.ndarray]:
     for split in self.splits:
       if index < split.num_windows(seq_len):
@@ -179,14 +195,23 @@ def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
   spec = spec_of(data_cfg)
   key = spec.key()
   if data_cfg.dataset == 'files':  # Its files' sizes and times, without reading them.
-    stats = [
-      (p, os.stat(p).st_size, os.stat(p).st_mtime_ns)
-      for p in prepare_lib.expand(spec.train + spec.validation, 'config.data.train')
-    ]
-    key = hashlib.sha256((key + json.dumps(stats)).encode()).hexdigest()
+    paths = prepare_lib.expand(spec.train, 'config.data.train')
+    paths += prepare_lib.expand(spec.validation, 'config.data.validation')
+    key = hashlib.sha256((key + json.dumps([_stat(p) for p in paths])).encode()).hexdigest()
   directory = sources.cache_dir() / 'prepared' / f'{data_cfg.dataset}-{key[:16]}'
   prepare_lib.prepare(spec, directory)
   return directory
+
+
+def _stat(path: str) -> tuple:
+  """A file's (path, size, modification time), local or on a filesystem etils.epath opens."""
+  if '://' in path:
+    from etils import epath
+
+    found = epath.Path(path).stat()
+    return path, found.length, found.mtime
+  found = os.stat(path)
+  return path, found.st_size, found.st_mtime_ns
 
 
 DATASETS = (*sources.SOURCES, 'files', 'prepared')

@@ -495,6 +495,12 @@ def prepare(
   """Prepares `spec` into `output` (see the module docstring); returns the manifest. A
   directory with a manifest of the same spec is returned as it is; one that a killed prepare
   left is finished (its finished items kept). `say` gets a line per step, with its time."""
+  if '://' in str(output):
+    raise ConfigError(
+      f'--output {output} is a URL; ArrayRecord shards are written and read as files: give a '
+      f'directory every worker and training host mounts (local, NFS, or a bucket mounted with '
+      f'gcsfuse, e.g. --output /mnt/bucket/prepared).'
+    )
   output, started = pathlib.Path(output), time.perf_counter()
   step = lambda what: say(f'[{time.perf_counter() - started:6.1f} s] {what}')
   given = spec.tokenizer_model and tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)
@@ -507,7 +513,20 @@ def prepare(
     and existing['spec'] == json.loads(json.dumps(dataclasses.asdict(spec)))
     and (not given or existing['tokenizer'] == given.identity)  # The model file unchanged.
   ):
-    return existing
+    damaged = _damaged_items(output, existing)
+    if damaged is None:
+      return existing
+    step(f'{len(damaged)} item(s) with a missing or damaged file are prepared again')
+    for index in damaged:
+      (output / f'item-{index:05d}.json').unlink(missing_ok=True)
+    kind = existing['tokenizer']['kind']  # Its tokenizer is kept, not trained again.
+    if not given and kind in tokenizer_lib.FILES and (output / tokenizer_lib.FILES[kind]).is_file():
+      kept = tokenizer_lib.from_identity(
+        existing['tokenizer'], (output / tokenizer_lib.FILES[kind]).read_bytes()
+      )
+      given = kept if kept.identity == existing['tokenizer'] else None
+  # Whatever the directory held is rewritten: no manifest may vouch for it meanwhile.
+  (output / MANIFEST).unlink(missing_ok=True)
   output.mkdir(parents=True, exist_ok=True)
   for stale in output.glob('.*.partial'):  # Left by a killed prepare (not by a running one).
     if not _running(int(stale.name.rsplit('.', 2)[1])):
@@ -532,6 +551,21 @@ def prepare(
   return manifest
 
 
+def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:
+  """The items of a prepared directory whose shard or token counts are missing or not of the
+  size the manifest records ([] when only a split's offsets are), None when all are whole.
+  File sizes alone: no shard is read."""
+  damaged, whole = set(), True
+  for split, info in manifest['splits'].items():
+    whole &= (output / f'{split}.offsets.npy').is_file()
+    for shard in info['shards']:
+      path = output / shard['file']
+      size = path.stat().st_size if path.is_file() else None
+      if size != shard['bytes'] or not path.with_suffix('.lengths.npy').is_file():
+        damaged.add(int(path.stem.rsplit('-', 1)[1]))
+  return sorted(damaged) if damaged or not whole else None
+
+
 def _write_manifest(output: pathlib.Path, spec: Spec, tok, items: list[Item], files) -> dict:
   """Step 4: per split, the offsets of its documents' tokens; then the manifest."""
   records = []
@@ -553,7 +587,11 @@ def _write_manifest(output: pathlib.Path, spec: Spec, tok, items: list[Item], fi
     if not shards:
       raise ConfigError(
         f'the inputs give no {split} documents; add files'
-        + (' or raise --validation_fraction.' if split == 'validation' else '.')
+        + (
+          ' or raise --validation_fraction (config.data.validation_fraction in a run).'
+          if split == 'validation'
+          else '.'
+        )
       )
     lengths = np.concatenate(
       [np.load((output / s['file']).with_suffix('.lengths.npy')) for s in shards]
@@ -593,6 +631,10 @@ def read_manifest(directory: str | pathlib.Path, must_exist: bool = True) -> dic
   try:
     manifest = json.loads(path.read_text())
     assert manifest['version'] == VERSION and set(manifest['splits']) == set(SPLITS)
+    assert {'spec', 'tokenizer', 'inputs'} <= set(manifest)
+    for info in manifest['splits'].values():
+      assert isinstance(info['tokens'], int) and info['shards']
+      assert all({'file', 'documents', 'tokens', 'bytes'} <= set(s) for s in info['shards'])
   except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
     raise ConfigError(
       f'{path} is damaged; prepare {directory} again (python -m fm.data.prepare).'

@@ -259,10 +259,15 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
       if given
       else wanted.kind == 'sentencepiece' and identity['vocab_size'] != wanted.vocab_size
     ):
+      named = (
+        f'config.data.mixture: {directory}'
+        if data_cfg.mixture
+        else (f'config.data.path={str(directory)!r}')
+      )
       raise ConfigError(
-        f'config.data.path={str(directory)!r} was prepared with tokenizer {identity}, the run '
-        f'asks for config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match '
-        f'or prepare the corpus again with that tokenizer.'
+        f'{named} was prepared with tokenizer {identity}, the run asks for '
+        f'config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match or '
+        f'prepare the corpus again with that tokenizer.'
       )
   proto = b''
   if identity['kind'] in tokenizer_lib.FILES:

@@ -123,9 +123,10 @@ def _decode(data: bytes, path: str, offset: int, errors: str) -> str:
   try:
     return data.decode('utf-8', errors=errors)
   except UnicodeDecodeError as e:
+    where = ' of its decompressed text' if path.endswith('.gz') else ''
     raise ConfigError(
-      f'{path}: bytes at offset {offset + e.start} are not UTF-8; fix the file or prepare with '
-      f'--encoding_errors=replace (config.data.encoding_errors=replace) to replace them.'
+      f'{path}: bytes at offset {offset + e.start}{where} are not UTF-8; fix the file or prepare '
+      f'with --encoding_errors=replace (config.data.encoding_errors=replace) to replace them.'
     ) from None
 
 
@@ -145,6 +146,8 @@ def documents(part: 'Part', spec: Spec) -> Iterator[str]:
 
     with _open(path) as f:
       table = pq.ParquetFile(f)
+      if not table.metadata.num_rows:
+        raise ConfigError(f'{path} has no rows; remove it or give it text.')
       if spec.text_field not in table.schema_arrow.names:
         raise ConfigError(
           f'{path} has no column {spec.text_field!r} (columns: '

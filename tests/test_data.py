@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 
 import numpy as np
@@ -105,14 +106,19 @@ def test_tokenizer_kinds():
 # Prepare
 # =============================================================================================
 def test_prepare_is_deterministic_with_any_number_of_workers(tmp_path, monkeypatch):
-  """The same inputs give byte-identical shards, offsets and manifest, with 1 or 2 workers;
-  work items are byte ranges of the files, and each split holds every document once, in input
+  """The same inputs give byte-identical shards, offsets and manifest, with 1 or 2 workers
+  (leaving no temporary directory behind); work items are byte ranges of the files, and each split holds every document once, in input
   order."""
   monkeypatch.setattr(prepare, 'CHUNK_BYTES', 50_000)
+  system_tmp = tmp_path / 'tmp'  # Beam's temporary directories go elsewhere, and go.
+  system_tmp.mkdir()
+  monkeypatch.setenv('TMPDIR', str(system_tmp))
+  monkeypatch.setattr(tempfile, 'tempdir', str(system_tmp))
   spec = byte_spec(write_corpus(tmp_path / 'in', files=3, docs=2500))
   one = prepare.prepare(spec, tmp_path / 'one', workers=1)
   two = prepare.prepare(spec, tmp_path / 'two', workers=2)
   assert one == two and shards(tmp_path / 'one') == shards(tmp_path / 'two')
+  assert not list(system_tmp.iterdir()) and not list(tmp_path.glob('*/.beam-tmp'))
   counts = {s: one['splits'][s]['documents'] for s in prepare.SPLITS}
   assert sum(counts.values()) == 7500 and 0.15 < counts['validation'] / 7500 < 0.25
   files = sorted((tmp_path / 'in').iterdir())

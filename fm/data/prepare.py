@@ -42,7 +42,9 @@ import json
 import os
 import pathlib
 import random
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -443,7 +445,11 @@ def run_pipeline(
     ).direct_running_mode = 'multi_processing'
   log = pathlib.Path(output) / '.workers.log'
   try:
-    with _stderr_to(log if workers > 1 else None), beam.Pipeline(options=options) as p:
+    with (
+      _stderr_to(log if workers > 1 else None),
+      _temporary_files_in(pathlib.Path(output) / '.beam-tmp'),
+      beam.Pipeline(options=options) as p,
+    ):
       _ = (
         p
         | 'Items' >> beam.Create(list(enumerate(items)))
@@ -468,6 +474,24 @@ def run_pipeline(
       e.add_note(f"The workers' log: {log}")
     raise
   log.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _temporary_files_in(directory: pathlib.Path):
+  """The temporary files of this process and the ones it starts (TMPDIR) in `directory`,
+  removed afterwards: Beam leaves empty directories behind in the system's on every run."""
+  directory.mkdir(exist_ok=True)
+  saved = os.environ.get('TMPDIR'), tempfile.tempdir
+  os.environ['TMPDIR'] = tempfile.tempdir = str(directory)
+  try:
+    yield
+  finally:
+    if saved[0] is None:
+      os.environ.pop('TMPDIR', None)
+    else:
+      os.environ['TMPDIR'] = saved[0]
+    tempfile.tempdir = saved[1]
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager

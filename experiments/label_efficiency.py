@@ -21,8 +21,8 @@ WORKDIR/label_efficiency.{md,json,png}, the table (with each run's minutes of tr
 and JSON after every run; rerunning the command skips finished runs (their final checkpoints are
 only re-evaluated). --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
 earlier checkpoints (the sentiment study's own pretraining keeps steps 90, 180, 270 and 360) and
-writes WORKDIR/trend.{md,json}: accuracy against pretraining tokens, beside random init and the
-final backbone from the study's own runs, with the log-linear trend of the gain.
+writes WORKDIR/trend.{md,json,png}: accuracy against pretraining tokens, beside random init and
+the final backbone from the study's own runs, with the log-linear trend of the gain.
 """
 
 import argparse
@@ -259,13 +259,13 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   return results, int(final.name) * per_step
 
 
-def trend_table(
-  study: Study, fraction: float, runs_: list[dict], final_tokens: int, main: list[dict]
-) -> str:
-  """Accuracy at `fraction` of the labels against pretraining tokens (random init: 0; the
-  study's own pretrained rows from `main` where finished) and the log-linear trend of the gain
-  over random init."""
-  points = {}  # tokens -> (label, accuracies)
+def trend_points(
+  fraction: float, runs_: list[dict], final_tokens: int, main: list[dict]
+) -> dict[int, tuple[str, list[float]]]:
+  """Pretraining tokens -> (backbone, test accuracies in %) at `fraction` of the labels: the
+  trend's runs, random init at 0 tokens and the final backbone from the study's own rows in
+  `main` (where finished)."""
+  points = {}
   for r in main:
     if r['fraction'] == fraction and r['model'] in ('random', 'pretrained'):
       tokens = 0 if r['model'] == 'random' else final_tokens
@@ -273,6 +273,16 @@ def trend_table(
   for r in runs_:
     if r['fraction'] == fraction:
       points.setdefault(r['pretraining_tokens'], (r['model'], []))[1].append(100 * r['accuracy'])
+  return points
+
+
+def trend_table(
+  study: Study, fraction: float, runs_: list[dict], final_tokens: int, main: list[dict]
+) -> str:
+  """Accuracy at `fraction` of the labels against pretraining tokens (random init: 0; the
+  study's own pretrained rows from `main` where finished) and the log-linear trend of the gain
+  over random init."""
+  points = trend_points(fraction, runs_, final_tokens, main)
   lines = [
     f'{study.title}: test accuracy (%) at {fraction:.0%} of the labels against pretraining tokens\n',
     '| backbone | pretraining tokens | accuracy | gain over random init |',
@@ -400,6 +410,43 @@ def plot(study: Study, results: list[dict], path: pathlib.Path) -> None:
   fig.savefig(path, dpi=120)
 
 
+def plot_trend(
+  study: Study, fractions, runs_: list[dict], final_tokens: int, main: list[dict], path
+) -> None:
+  """Test accuracy against pretraining tokens, one line per label budget (mean and spread of
+  the seeds), random init at that budget dashed in the same colour."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for fraction in fractions:
+    points = trend_points(fraction, runs_, final_tokens, main)
+    tokens = sorted(t for t in points if t)
+    accs = [points[t][1] for t in tokens]
+    line = ax.errorbar(
+      tokens,
+      [statistics.mean(a) for a in accs],
+      yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in accs],
+      marker='o',
+      capsize=3,
+      label=f'pretrained, {fraction:.0%} of the labels',
+    )
+    if 0 in points:
+      colour = line.lines[0].get_color()
+      ax.axhline(statistics.mean(points[0][1]), color=colour, ls='--', alpha=0.7)
+  ax.plot([], [], 'k--', alpha=0.7, label='random init (same colour: same budget)')
+  ax.set_xscale('log')
+  ax.set_xlabel('pretraining tokens')
+  ax.set_ylabel('test accuracy (%)')
+  ax.set_title(f'{study.title}: accuracy against pretraining', fontsize=10)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def report_trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str) -> int:
   done = trend(workdir, study, smoke, pretrained)
   if done is None:
@@ -411,6 +458,7 @@ def report_trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: s
   fractions = sorted({r['fraction'] for r in runs_})
   markdown = '\n\n'.join(trend_table(study, f, runs_, final_tokens, finished) for f in fractions)
   (workdir / 'trend.md').write_text(markdown + '\n')
+  plot_trend(study, fractions, runs_, final_tokens, finished, workdir / 'trend.png')
   print(markdown)
   return 0
 
@@ -425,7 +473,7 @@ def main() -> int:
     '--trend',
     action='store_true',
     help="accuracy against pretraining tokens: fine-tune from the pretraining run's earlier "
-    'checkpoints (writes trend.md and trend.json)',
+    'checkpoints (writes trend.md, trend.json and trend.png)',
   )
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).expanduser()

@@ -488,6 +488,7 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
     ['| pretrained@10', f'{tokens:,}'],
     ['| pretrained', f'{2 * tokens:,}'],
   ], trend
+  assert (tmp_path / 'trend.png').stat().st_size > 1000
 
 
 # In the slow set (4 fine-tuning runs, ~25 s); the bad-value sentence is in the default set.

@@ -451,7 +451,8 @@ def test_label_efficiency_seed_draws_labels_init_and_order():
   ],
 )
 def test_label_efficiency_script_smoke(study, models, tmp_path):
-  """The README's smoke commands of the label-efficiency studies write their tables and plots."""
+  """The README's smoke commands of the label-efficiency studies write their tables and plots;
+  rerun, the sentiment study trains nothing again and gives the same rows."""
   root = pathlib.Path(__file__).resolve().parents[1]
   study_command = lambda *args: subprocess.run(
     [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path), *args],
@@ -475,6 +476,10 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000
   if study != 'sentiment':
     return
+  # Rerun: the finished runs are re-evaluated, not trained again (their minutes would grow).
+  again = study_command('--study', study, '--smoke')
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads((tmp_path / 'label_efficiency.json').read_text()) == rows
   # --trend: fine-tuned from the pretraining run's earlier checkpoint (step 10 of 20).
   result = study_command('--smoke', '--trend')
   assert result.returncode == 0, result.stderr[-3000:]

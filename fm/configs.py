@@ -146,7 +146,7 @@ FINETUNING = dict(
   ),
   finetune=dict(
     init='pretrained',  # 'pretrained' (warm start) or 'random' (same architecture, fresh).
-    mode='full',  # One of the task's MODES: full, linear_probe, lora, zero_shot, few_shot.
+    mode='full',  # One of the task's MODES: full, linear_probe, lora, prompt, zero/few_shot.
     head_lr=0.0,  # The learning rate of a task head (0: optim.lr).
     lora_rank=8,  # Adapters' rank, for mode lora.
     lora_alpha=16.0,  # Adapters' scale: alpha / rank.

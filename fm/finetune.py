@@ -6,7 +6,8 @@ the task's kind (fm/tasks/_<kind>.py), which encodes the examples, puts the head
 and scores it. Modes (`config.finetune.mode`): `full`; `linear_probe` (the backbone frozen: no
 gradients, no optimizer state); `lora` (adapters of `lora_rank` / `lora_alpha` on
 `lora_targets`, plus the head); for classification on a decoder also `zero_shot` / `few_shot`
-(no training: the label whose word the LM finds most likely after the task's prompt).
+(no training: the label whose word the LM finds most likely after the task's prompt) and
+`prompt` (the whole LM fine-tuned on those label-word choices, no new head).
 
   python -m fm.finetune merge WORKDIR    # folds LoRA adapters into the weights: WORKDIR/merged
 """
@@ -151,7 +152,10 @@ def train_and_evaluate(
     flops_per_row = family.flops_per_row(model_cfg, row_len, 0)
   else:  # A seq2seq row: its source and target.
     flops_per_row = family.flops_per_row(model_cfg, config.data.source_len, config.data.target_len)
-  flops_per_step = flops_per_row * global_batch * {'full': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3)
+  # Rows per example: one, or one per label when the LM scores each label's word (prompting).
+  per_example = int(np.prod(rows['train'].get('tokens', np.zeros((1, 1))).shape[1:-1]))
+  flops_per_step = flops_per_row * global_batch * per_example
+  flops_per_step *= {'full': 1.0, 'prompt': 1.0, 'lora': 2 / 3}.get(mode, 1 / 3)
   meta = train.record(
     workdir,
     config,
@@ -183,7 +187,7 @@ def train_and_evaluate(
         task, config, tokenizer, family, model_cfg, named['test'], mesh, rules, workdir
       ),
     )
-    tokens = global_batch * row_len
+    tokens = global_batch * row_len * per_example
     job = train.Job(config, workdir, mesh, rules, meta, steps, tokens, flops_per_step)
     return train.loop(job, program, iter(batches), evals, backbone.ckpt)
 
@@ -209,13 +213,13 @@ def subset(examples: list, fraction: float, seed: int) -> list:
 
 
 def trainable_mask(params, mode: str):
-  """True for the params a mode trains: all (full), the head (linear_probe), head and adapters
-  (lora), none ('none': a mode that does not train)."""
+  """True for the params a mode trains: all (full, prompt), the head (linear_probe), head and
+  adapters (lora), none ('none': a mode that does not train)."""
 
   def trains(path, _):
     name = checkpoint.key_name(path)
     return mode != 'none' and (
-      mode == 'full'
+      mode in ('full', 'prompt')
       or 'head' in name.split('/')
       or (mode == 'lora' and name.endswith(layers.LORA_SUFFIXES))
     )

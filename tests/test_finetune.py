@@ -237,7 +237,7 @@ def test_lora_run_on_a_pretrained_backbone_merges(tmp_path):
 BAD = [
   (
     dict(finetune=dict(mode='adapter')),
-    r"config.finetune.mode='adapter' is unknown for a classification task; choose one of: full, linear_probe, lora, zero_shot, few_shot",
+    r"config.finetune.mode='adapter' is unknown for a classification task; choose one of: full, linear_probe, lora, prompt, zero_shot, few_shot",
   ),
   (dict(task='poetry'), r"config.task='poetry' is unknown; choose one of: " + ', '.join(TASKS)),
   (
@@ -410,6 +410,39 @@ def test_prompt_rows_score_only_the_label_words():
     assert text == 'Q ok A no\n\nQ hi A' + word
     assert ''.join(map(chr, tokens[weights > 0])) == word
   assert rows['label'].tolist() == [1]
+
+
+def test_prompt_mode_trains_the_whole_lm_on_its_label_word_choice():
+  """Mode prompt: no new head (the LM's own scores the label words), every param trains, and the
+  loss, the cross-entropy of the true label's word among the label words after the prompt,
+  sends a gradient to each of them; its training rows are the prompt rows."""
+
+  class Tok:
+    bos_id = 1
+
+    def encode(self, text):
+      return [4 + ord(ch) % 200 for ch in text]
+
+  class Task:
+    PROMPT, LABEL_WORDS, LABELS = 'Q {text} A', (' no', ' yes'), ('no', 'yes')
+
+  config = configs.resolve(load_experiment('transfer_sentiment').get_config('smoke'))
+  config.finetune.mode = 'prompt'
+  assert (
+    _classification.trains(config)
+    and _classification.model_fields(Task, config, decoder)['num_classes'] == 0
+  )
+  named = {k: [('good film', 1), ('dull', 0)] for k in ('train', 'validation', 'test')}
+  rows = _classification.encode_splits(Task, named, Tok(), config, decoder)
+  assert rows['train']['tokens'].shape == (2, 2, config.data.seq_len)
+  cfg = tiny(decoder)
+  model = decoder.Model(cfg)
+  params = model.init(jax.random.key(0), jnp.ones((1, 8), jnp.int32))
+  assert all(jax.tree.leaves(finetune.trainable_mask(params, 'prompt')))
+  loss_fn = _classification.make_scoring_fn(2)
+  batch = {k: jnp.asarray(v) for k, v in rows['train'].items()}
+  grads = jax.grad(lambda p: loss_fn(model.apply, p, batch, None)[0])(params)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.parametrize('layout', _seq2seq.LAYOUTS)

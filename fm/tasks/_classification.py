@@ -20,8 +20,12 @@ from fm import ConfigError
 from fm.models import layers
 from fm.tasks import Task
 
-MODES = ('full', 'linear_probe', 'lora', 'zero_shot', 'few_shot')
+MODES = ('full', 'linear_probe', 'lora', 'prompt', 'zero_shot', 'few_shot')
 PROMPT_MODES = ('zero_shot', 'few_shot')  # No training: a causal LM scores the label words.
+# The modes that classify by the LM's label-word scores after the prompt: those two, and
+# `prompt`, which fine-tunes the whole LM on those scores (prompt-based fine-tuning, Schick and
+# Schütze 2021, Gao et al. 2021: the LM head is the classifier, nothing new is initialised).
+SCORED_MODES = (*PROMPT_MODES, 'prompt')
 
 
 class TaskContract(Task, Protocol):
@@ -29,8 +33,9 @@ class TaskContract(Task, Protocol):
 
   # The class names; examples carry an index into them.
   LABELS: tuple[str, ...]
-  # Zero- and few-shot: the prompt around an example's text ('...{text}...') and the word the
-  # LM should continue it with, per label (' good', ' bad'). Optional: None turns those modes off.
+  # Zero- and few-shot and prompt: the prompt around an example's text ('...{text}...') and the
+  # word the LM should continue it with, per label (' good', ' bad'). Optional: None turns those
+  # modes off.
   PROMPT: str | None
   LABEL_WORDS: tuple[str, ...] | None
 
@@ -59,11 +64,11 @@ def validate(task, config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f'config.finetune.pool={pool!r} is unknown; choose one of: {", ".join(layers.POOLS)}.'
     )
-  if mode in PROMPT_MODES and (task.PROMPT is None or task.LABEL_WORDS is None):
+  if mode in SCORED_MODES and (task.PROMPT is None or task.LABEL_WORDS is None):
     raise ConfigError(
       f'config.finetune.mode={mode!r} needs the task to define PROMPT and LABEL_WORDS, which '
       f'{task.__name__} does not; add them (see fm/tasks/sentiment.py) or use one of: '
-      f'{", ".join(m for m in task.MODES if m not in PROMPT_MODES)}.'
+      f'{", ".join(m for m in task.MODES if m not in SCORED_MODES)}.'
     )
 
 
@@ -84,7 +89,7 @@ def check_backbone(task, config: ml_collections.ConfigDict, family_name: str, fa
       f'{family_name!r} model, which reads {family.MODALITY}s; use a text backbone.'
     )
   mode = config.finetune.mode
-  if mode in PROMPT_MODES and family.SEQ2SEQ != 'prefix_lm':  # A decoder-only causal LM.
+  if mode in SCORED_MODES and family.SEQ2SEQ != 'prefix_lm':  # A decoder-only causal LM.
     raise ConfigError(
       f'config.finetune.mode={mode!r} scores label words with a causal LM, but the backbone is '
       f'an {family_name!r} model; use a decoder backbone or one of: full, linear_probe, lora.'
@@ -97,9 +102,10 @@ def trains(config: ml_collections.ConfigDict) -> bool:
 
 
 def model_fields(task, config: ml_collections.ConfigDict, family) -> dict[str, Any]:
-  """The head on top of the backbone: a classifier on pooled states (none when prompting)."""
+  """The head on top of the backbone: a classifier on pooled states (none when prompting: the
+  LM's own head scores the label words)."""
   return {
-    'num_classes': 0 if config.finetune.mode in PROMPT_MODES else len(task.LABELS),
+    'num_classes': 0 if config.finetune.mode in SCORED_MODES else len(task.LABELS),
     'pool': config.finetune.pool or family.POOL,
   }
 
@@ -107,12 +113,14 @@ def model_fields(task, config: ml_collections.ConfigDict, family) -> dict[str, A
 def encode_splits(
   task, named: dict[str, list], tokenizer, config: ml_collections.ConfigDict, family
 ) -> dict[str, dict[str, np.ndarray]]:
-  """Rows of every split; for prompting, one row per label of each example (training split:
-  never read)."""
+  """Rows of every split; for prompting, one row per label of each example (the training
+  split's only with mode prompt: zero- and few-shot never read it)."""
   del family  # Every family reads the same rows.
   seq_len = config.data.seq_len
-  if config.finetune.mode not in PROMPT_MODES:
+  if config.finetune.mode not in SCORED_MODES:
     return {k: encode(v, tokenizer, seq_len) for k, v in named.items()}
+  if config.finetune.mode == 'prompt':
+    return {k: encode_prompts(v, [], task, tokenizer, seq_len) for k, v in named.items()}
   shots = config.finetune.shots if config.finetune.mode == 'few_shot' else 0
   order = np.random.default_rng(config.seed).permutation(len(named['train']))
   demos = [named['train'][i] for i in order[:shots]]
@@ -124,7 +132,7 @@ def encode_splits(
 
 def make_loss(task, config: ml_collections.ConfigDict, family, model_cfg) -> Callable:
   """The loss of a batch of rows: the classifier's cross-entropy, or the label words' scores."""
-  if config.finetune.mode in PROMPT_MODES:
+  if config.finetune.mode in SCORED_MODES:
     return make_scoring_fn(len(task.LABELS))
   return make_loss_fn(len(task.LABELS), lambda *text: family.inputs(model_cfg, *text))
 
@@ -198,7 +206,8 @@ def summarize(sums: dict) -> dict[str, float]:
 
 
 # =============================================================================================
-# Zero- and few-shot: no training; a causal LM picks the label word it finds most likely.
+# Prompting: a causal LM picks the label word it finds most likely (zero- and few-shot: no
+# training; prompt: trained on the cross-entropy of those choices).
 # =============================================================================================
 def encode_prompts(examples, shots, task, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
   """Rows (N, C, L): for each example and each label c, BOS + the `shots` demonstrations (prompt,

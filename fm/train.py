@@ -567,11 +567,15 @@ def _text_data(config, objective, pidx: int, pcount: int):
       + 'lower seq_len, or add text.'
     )
   if not data.validation.num_windows(seq_len):
+    more = {
+      'files': 'raise config.data.validation_fraction, give config.data.validation files, or ',
+      'prepared': 'prepare the corpus with more held out (--validation_fraction or '
+      '--validation), or ',
+    }.get(config.data.dataset, '')
     raise ConfigError(
       f'the held-out split of config.data.dataset={config.data.dataset!r} has '
       f'{data.validation.num_tokens} tokens, less than one window of config.data.seq_len='
-      f'{seq_len}; raise config.data.validation_fraction, give config.data.validation files, '
-      f'or lower seq_len.'
+      f'{seq_len}; {more}lower seq_len.'
     )
   transform = objective.host_transform and objective.host_transform(
     data.tokenizer.vocab_size, config.objective_args

@@ -118,7 +118,7 @@ def test_prepare_is_deterministic_with_any_number_of_workers(tmp_path, monkeypat
   one = prepare.prepare(spec, tmp_path / 'one', workers=1)
   two = prepare.prepare(spec, tmp_path / 'two', workers=2)
   assert one == two and shards(tmp_path / 'one') == shards(tmp_path / 'two')
-  assert not list(system_tmp.iterdir()) and not list(tmp_path.glob('*/.beam-tmp'))
+  assert not list(system_tmp.iterdir()) and not list(tmp_path.glob('*/.beam-tmp*'))
   counts = {s: one['splits'][s]['documents'] for s in prepare.SPLITS}
   assert sum(counts.values()) == 7500 and 0.15 < counts['validation'] / 7500 < 0.25
   files = sorted((tmp_path / 'in').iterdir())
@@ -511,23 +511,40 @@ def test_a_missing_or_damaged_shard_is_named(varied):
 
 def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):
   """The fix the messages above give works: prepare run again on a directory whose shard is
-  gone or cut short, or whose offsets are gone, rewrites that item alone (the others' files
-  untouched) and gives what it gave before. A directory prepared again for another spec loses
-  its manifest first, so a stop midway leaves nothing that looks complete. A URL output and a
-  manifest without its fields are one sentence each."""
+  gone or cut short, whose token counts or offsets are cut short, or whose tokenizer file is
+  gone, rewrites those items alone (the others' files untouched) and gives what it gave
+  before; with its inputs moved away it says so and changes nothing. A directory prepared
+  again for another spec loses its manifest first, so a stop midway leaves nothing that looks
+  complete. A URL output and a manifest without its fields are one sentence each."""
   spec = byte_spec(write_corpus(tmp_path / 'in', files=3, docs=40))
   out = tmp_path / 'out'
   prepare.prepare(spec, out)
   before = shards(out)
   kept = out / prepare.shard_name('train', 0)
   stamp = kept.stat().st_mtime_ns
-  (out / prepare.shard_name('train', 1)).write_bytes(before[prepare.shard_name('train', 1)][:-7])
+  cut = lambda path, n: path.write_bytes(path.read_bytes()[:-n])
+  cut(out / prepare.shard_name('train', 1), 7)
   (out / prepare.shard_name('validation', 2)).unlink()
-  (out / 'train.offsets.npy').unlink()
+  cut((out / prepare.shard_name('train', 2)).with_suffix('.lengths.npy'), 4)
+  cut(out / 'train.offsets.npy', 8)
+  (tmp_path / 'in').rename(tmp_path / 'moved')
+  with pytest.raises(ConfigError, match='matches no file'):
+    prepare.prepare(spec, out)
+  assert (out / prepare.MANIFEST).exists()
+  (tmp_path / 'moved').rename(tmp_path / 'in')
   lines = []
   prepare.prepare(spec, out, say=lines.append)
   assert shards(out) == before and kept.stat().st_mtime_ns == stamp
   assert any('2 item(s) with a missing or damaged file' in line for line in lines), lines
+  trained = tmp_path / 'trained'  # A SentencePiece model's file gone: trained again, the same.
+  sp_spec = prepare.Spec(train=spec.train, vocab_size=300, validation_fraction=0.2)
+  prepare.prepare(sp_spec, trained)
+  model = (trained / 'tokenizer.model').read_bytes()
+  (trained / 'tokenizer.model').unlink()
+  with pytest.raises(ConfigError, match=r'tokenizer.model is missing; run the python -m'):
+    pipeline.open_prepared(trained)
+  prepare.prepare(sp_spec, trained)
+  assert (trained / 'tokenizer.model').read_bytes() == model
   other = prepare.Spec(train=spec.train, tokenizer='bytes', validation_fraction=0.3)
 
   def stopped(*args):

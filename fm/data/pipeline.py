@@ -94,7 +94,7 @@ class Split:
       try:
         offsets = np.load(self.offsets_path, mmap_mode='r')
         assert offsets.ndim == 1 and offsets.dtype.kind in 'iu'
-      except (OSError, ValueError, AssertionError):
+      except (OSError, ValueError, EOFError, AssertionError):
         raise ConfigError(
           f'{self.offsets_path} is missing or damaged; {REPAIR.format(directory=directory)}'
         ) from None
@@ -273,10 +273,10 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
   if identity['kind'] in tokenizer_lib.FILES:
     path = directory / tokenizer_lib.FILES[identity['kind']]
     if not path.exists():
-      raise ConfigError(f'{path} is missing; prepare {directory} again.')
+      raise ConfigError(f'{path} is missing; {REPAIR.format(directory=directory)}')
     proto = path.read_bytes()
     if hashlib.sha256(proto).hexdigest() != identity['sha256']:
-      raise ConfigError(f'{path} does not match its manifest; prepare {directory} again.')
+      raise ConfigError(f'{path} does not match its manifest; {REPAIR.format(directory=directory)}')
   return manifest, tokenizer_lib.from_identity(identity, proto)
 
 

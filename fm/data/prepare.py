@@ -447,7 +447,7 @@ def run_pipeline(
   try:
     with (
       _stderr_to(log if workers > 1 else None),
-      _temporary_files_in(pathlib.Path(output) / '.beam-tmp'),
+      _temporary_files_in(pathlib.Path(tempfile.mkdtemp(prefix='.beam-tmp-', dir=output))),
       beam.Pipeline(options=options) as p,
     ):
       _ = (
@@ -480,7 +480,6 @@ def run_pipeline(
 def _temporary_files_in(directory: pathlib.Path):
   """The temporary files of this process and the ones it starts (TMPDIR) in `directory`,
   removed afterwards: Beam leaves empty directories behind in the system's on every run."""
-  directory.mkdir(exist_ok=True)
   saved = os.environ.get('TMPDIR'), tempfile.tempdir
   os.environ['TMPDIR'] = tempfile.tempdir = str(directory)
   try:
@@ -543,6 +542,7 @@ def prepare(
     damaged = _damaged_items(output, existing)
     if damaged is None:
       return existing
+    items, files = work_items(spec)  # The inputs are still there: checked before any change.
     step(f'{len(damaged)} item(s) with a missing or damaged file are prepared again')
     for index in damaged:
       (output / f'item-{index:05d}.json').unlink(missing_ok=True)
@@ -552,6 +552,8 @@ def prepare(
         existing['tokenizer'], (output / tokenizer_lib.FILES[kind]).read_bytes()
       )
       given = kept if kept.identity == existing['tokenizer'] else None
+  else:
+    items, files = work_items(spec)
   # Whatever the directory held is rewritten: no manifest may vouch for it meanwhile.
   (output / MANIFEST).unlink(missing_ok=True)
   output.mkdir(parents=True, exist_ok=True)
@@ -560,7 +562,6 @@ def prepare(
       stale.unlink(missing_ok=True)
   for stale in output.glob('error-*.txt'):
     stale.unlink()
-  items, files = work_items(spec)
   step(f'{len(items)} work items of {sum(i.bytes for i in items):,} bytes in all')
   tok = given
   if not tok:
@@ -579,17 +580,29 @@ def prepare(
 
 
 def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:
-  """The items of a prepared directory whose shard or token counts are missing or not of the
-  size the manifest records ([] when only a split's offsets are), None when all are whole.
-  File sizes alone: no shard is read."""
+  """The items of a prepared directory whose shard is missing or not of the size the manifest
+  records, or whose token counts are missing or not one per document; [] when only a split's
+  offsets or the tokenizer's file are; None when all are whole. Sizes, array headers and the
+  tokenizer's digest: no shard is read."""
+
+  def entries(path: pathlib.Path) -> int | None:
+    try:
+      return np.load(path, mmap_mode='r').shape[0]
+    except (OSError, ValueError, EOFError, IndexError):
+      return None
+
   damaged, whole = set(), True
   for split, info in manifest['splits'].items():
-    whole &= (output / f'{split}.offsets.npy').is_file()
+    whole &= entries(output / f'{split}.offsets.npy') == info['documents'] + 1
     for shard in info['shards']:
       path = output / shard['file']
       size = path.stat().st_size if path.is_file() else None
-      if size != shard['bytes'] or not path.with_suffix('.lengths.npy').is_file():
+      if size != shard['bytes'] or entries(path.with_suffix('.lengths.npy')) != shard['documents']:
         damaged.add(int(path.stem.rsplit('-', 1)[1]))
+  identity = manifest['tokenizer']
+  if identity['kind'] in tokenizer_lib.FILES:
+    path = output / tokenizer_lib.FILES[identity['kind']]
+    whole &= path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == identity['sha256']
   return sorted(damaged) if damaged or not whole else None
 
 

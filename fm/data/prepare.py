@@ -542,7 +542,10 @@ def prepare(
     damaged = _damaged_items(output, existing)
     if damaged is None:
       return existing
-    items, files = work_items(spec)  # The inputs are still there: checked before any change.
+  else:
+    damaged = None
+  items, files = work_items(spec)  # The inputs are there: checked before anything changes.
+  if damaged is not None:
     step(f'{len(damaged)} item(s) with a missing or damaged file are prepared again')
     for index in damaged:
       (output / f'item-{index:05d}.json').unlink(missing_ok=True)
@@ -552,8 +555,6 @@ def prepare(
         existing['tokenizer'], (output / tokenizer_lib.FILES[kind]).read_bytes()
       )
       given = kept if kept.identity == existing['tokenizer'] else None
-  else:
-    items, files = work_items(spec)
   # Whatever the directory held is rewritten: no manifest may vouch for it meanwhile.
   (output / MANIFEST).unlink(missing_ok=True)
   output.mkdir(parents=True, exist_ok=True)

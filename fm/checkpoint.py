@@ -175,10 +175,15 @@ class Preemption:
   """SIGTERM/SIGINT ask the loop to save at the next step boundary and exit cleanly.
 
   With several processes, JAX's preemption sync point makes every host stop at the same step.
+  A notice that comes after the loop's last step (during the final evaluation) is not lost: the
+  next loop in this process (a study's next run) starts with it and stops before training.
   """
 
+  unanswered: str | None = None  # Such a notice's signal name, for the next loop.
+
   def __init__(self):
-    self.requested, self.signal = False, 'preemption notice'
+    self.requested = Preemption.unanswered is not None
+    self.signal, Preemption.unanswered = Preemption.unanswered or 'preemption notice', None
     self.previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
       self.previous[sig] = signal.signal(sig, self._handle)
@@ -196,9 +201,15 @@ class Preemption:
         return self.requested
     return self.requested
 
+  def answered(self) -> None:
+    """The loop saved and stopped for the notice."""
+    self.requested = False
+
   def restore_handlers(self) -> None:
     for sig, handler in self.previous.items():
       signal.signal(sig, handler)
+    if self.requested:
+      Preemption.unanswered = self.signal
 
 
 # ---------------------------------------------------------------------------------------------

@@ -837,6 +837,11 @@ def loop(
     return state
 
   try:
+    if preemption.requested:  # A notice that came after an earlier run's last step.
+      metrics_lib.log(
+        f'preempted ({preemption.signal}) before training; rerun the same command to resume.'
+      )
+      return {}
     state, step = _start(
       program, ckpt, batches, init_rng, warm_start or config.init.from_checkpoint
     )
@@ -899,6 +904,7 @@ def loop(
         writer.write(step, {'checkpoint/blocking_sec': time.perf_counter() - started})
       if preempted:
         ckpt.wait()
+        preemption.answered()
         if step < steps:  # Unfinished: callers (study scripts) stop and rerun later.
           eval_metrics = {}
         metrics_lib.log(

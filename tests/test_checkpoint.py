@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -352,3 +353,18 @@ def test_device_prefetch_state_is_that_of_the_batches_handed_out():
   resumed = train.DevicePrefetch(Counter(), lambda b: {'x': b['x'] * 10})
   resumed.set_state(batches.get_state())
   assert next(resumed)['x'] == next(batches)['x'] == 40
+
+
+def test_a_notice_after_the_last_step_stops_the_next_run():
+  """SIGTERM while a loop finishes (its final evaluation, no step left to stop at) carries to the
+  next loop in the process, which stops before training; one the loop answered does not."""
+  first = checkpoint.Preemption()
+  os.kill(os.getpid(), signal.SIGTERM)  # Caught by its handler.
+  first.restore_handlers()
+  second = checkpoint.Preemption()
+  assert second.requested and second.signal == 'SIGTERM'
+  second.answered()
+  second.restore_handlers()
+  third = checkpoint.Preemption()
+  third.restore_handlers()
+  assert not third.requested and checkpoint.Preemption.unanswered is None

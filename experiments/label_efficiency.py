@@ -18,8 +18,8 @@ examples' order:
 Fine-tuning runs use the study's experiment with fewer steps for fewer labels; the backbone is
 pretrained once into WORKDIR/pretrained (or --pretrained DIR, a finished pretraining run). Writes
 WORKDIR/label_efficiency.{md,json,png}, the table (with each run's minutes of training steps)
-and JSON after every run; rerunning the command skips finished runs (their final checkpoints are
-only re-evaluated). --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
+and JSON after every run; rerunning the command takes finished runs (final checkpoint present) as
+the JSON recorded them. --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
 earlier checkpoints (the sentiment study's own pretraining keeps steps 90, 180, 270 and 360) and
 writes WORKDIR/trend.{md,json,png}: accuracy against pretraining tokens, beside random init and
 the final backbone from the study's own runs, with the log-linear trend of the gain.
@@ -136,15 +136,15 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
     for m in names
     if m in backbones
   }
+  recorded = recorded_rows(workdir / 'label_efficiency.json')
   results = []
   for fraction in fractions:
     for seed in seeds:
       for model in study.trained:
         init = 'random' if model == 'random' else 'pretrained'
         config = finetune_config(base, study, smoke, init, backbones[model], fraction, seed)
-        row = finetune_row(
-          config, workdir / f'{model}-{fraction}-{seed}', model=model, fraction=fraction, seed=seed
-        )
+        run_dir = workdir / f'{model}-{fraction}-{seed}'
+        row = finetune_row(config, run_dir, recorded, model=model, fraction=fraction, seed=seed)
         if row is None:  # Preempted: saved; the rerun resumes it.
           return []
         results.append(row)
@@ -179,11 +179,21 @@ def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
   return base, runs.obtain(backbone)
 
 
-def finetune_row(config, run_dir: pathlib.Path, **fields) -> dict | None:
-  """Runs (or resumes, or re-evaluates) one fine-tuning run: `fields` with its test scores and
-  minutes of training steps, or None when it was preempted (saved: a rerun resumes it)."""
-  from fm import metrics, runs
+def recorded_rows(path: pathlib.Path) -> dict:
+  """The rows a JSON of the study recorded, by (model, fraction, seed); {} before the first."""
+  rows = json.loads(path.read_text()) if path.exists() else []
+  return {(r['model'], r['fraction'], r['seed']): r for r in rows}
 
+
+def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dict | None:
+  """Runs (or resumes) one fine-tuning run: `fields` with its test scores and minutes of
+  training steps, or None when it was preempted (saved: a rerun resumes it). A run whose final
+  checkpoint exists is taken as `recorded` (the JSON's rows) has it, not evaluated again."""
+  from fm import checkpoint, metrics, runs
+
+  row = recorded.get((fields['model'], fields['fraction'], fields['seed']))
+  if row and checkpoint.latest_step(run_dir) >= config.train.steps:
+    return {**row, 'minutes': metrics.training_seconds(run_dir) / 60}
   scores = runs.run(config, run_dir)
   if not scores:
     return None
@@ -237,6 +247,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   # The final one is the study's own `pretrained` rows.
   steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
   steps = [step for step in steps if every and step % every == 0 and step != int(final.name)]
+  recorded = recorded_rows(workdir / 'trend.json')
   results = []
   for fraction in fractions:
     for step in steps:
@@ -246,6 +257,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
         row = finetune_row(
           config,
           workdir / f'pretrained@{step}-{fraction}-{seed}',
+          recorded,
           model=f'pretrained@{step}',
           pretraining_steps=step,
           pretraining_tokens=step * per_step,

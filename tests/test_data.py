@@ -4,6 +4,7 @@ deterministic, process-disjoint, elastic pipeline."""
 import collections
 import gzip
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -476,24 +477,25 @@ def test_a_mixture_draws_its_corpora_by_weight(tmp_path):
 
 
 def test_a_missing_or_damaged_shard_is_named(varied):
-  """A shard that is gone or of another size is named when the split opens; bytes damaged in
-  place are named when a window reads them."""
+  """A shard that is gone or of another size, or token counts or offsets cut short, are named
+  when the directory opens, with the fix; bytes damaged in place are named when a window reads
+  them."""
   directory = pathlib.Path(varied.paths[0]).parent
   manifest = prepare.read_manifest(directory)
   shard = pathlib.Path(varied.paths[0])
   original = shard.read_bytes()
+  fix = 'run the python -m fm.data.prepare command that made .* again'
   try:
     shard.write_bytes(original[:-10])
     with pytest.raises(
-      ConfigError,
-      match=rf'{shard.name} is {len(original) - 10} bytes, not '
-      rf'{len(original)}; run the python -m fm.data.prepare command that made .* again',
+      ConfigError, match=rf'{shard.name} is {len(original) - 10} bytes, not {len(original)}; {fix}'
     ):
-      pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
+      pipeline.open_prepared(directory)
     damaged = bytearray(original)
     for i in range(100, 300):  # Inside the first chunk of records.
       damaged[i] ^= 0xFF
     shard.write_bytes(bytes(damaged))
+    pipeline.open_prepared(directory)  # Of its size: read to find out.
     split = pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
     with pytest.raises(
       ConfigError,
@@ -503,10 +505,26 @@ def test_a_missing_or_damaged_shard_is_named(varied):
       for n in range(manifest['splits']['train']['documents']):
         split.document(n)
     shard.unlink()
-    with pytest.raises(ConfigError, match=rf'{shard.name} is missing; run the python -m'):
-      pipeline.Split(directory, 'train', manifest, np.ones(259, np.int32))
+    with pytest.raises(ConfigError, match=rf'{shard.name} is missing; {fix}'):
+      pipeline.open_prepared(directory)
   finally:
     shard.write_bytes(original)
+  for path in shard.with_suffix('.lengths.npy'), directory / 'train.offsets.npy':
+    kept = path.read_bytes()
+    try:
+      array = np.load(io.BytesIO(kept))
+      np.save(path, array[:-1])
+      entries = len(array)
+      with pytest.raises(
+        ConfigError, match=rf'{path.name} is {entries - 1} entries, not {entries}; {fix}'
+      ):
+        pipeline.open_prepared(directory)
+      path.write_bytes(kept[:-8])  # Cut short.
+      with pytest.raises(ConfigError, match=rf'{path.name} is damaged \(cut short or not an '):
+        pipeline.open_prepared(directory)
+    finally:
+      path.write_bytes(kept)
+  pipeline.open_prepared(directory)
 
 
 def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):

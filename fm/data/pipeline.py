@@ -67,11 +67,6 @@ class Split:
   def __init__(self, directory: pathlib.Path, split: str, manifest: dict, token_bytes: np.ndarray):
     info = manifest['splits'][split]
     self.paths = [str(directory / shard['file']) for shard in info['shards']]
-    for path, shard in zip(self.paths, info['shards']):  # Cheap checks: no shard is read.
-      size, wanted = (os.stat(path).st_size if os.path.exists(path) else None), shard['bytes']
-      if size != wanted:
-        state = 'missing' if size is None else f'{size} bytes, not {wanted}'
-        raise ConfigError(f'{path} is {state}; {REPAIR.format(directory=directory)}')
     self.first = np.cumsum([0] + [shard['documents'] for shard in info['shards']])
     self.offsets_path = directory / f'{split}.offsets.npy'
     self.num_tokens = info['tokens']
@@ -91,13 +86,7 @@ class Split:
           f'a shard of {directory} cannot be opened ({str(e).splitlines()[0]}); delete that '
           f'shard, then {REPAIR.format(directory=directory)}'
         ) from None
-      try:
-        offsets = np.load(self.offsets_path, mmap_mode='r')
-        assert offsets.ndim == 1 and offsets.dtype.kind in 'iu'
-      except (OSError, ValueError, EOFError, AssertionError):
-        raise ConfigError(
-          f'{self.offsets_path} is missing or damaged; {REPAIR.format(directory=directory)}'
-        ) from None
+      offsets = np.load(self.offsets_path, mmap_mode='r')  # Checked by open_prepared.
       cache = collections.OrderedDict()
       # Grain's prefetch threads read windows at once: the cache is touched under the lock.
       self._open = (source, offsets, cache, threading.Lock())
@@ -247,9 +236,12 @@ def spec_of(data_cfg: ml_collections.ConfigDict) -> prepare_lib.Spec:
 
 
 def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict | None = None):
-  """(manifest, tokenizer) of a prepared directory; with `data_cfg`, a tokenizer other than
-  `config.data.tokenizer` is an error naming both."""
+  """(manifest, tokenizer) of a prepared directory whose files are whole (`prepare.damage`:
+  the first thing missing or damaged is an error naming it and the fix); with `data_cfg`, a
+  tokenizer other than `config.data.tokenizer` is an error naming both."""
   manifest = prepare_lib.read_manifest(directory)
+  for path, problem, _ in prepare_lib.damage(directory, manifest):
+    raise ConfigError(f'{path} is {problem}; {REPAIR.format(directory=directory)}')
   identity = manifest['tokenizer']
   if data_cfg is not None and data_cfg.dataset == 'prepared':
     wanted = data_cfg.tokenizer
@@ -271,12 +263,7 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
       )
   proto = b''
   if identity['kind'] in tokenizer_lib.FILES:
-    path = directory / tokenizer_lib.FILES[identity['kind']]
-    if not path.exists():
-      raise ConfigError(f'{path} is missing; {REPAIR.format(directory=directory)}')
-    proto = path.read_bytes()
-    if hashlib.sha256(proto).hexdigest() != identity['sha256']:
-      raise ConfigError(f'{path} does not match its manifest; {REPAIR.format(directory=directory)}')
+    proto = (directory / tokenizer_lib.FILES[identity['kind']]).read_bytes()
   return manifest, tokenizer_lib.from_identity(identity, proto)
 
 

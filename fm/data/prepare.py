@@ -580,11 +580,11 @@ def prepare(
   return manifest
 
 
-def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:
-  """The items of a prepared directory whose shard is missing or not of the size the manifest
-  records, or whose token counts are missing or not one per document; [] when only a split's
-  offsets or the tokenizer's file are; None when all are whole. Sizes, array headers and the
-  tokenizer's digest: no shard is read."""
+def damage(output: pathlib.Path, manifest: dict) -> list[tuple[pathlib.Path, str, int | None]]:
+  """What is missing or damaged in a prepared directory, as (file, what is wrong with it, the
+  work item that wrote it or None for a split's offsets and the tokenizer's file): each shard's
+  size, the entries of its token counts and of each split's offsets, the tokenizer's digest.
+  Sizes and array headers: no shard is read. [] when all are whole."""
 
   def entries(path: pathlib.Path) -> int | None:
     try:
@@ -592,19 +592,42 @@ def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:
     except (OSError, ValueError, EOFError, IndexError):
       return None
 
-  damaged, whole = set(), True
+  def wrong(path: pathlib.Path, got, wanted, unit: str) -> str | None:
+    if not path.is_file():
+      return 'missing'
+    if got is None:
+      return 'damaged (cut short or not an array)'
+    return None if got == wanted else f'{got} {unit}, not {wanted}'
+
+  found = []
   for split, info in manifest['splits'].items():
-    whole &= entries(output / f'{split}.offsets.npy') == info['documents'] + 1
+    path = output / f'{split}.offsets.npy'
+    problem = wrong(path, entries(path), info['documents'] + 1, 'entries')
+    found += [(path, problem, None)] if problem else []
     for shard in info['shards']:
       path = output / shard['file']
+      item = int(path.stem.rsplit('-', 1)[1])
       size = path.stat().st_size if path.is_file() else None
-      if size != shard['bytes'] or entries(path.with_suffix('.lengths.npy')) != shard['documents']:
-        damaged.add(int(path.stem.rsplit('-', 1)[1]))
+      problem = wrong(path, size, shard['bytes'], 'bytes')
+      found += [(path, problem, item)] if problem else []
+      lengths = path.with_suffix('.lengths.npy')
+      problem = wrong(lengths, entries(lengths), shard['documents'], 'entries')
+      found += [(lengths, problem, item)] if problem else []
   identity = manifest['tokenizer']
   if identity['kind'] in tokenizer_lib.FILES:
     path = output / tokenizer_lib.FILES[identity['kind']]
-    whole &= path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == identity['sha256']
-  return sorted(damaged) if damaged or not whole else None
+    if not path.is_file():
+      found.append((path, 'missing', None))
+    elif hashlib.sha256(path.read_bytes()).hexdigest() != identity['sha256']:
+      found.append((path, 'not the file its manifest records', None))
+  return found
+
+
+def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:
+  """The work items to prepare again for what `damage` finds: [] when only a split's offsets or
+  the tokenizer's file are (rewritten anyway), None when the directory is whole."""
+  found = damage(output, manifest)
+  return sorted({item for _, _, item in found if item is not None}) if found else None
 
 
 def _write_manifest(output: pathlib.Path, spec: Spec, tok, items: list[Item], files) -> dict:

@@ -188,7 +188,7 @@ def recorded_rows(path: pathlib.Path) -> dict:
 def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dict | None:
   """Runs (or resumes) one fine-tuning run: `fields` with its test scores and minutes of
   training steps, or None when it was preempted (saved: a rerun resumes it). A run whose final
-  checkpoint exists is taken as `recorded` (the JSON's rows) has it, not evaluated again."""
+  checkpoint exists is taken as the JSON recorded it (`recorded`), not evaluated again."""
   from fm import checkpoint, metrics, runs
 
   row = recorded.get((fields['model'], fields['fraction'], fields['seed']))

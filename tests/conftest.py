@@ -1,7 +1,7 @@
 """Tests run on 8 fake CPU devices; the flag must be set before jax is imported."""
 
 import os
-import pathlib
+import shutil
 import tempfile
 
 # The 8 devices are threads on a few cores: on a busy machine one can reach a collective long
@@ -18,13 +18,12 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # behind the blocked threads. Twice the devices leaves room (fm.main.cpu_threads does the same).
 os.environ.setdefault('PJRT_NPROC', '16')
 # Many tests compile the same smoke-sized programs, in this process, in subprocesses and in the
-# other pytest-xdist workers of the session (which share its run id): one persistent
-# compilation cache for them all.
-_run = os.environ.get('PYTEST_XDIST_TESTRUNUID')
-_cache = pathlib.Path(tempfile.gettempdir()) / f'fm-jax-cache-{_run}' if _run else None
-os.environ.setdefault(
-  'JAX_COMPILATION_CACHE_DIR', str(_cache) if _cache else tempfile.mkdtemp(prefix='fm-jax-cache-')
-)
+# pytest-xdist workers: one persistent compilation cache for them all, made by the process
+# that starts the session (the workers and subprocesses inherit its environment) and removed
+# when the session ends (unless the caller gave one).
+_own_cache = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
+if _own_cache:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='fm-jax-cache-')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import jax  # noqa: E402
@@ -33,6 +32,11 @@ import pytest  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 # Implicit broadcasting between arrays of different ranks is an error, not a silent reshape.
 jax.config.update('jax_numpy_rank_promotion', 'raise')
+
+
+def pytest_unconfigure(config):
+  if _own_cache and not hasattr(config, 'workerinput'):  # The session's first process.
+    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -17,13 +17,6 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # and a run then waited forever with 7 devices in an all-reduce and the 8th device's work queued
 # behind the blocked threads. Twice the devices leaves room (fm.main.cpu_threads does the same).
 os.environ.setdefault('PJRT_NPROC', '16')
-# Many tests compile the same smoke-sized programs, in this process, in subprocesses and in the
-# pytest-xdist workers: one persistent compilation cache for them all, made by the process
-# that starts the session (the workers and subprocesses inherit its environment) and removed
-# when the session ends (unless the caller gave one).
-_own_cache = 'JAX_COMPILATION_CACHE_DIR' not in os.environ
-if _own_cache:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='fm-jax-cache-')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.2')
 
 import jax  # noqa: E402
@@ -34,9 +27,23 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 
+# Many tests compile the same smoke-sized programs, in this process, in subprocesses and in the
+# pytest-xdist workers: one persistent compilation cache for them all, made by the process
+# that starts the session (the workers, started after it is configured, and subprocesses
+# inherit its environment) and removed when the session ends (unless the caller gave one).
+_own_cache = []
+
+
+def pytest_configure(config):
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _own_cache.append(tempfile.mkdtemp(prefix='fm-jax-cache-'))
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _own_cache[0]
+    jax.config.update('jax_compilation_cache_dir', _own_cache[0])
+
+
 def pytest_unconfigure(config):
-  if _own_cache and not hasattr(config, 'workerinput'):  # The session's first process.
-    shutil.rmtree(os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+  for cache in _own_cache:
+    shutil.rmtree(cache, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -175,8 +175,9 @@ class Preemption:
   """SIGTERM/SIGINT ask the loop to save at the next step boundary and exit cleanly.
 
   With several processes, JAX's preemption sync point makes every host stop at the same step.
-  A notice that comes after the loop's last step (during the final evaluation) is not lost: the
-  next loop in this process (a study's next run) starts with it and stops before training.
+  A notice that comes in the loop's last step or after it (during the final evaluation) is not
+  lost: the run finishes, and the next loop in this process (a study's next run) starts with it
+  and stops before training.
   """
 
   unanswered: str | None = None  # Such a notice's signal name, for the next loop.
@@ -199,6 +200,14 @@ class Preemption:
         return multihost_utils.reached_preemption_sync_point(step) or self.requested
       except RuntimeError:  # Preemption service not running (no coordinator).
         return self.requested
+    return self.requested
+
+  def carried(self) -> bool:
+    """Whether a notice came after an earlier loop's last step, on any process: then every
+    process stops before training (one alone would leave the others in a collective)."""
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.array(self.requested))
+      return bool(np.any(flags))
     return self.requested
 
   def answered(self) -> None:

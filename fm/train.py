@@ -837,10 +837,11 @@ def loop(
     return state
 
   try:
-    if preemption.requested:  # A notice that came after an earlier run's last step.
+    if preemption.carried():  # A notice that came in or after an earlier run's last step.
       metrics_lib.log(
         f'preempted ({preemption.signal}) before training; rerun the same command to resume.'
       )
+      preemption.answered()
       return {}
     state, step = _start(
       program, ckpt, batches, init_rng, warm_start or config.init.from_checkpoint
@@ -904,13 +905,15 @@ def loop(
         writer.write(step, {'checkpoint/blocking_sec': time.perf_counter() - started})
       if preempted:
         ckpt.wait()
-        preemption.answered()
         if step < steps:  # Unfinished: callers (study scripts) stop and rerun later.
+          preemption.answered()
           eval_metrics = {}
-        metrics_lib.log(
-          f'preempted ({preemption.signal}) at step {step}: checkpoint saved to '
-          f'{ckpt.directory / str(step)}; rerun the same command to resume.'
-        )
+          metrics_lib.log(
+            f'preempted ({preemption.signal}) at step {step}: checkpoint saved to '
+            f'{ckpt.directory / str(step)}; rerun the same command to resume.'
+          )
+        # Else finished: the notice goes on to the next loop in this process (its caller's next
+        # run), which stops before training.
         break
     if start == steps:
       metrics_lib.log(

@@ -355,16 +355,32 @@ def test_device_prefetch_state_is_that_of_the_batches_handed_out():
   assert next(resumed)['x'] == next(batches)['x'] == 40
 
 
-def test_a_notice_after_the_last_step_stops_the_next_run():
-  """SIGTERM while a loop finishes (its final evaluation, no step left to stop at) carries to the
-  next loop in the process, which stops before training; one the loop answered does not."""
+def test_a_notice_in_the_last_step_stops_the_next_run(tmp_path, monkeypatch):
+  """SIGTERM in a run's last step or while it finishes (its final evaluation, no step left to
+  stop at): the run finishes, and the notice carries to the next run in the process, which
+  stops before training and writes nothing; one a loop answered does not carry."""
+  config = smoke_config(train=dict(steps=3, eval_every=3, log_every=1))
+  reached = checkpoint.Preemption.reached
+
+  def last_step_signalled(self, step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)  # Caught by the loop's handler.
+    return reached(self, step)
+
+  try:
+    with monkeypatch.context() as patch:
+      patch.setattr(checkpoint.Preemption, 'reached', last_step_signalled)
+      finished = runs.run(config, tmp_path / 'a')
+    assert 'loss' in finished and checkpoint.latest_step(tmp_path / 'a') == 3
+    assert checkpoint.Preemption.unanswered == 'SIGTERM'
+    assert runs.run(config, tmp_path / 'b') == {}
+    assert checkpoint.latest_step(tmp_path / 'b') == 0 and not losses(tmp_path / 'b')
+    assert checkpoint.Preemption.unanswered is None  # Answered by stopping.
+    assert 'loss' in runs.run(config, tmp_path / 'c')
+  finally:
+    checkpoint.Preemption.unanswered = None
   first = checkpoint.Preemption()
-  os.kill(os.getpid(), signal.SIGTERM)  # Caught by its handler.
+  os.kill(os.getpid(), signal.SIGTERM)
+  first.answered()
   first.restore_handlers()
-  second = checkpoint.Preemption()
-  assert second.requested and second.signal == 'SIGTERM'
-  second.answered()
-  second.restore_handlers()
-  third = checkpoint.Preemption()
-  third.restore_handlers()
-  assert not third.requested and checkpoint.Preemption.unanswered is None
+  assert checkpoint.Preemption.unanswered is None

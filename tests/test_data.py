@@ -563,6 +563,11 @@ def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):
     pipeline.open_prepared(trained)
   prepare.prepare(sp_spec, trained)
   assert (trained / 'tokenizer.model').read_bytes() == model
+  (trained / 'tokenizer.model').write_bytes(model[:100])  # Damaged in place: the same.
+  with pytest.raises(ConfigError, match=r'tokenizer.model is not the file its manifest records'):
+    pipeline.open_prepared(trained)
+  prepare.prepare(sp_spec, trained)
+  assert (trained / 'tokenizer.model').read_bytes() == model
   other = prepare.Spec(train=spec.train, tokenizer='bytes', validation_fraction=0.3)
 
   def stopped(*args):

@@ -240,8 +240,6 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
   the first thing missing or damaged is an error naming it and the fix); with `data_cfg`, a
   tokenizer other than `config.data.tokenizer` is an error naming both."""
   manifest = prepare_lib.read_manifest(directory)
-  for path, problem, _ in prepare_lib.damage(directory, manifest):
-    raise ConfigError(f'{path} is {problem}; {REPAIR.format(directory=directory)}')
   identity = manifest['tokenizer']
   if data_cfg is not None and data_cfg.dataset == 'prepared':
     wanted = data_cfg.tokenizer
@@ -261,6 +259,8 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
         f'config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match or '
         f'prepare the corpus again with that tokenizer.'
       )
+  for path, problem, _ in prepare_lib.damage(directory, manifest):
+    raise ConfigError(f'{path} is {problem}; {REPAIR.format(directory=directory)}')
   proto = b''
   if identity['kind'] in tokenizer_lib.FILES:
     proto = (directory / tokenizer_lib.FILES[identity['kind']]).read_bytes()

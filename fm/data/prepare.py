@@ -42,6 +42,7 @@ import json
 import os
 import pathlib
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -550,11 +551,11 @@ def prepare(
     for index in damaged:
       (output / f'item-{index:05d}.json').unlink(missing_ok=True)
     kind = existing['tokenizer']['kind']  # Its tokenizer is kept, not trained again.
-    if not given and kind in tokenizer_lib.FILES and (output / tokenizer_lib.FILES[kind]).is_file():
-      kept = tokenizer_lib.from_identity(
-        existing['tokenizer'], (output / tokenizer_lib.FILES[kind]).read_bytes()
-      )
-      given = kept if kept.identity == existing['tokenizer'] else None
+    path = output / tokenizer_lib.FILES.get(kind, 'none')
+    if not given and kind in tokenizer_lib.FILES and path.is_file():
+      proto = path.read_bytes()
+      if hashlib.sha256(proto).hexdigest() == existing['tokenizer']['sha256']:  # Else damaged.
+        given = tokenizer_lib.from_identity(existing['tokenizer'], proto)
   # Whatever the directory held is rewritten: no manifest may vouch for it meanwhile.
   (output / MANIFEST).unlink(missing_ok=True)
   output.mkdir(parents=True, exist_ok=True)
@@ -696,9 +697,15 @@ def read_manifest(directory: str | pathlib.Path, must_exist: bool = True) -> dic
     manifest = json.loads(path.read_text())
     assert manifest['version'] == VERSION and set(manifest['splits']) == set(SPLITS)
     assert {'spec', 'tokenizer', 'inputs'} <= set(manifest)
-    for info in manifest['splits'].values():
-      assert isinstance(info['tokens'], int) and info['shards']
-      assert all({'file', 'documents', 'tokens', 'bytes'} <= set(s) for s in info['shards'])
+    identity = manifest['tokenizer']
+    assert identity['kind'] in tokenizer_lib.FILES or identity['kind'] == 'bytes'
+    assert identity['kind'] not in tokenizer_lib.FILES or isinstance(identity['sha256'], str)
+    for split, info in manifest['splits'].items():
+      assert isinstance(info['tokens'], int) and isinstance(info['documents'], int)
+      assert info['shards']
+      for shard in info['shards']:
+        assert {'file', 'documents', 'tokens', 'bytes'} <= set(shard)
+        assert re.fullmatch(rf'{split}-\d+\.array_record', shard['file'])
   except (json.JSONDecodeError, KeyError, AssertionError, TypeError):
     raise ConfigError(
       f'{path} is damaged; prepare {directory} again (python -m fm.data.prepare).'

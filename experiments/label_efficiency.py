@@ -357,7 +357,8 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   config.train.update(steps=steps, eval_every=every, log_every=max(steps // 25, 1))
   config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
   config.checkpoint.every_steps = every
-  if not runs.run(config, workdir / 'adapted'):  # Preempted (at any step, the last included).
+  finished = checkpoint.latest_step(workdir / 'adapted') >= steps  # Not evaluated again.
+  if not (finished or runs.run(config, workdir / 'adapted')):  # Preempted.
     return None
   return checkpoint.resolve(workdir / 'adapted', 'adapted')
 

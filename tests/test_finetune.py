@@ -511,11 +511,12 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
     return
   # Rerun: the finished runs are taken as the JSON recorded them, neither trained nor evaluated
   # again (either would append to a run's metrics).
-  logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob('*-*-0/metrics.jsonl')}
+  logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob('*/metrics.jsonl')}
   again = study_command('--study', study, '--smoke')
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads((tmp_path / 'label_efficiency.json').read_text()) == rows
-  assert len(logs) == len(tuned) and logs == {p: p.stat().st_mtime_ns for p in logs}
+  # The fine-tuning runs, the pretraining and the task-adaptive pretraining.
+  assert len(logs) == len(tuned) + 2 and logs == {p: p.stat().st_mtime_ns for p in logs}
   # --trend: fine-tuned from the pretraining run's earlier checkpoint (step 10 of 20).
   result = study_command('--smoke', '--trend')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -587,6 +587,26 @@ def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):
     prepare.read_manifest(out)
 
 
+def test_prepare_again_after_the_inputs_changed_prepares_anew(tmp_path):
+  """A file added to the globs or changed in size: prepare run again on the finished directory
+  says so and gives what a fresh prepare of the new inputs gives (nothing of the old kept)."""
+  spec = byte_spec(write_corpus(tmp_path / 'in', files=2, docs=30))
+  out = tmp_path / 'out'
+  prepare.prepare(spec, out)
+  write_corpus(tmp_path / 'extra', files=3, docs=20, seed=1)
+  (tmp_path / 'extra' / 'part-2.jsonl').rename(tmp_path / 'in' / 'part-2.jsonl')
+  with (tmp_path / 'in' / 'part-0.jsonl').open('a') as f:
+    f.write(json.dumps({'text': 'one more document'}) + '\n')
+  lines = []
+  prepare.prepare(spec, out, say=lines.append)
+  assert any('1 file(s) added, 1 file(s) of another size): prepared anew' in x for x in lines)
+  prepare.prepare(spec, tmp_path / 'fresh')
+  assert shards(out) == shards(tmp_path / 'fresh')
+  lines.clear()
+  prepare.prepare(spec, out, say=lines.append)  # Unchanged now: returned as it is.
+  assert not lines
+
+
 def test_lines_too_long_for_the_tokenizer_trainer_are_one_sentence():
   with pytest.raises(
     ConfigError,

@@ -520,8 +520,9 @@ def prepare(
   spec: Spec, output: str | pathlib.Path, workers: int = 1, beam_args=(), say=lambda _: None
 ) -> dict:
   """Prepares `spec` into `output` (see the module docstring); returns the manifest. A
-  directory with a manifest of the same spec is returned as it is; one that a killed prepare
-  left is finished (its finished items kept). `say` gets a line per step, with its time."""
+  directory with a manifest of the same spec and input files is returned as it is (what is
+  missing or damaged in it mended first); one that a killed prepare left is finished (its
+  finished items kept). `say` gets a line per step, with its time."""
   if '://' in str(output):
     raise ConfigError(
       f'--output {output} is a URL; ArrayRecord shards are written and read as files: give a '
@@ -540,12 +541,17 @@ def prepare(
     and existing['spec'] == json.loads(json.dumps(dataclasses.asdict(spec)))
     and (not given or existing['tokenizer'] == given.identity)  # The model file unchanged.
   ):
-    damaged = _damaged_items(output, existing)
-    if damaged is None:
+    changed = _changed_inputs(spec, existing)
+    damaged = None if changed else _damaged_items(output, existing)
+    if not (changed or damaged is not None):
       return existing
   else:
-    damaged = None
+    changed, damaged = '', None
   items, files = work_items(spec)  # The inputs are there: checked before anything changes.
+  if changed:
+    step(f'the inputs changed since {output} was prepared ({changed}): prepared anew')
+    for record in output.glob('item-*.json'):  # Nothing of the old inputs is kept.
+      record.unlink()
   if damaged is not None:
     step(f'{len(damaged)} item(s) with a missing or damaged file are prepared again')
     for index in damaged:
@@ -622,6 +628,31 @@ def damage(output: pathlib.Path, manifest: dict) -> list[tuple[pathlib.Path, str
     elif hashlib.sha256(path.read_bytes()).hexdigest() != identity['sha256']:
       found.append((path, 'not the file its manifest records', None))
   return found
+
+
+def _changed_inputs(spec: Spec, manifest: dict) -> str:
+  """How the files `spec`'s globs match now differ from the inputs `manifest` records: files
+  added, gone or of another size ('' when none, for a named source, or when none match: a
+  directory whose inputs were moved away stands as prepared). An edit that keeps a file's size
+  is not seen (the digests would mean reading every input)."""
+  from etils import epath
+
+  if spec.source:
+    return ''
+  try:
+    paths = expand(spec.train, 'config.data.train') + expand(
+      spec.validation, 'config.data.validation'
+    )
+  except ConfigError:
+    return ''
+  now = {path: epath.Path(path).stat().length for path in paths}
+  recorded = {entry['path']: entry['bytes'] for entry in manifest['inputs']}
+  counts = {
+    'added': len(now.keys() - recorded.keys()),
+    'gone': len(recorded.keys() - now.keys()),
+    'of another size': sum(recorded[p] != n for p, n in now.items() if p in recorded),
+  }
+  return ', '.join(f'{n} file(s) {what}' for what, n in counts.items() if n)
 
 
 def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:

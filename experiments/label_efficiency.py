@@ -146,6 +146,7 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
         run_dir = workdir / f'{model}-{fraction}-{seed}'
         row = finetune_row(config, run_dir, recorded, model=model, fraction=fraction, seed=seed)
         if row is None:  # Preempted: saved; the rerun resumes it.
+          write(workdir, study, with_recorded(results, recorded), spent)
           return []
         results.append(row)
         write(workdir, study, results, spent)
@@ -183,6 +184,13 @@ def recorded_rows(path: pathlib.Path) -> dict:
   """The rows a JSON of the study recorded, by (model, fraction, seed); {} before the first."""
   rows = json.loads(path.read_text()) if path.exists() else []
   return {(r['model'], r['fraction'], r['seed']): r for r in rows}
+
+
+def with_recorded(results: list[dict], recorded: dict) -> list[dict]:
+  """`results` and after them the recorded rows not among them: what a stopped run's JSON keeps
+  (a rerun then takes them as recorded again)."""
+  done = {(r['model'], r['fraction'], r['seed']) for r in results}
+  return results + [row for key, row in recorded.items() if key not in done]
 
 
 def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dict | None:
@@ -265,6 +273,8 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
           seed=seed,
         )
         if row is None:
+          rows = with_recorded(results, recorded)
+          (workdir / 'trend.json').write_text(json.dumps(rows, indent=1))
           return None
         results.append(row)
         (workdir / 'trend.json').write_text(json.dumps(results, indent=1))

@@ -475,6 +475,16 @@ def test_label_efficiency_seed_draws_labels_init_and_order():
   assert (config.seed, config.data.seed, config.task_args.train_fraction) == (2, 2, 1.0)
 
 
+def test_a_stopped_study_keeps_the_rows_it_had_not_reached():
+  """A run stopped before rows it recorded earlier (a run directory deleted, a seed added) keeps
+  them in its JSON, after the rows redone so far, for the rerun to take as recorded."""
+  study = load_experiment('label_efficiency')
+  row = lambda model, seed, accuracy: dict(model=model, fraction=0.1, seed=seed, accuracy=accuracy)
+  recorded = {('random', 0.1, s): row('random', s, 0.6) for s in (0, 1)}
+  kept = study.with_recorded([row('random', 1, 0.7)], recorded)
+  assert kept == [row('random', 1, 0.7), row('random', 0, 0.6)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
   'study, models',

@@ -11,8 +11,10 @@ init (finetune.init=random), each seed drawing its own label subset (the same fo
 the params a run starts from (the new head's; all of them for random init) and the training
 examples' order:
   sentiment      Rotten Tomatoes; experiments/transfer_sentiment.py's backbone pretrained on
-                 news; also a bag-of-words logistic regression (scikit-learn, TF-IDF of word
-                 1-2-grams)
+                 news, and after task-adaptive pretraining; at 1% and 10% of the labels each
+                 run's learning rates (x 1, 1/3, 3) chosen on validation accuracy; also a
+                 bag-of-words logistic regression (scikit-learn, TF-IDF of word 1-2-grams, its
+                 regularisation chosen on validation accuracy)
   fashion_mnist  Fashion-MNIST; experiments/mae_fashion_mnist.py:finetune, a ViT pretrained as
                  a masked autoencoder, fully fine-tuned
 Fine-tuning runs use the study's experiment with fewer steps for fewer labels; the backbone is
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 FRACTIONS = (0.01, 0.1, 1.0)
 SEEDS = (0, 1, 2)
+BAG_OF_WORDS_C = (4.0, 1.0, 16.0, 0.25)  # Chosen on the validation split; 4 first on ties.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,15 @@ class Study:
   # Overrides ('key=value ...') on the backbone's pretraining when the study trains it: which
   # checkpoints it saves and keeps, the points of --trend (with room for a preemption's).
   pretrain_overrides: str = ''
+  # Learning rates tried (x the experiment's, the head's and the backbone's alike) at the label
+  # budgets `lr_fractions`, each run's chosen by validation accuracy; the others take (1.0,).
+  lr_grid: tuple = (1.0,)
+  lr_fractions: tuple = ()
+
+  def lr_scales(self, fraction: float, smoke: bool) -> tuple[float, ...]:
+    """The rates tried at `fraction` of the labels; the smoke run tries the grid at 10%."""
+    grid = (1.0, 3.0) if smoke and len(self.lr_grid) > 1 else self.lr_grid
+    return grid if fraction in ((0.1,) if smoke else self.lr_fractions) else (1.0,)
 
   @property
   def models(self) -> tuple[str, ...]:
@@ -81,6 +93,8 @@ STUDIES = {
     adapt_steps=500,
     pool='mean',
     pretrain_overrides='checkpoint.every_steps=90 checkpoint.keep=8',
+    lr_grid=(1.0, 1 / 3, 3.0),
+    lr_fractions=(0.01, 0.1),
   ),
   'fashion_mnist': Study(
     'experiments/mae_fashion_mnist.py:finetune',
@@ -92,20 +106,27 @@ STUDIES = {
 }
 
 
-def bag_of_words(train_examples, test_examples, seed: int) -> dict[str, float]:
+def bag_of_words(train_examples, validation, test_examples, seed: int) -> dict[str, float]:
   from sklearn.feature_extraction.text import TfidfVectorizer
   from sklearn.linear_model import LogisticRegression
   from sklearn.metrics import accuracy_score, f1_score
 
   vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
   x = vectorizer.fit_transform([t for t, _ in train_examples])
-  model = LogisticRegression(C=4.0, max_iter=2000, random_state=seed)
-  model.fit(x, [label for _, label in train_examples])
-  predicted = model.predict(vectorizer.transform([t for t, _ in test_examples]))
+  labels = [label for _, label in train_examples]
+  fits = {}  # Inverse regularisation C -> (validation accuracy, model); the best one is kept.
+  for c in BAG_OF_WORDS_C:
+    model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, labels)
+    predicted = model.predict(vectorizer.transform([t for t, _ in validation]))
+    fits[c] = (accuracy_score([label for _, label in validation], predicted), model)
+  c = max(fits, key=lambda c: fits[c][0])  # The first best: the grid's order breaks ties.
+  predicted = fits[c][1].predict(vectorizer.transform([t for t, _ in test_examples]))
   truth = [label for _, label in test_examples]
   return {
     'accuracy': accuracy_score(truth, predicted),
     'macro_f1': f1_score(truth, predicted, average='macro'),
+    'validation_accuracy': fits[c][0],
+    'C': c,
   }
 
 
@@ -136,20 +157,33 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
     for m in names
     if m in backbones
   }
-  recorded = recorded_rows(workdir / 'label_efficiency.json')
+  previous = recorded_rows(workdir / 'label_efficiency.json')
+  recorded = by_run(previous)
   results = []
   for fraction in fractions:
     for seed in seeds:
       for model in study.trained:
         init = 'random' if model == 'random' else 'pretrained'
-        config = finetune_config(base, study, smoke, init, backbones[model], fraction, seed)
-        run_dir = workdir / f'{model}-{fraction}-{seed}'
-        row = finetune_row(config, run_dir, recorded, model=model, fraction=fraction, seed=seed)
-        if row is None:  # Preempted: saved; the rerun resumes it.
-          write(workdir, study, with_recorded(results, recorded), spent)
-          return []
-        results.append(row)
-        write(workdir, study, results, spent)
+        candidates = []
+        for scale in study.lr_scales(fraction, smoke):
+          config = finetune_config(
+            base, study, smoke, init, backbones[model], fraction, seed, lr_scale=scale
+          )
+          name = f'{model}-{fraction}-{seed}' + ('' if scale == 1.0 else f'-lr{scale:.3g}')
+          row = finetune_row(
+            config,
+            workdir / name,
+            recorded,
+            model=model,
+            fraction=fraction,
+            seed=seed,
+            lr_scale=scale,
+          )
+          if row is None:  # Preempted: saved; the rerun resumes it.
+            return []
+          candidates.append(row)
+        results.append(chosen(candidates))
+        write(workdir, study, with_recorded(results, previous), spent)
       if study.baseline == 'bag_of_words':
         subset = finetune.subset(splits['train'], fraction, seed)
         results.append(
@@ -157,11 +191,18 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
             'model': 'bag_of_words',
             'fraction': fraction,
             'seed': seed,
-            **bag_of_words(subset, splits['test'], seed),
+            **bag_of_words(subset, splits['validation'], splits['test'], seed),
           }
         )
-        write(workdir, study, results, spent)
+        write(workdir, study, with_recorded(results, previous), spent)
   return results
+
+
+def chosen(candidates: list[dict]) -> dict:
+  """The run of the best validation accuracy (the first of equals: the grid's default rate),
+  with every candidate's row when there were several."""
+  best = max(candidates, key=lambda r: r['validation_accuracy'])
+  return {**best, 'candidates': candidates} if len(candidates) > 1 else best
 
 
 def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
@@ -180,17 +221,25 @@ def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
   return base, runs.obtain(backbone)
 
 
-def recorded_rows(path: pathlib.Path) -> dict:
-  """The rows a JSON of the study recorded, by (model, fraction, seed); {} before the first."""
-  rows = json.loads(path.read_text()) if path.exists() else []
-  return {(r['model'], r['fraction'], r['seed']): r for r in rows}
+def recorded_rows(path: pathlib.Path) -> list[dict]:
+  """The rows a JSON of the study recorded; [] before the first."""
+  return json.loads(path.read_text()) if path.exists() else []
 
 
-def with_recorded(results: list[dict], recorded: dict) -> list[dict]:
-  """`results` and after them the recorded rows not among them: what a stopped run's JSON keeps
-  (a rerun then takes them as recorded again)."""
-  done = {(r['model'], r['fraction'], r['seed']) for r in results}
-  return results + [row for key, row in recorded.items() if key not in done]
+def by_run(rows: list[dict]) -> dict:
+  """Recorded fine-tuning runs by (model, fraction, seed, learning-rate scale): each row, or
+  each of its candidates where it was chosen among several rates."""
+  runs_ = [c for r in rows for c in r.get('candidates', [r])]
+  return {(r['model'], r['fraction'], r['seed'], r.get('lr_scale', 1.0)): r for r in runs_}
+
+
+def with_recorded(results: list[dict], previous: list[dict]) -> list[dict]:
+  """`results` and after them the `previous` rows of runs not among them: what the JSON holds
+  while a rerun goes through them again (stopped or killed midway, it keeps them for the next
+  to take as recorded)."""
+  key = lambda r: (r['model'], r['fraction'], r['seed'])
+  done = {key(r) for r in results}
+  return results + [r for r in previous if key(r) not in done]
 
 
 def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dict | None:
@@ -199,23 +248,41 @@ def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dic
   checkpoint exists is taken as the JSON recorded it (`recorded`), not evaluated again."""
   from fm import checkpoint, metrics, runs
 
-  row = recorded.get((fields['model'], fields['fraction'], fields['seed']))
+  row = recorded.get(tuple(fields[k] for k in ('model', 'fraction', 'seed', 'lr_scale')))
   if row and checkpoint.latest_step(run_dir) >= config.train.steps:
-    return {**row, 'minutes': metrics.training_seconds(run_dir) / 60}
-  scores = runs.run(config, run_dir)
-  if not scores:
-    return None
+    scores = {'test/accuracy': row['accuracy'], 'test/macro_f1': row['macro_f1']}
+    scores['accuracy'] = row.get('validation_accuracy') or selected_validation(run_dir)
+  else:
+    scores = runs.run(config, run_dir)
+    if not scores:
+      return None
   return {
     **fields,
     'accuracy': scores['test/accuracy'],
     'macro_f1': scores['test/macro_f1'],
+    # Of the params early stopping selected, as the test scores.
+    'validation_accuracy': scores['accuracy'],
     'minutes': metrics.training_seconds(run_dir) / 60,
   }
 
 
-def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fraction, seed):
+def selected_validation(run_dir: pathlib.Path) -> float:
+  """The validation accuracy of the params early stopping selected, from a finished run's log
+  (for rows recorded before the JSON held it)."""
+  from fm import metrics
+
+  selected = metrics.series(run_dir, 'eval/selected_step')[-1][1]
+  return next(
+    v for step, v in reversed(metrics.series(run_dir, 'eval/accuracy')) if step == selected
+  )
+
+
+def finetune_config(
+  base, study: Study, smoke: bool, init: str, backbone, fraction, seed, lr_scale: float = 1.0
+):
   """A fine-tuning run of the study: `fraction` of the labels drawn by `seed`, from `backbone`
-  (or its architecture from random init), stopping early on validation accuracy."""
+  (or its architecture from random init), at `lr_scale` x the experiment's learning rates,
+  stopping early on validation accuracy."""
   import ml_collections
 
   config = ml_collections.ConfigDict(base.to_dict())
@@ -233,6 +300,9 @@ def finetune_config(base, study: Study, smoke: bool, init: str, backbone, fracti
   if not smoke:
     config.train.global_batch = study.batch
   config.optim.warmup_steps = max(steps // 10, 1)
+  config.optim.lr *= lr_scale
+  if 'head_lr' in config.finetune:
+    config.finetune.head_lr *= lr_scale
   return config
 
 
@@ -255,7 +325,8 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   # The final one is the study's own `pretrained` rows.
   steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
   steps = [step for step in steps if every and step % every == 0 and step != int(final.name)]
-  recorded = recorded_rows(workdir / 'trend.json')
+  previous = recorded_rows(workdir / 'trend.json')
+  recorded = by_run(previous)
   results = []
   for fraction in fractions:
     for step in steps:
@@ -271,13 +342,13 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
           pretraining_tokens=step * per_step,
           fraction=fraction,
           seed=seed,
+          lr_scale=1.0,  # The experiment's rates: the trend varies the backbone alone.
         )
         if row is None:
-          rows = with_recorded(results, recorded)
-          (workdir / 'trend.json').write_text(json.dumps(rows, indent=1))
           return None
         results.append(row)
-        (workdir / 'trend.json').write_text(json.dumps(results, indent=1))
+        rows = with_recorded(results, previous)
+        (workdir / 'trend.json').write_text(json.dumps(rows, indent=1))
   return results, int(final.name) * per_step
 
 
@@ -286,9 +357,10 @@ def trend_points(
 ) -> dict[int, tuple[str, list[float]]]:
   """Pretraining tokens -> (backbone, test accuracies in %) at `fraction` of the labels: the
   trend's runs, random init at 0 tokens and the final backbone from the study's own rows in
-  `main` (where finished)."""
+  `main` (where finished), at the experiment's learning rates as the trend's runs."""
   points = {}
   for r in main:
+    r = next((c for c in r.get('candidates', []) if c['lr_scale'] == 1.0), r)
     if r['fraction'] == fraction and r['model'] in ('random', 'pretrained'):
       tokens = 0 if r['model'] == 'random' else final_tokens
       points.setdefault(tokens, (r['model'], []))[1].append(100 * r['accuracy'])
@@ -380,7 +452,7 @@ def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict)
   markdown = f'{study.title} test accuracy (%), mean ± std over seeds\n\n'
   markdown += table(study, results)
   cells = [f'{name} {minutes:.1f}' for name, minutes in spent.items()]
-  tuned = [r['minutes'] for r in results if 'minutes' in r]
+  tuned = [c['minutes'] for r in results for c in r.get('candidates', [r]) if 'minutes' in c]
   cells.append(f'{len(tuned)} fine-tuning runs {sum(tuned):.1f}')
   markdown += '\n\nMinutes of training steps: ' + ', '.join(cells) + '.'
   (workdir / 'label_efficiency.md').write_text(markdown + '\n')
@@ -400,6 +472,15 @@ def table(study: Study, results: list[dict]) -> str:
       std = statistics.stdev(acc) if len(acc) > 1 else 0.0
       cells.append(f'{statistics.mean(acc):.1f} ± {std:.1f} (n={len(acc)})' if acc else '')
     lines.append(f'| {model} | ' + ' | '.join(cells) + ' |')
+  picks = [
+    f'{r["model"]} {r["fraction"]:.0%} seed {r["seed"]}: {r["lr_scale"]:.3g}'
+    for r in results
+    if 'candidates' in r
+  ]
+  if picks:
+    lines.append(
+      "\nLearning rates chosen on validation accuracy (x the experiment's): " + ', '.join(picks)
+    )
   return '\n'.join(lines)
 
 

@@ -475,14 +475,36 @@ def test_label_efficiency_seed_draws_labels_init_and_order():
   assert (config.seed, config.data.seed, config.task_args.train_fraction) == (2, 2, 1.0)
 
 
+def test_a_run_recorded_without_its_validation_accuracy_reads_the_selected_one(tmp_path):
+  """Rows recorded before the study kept validation accuracy take the selected step's from the
+  run's log, not the final evaluation's (of the last params)."""
+  study = load_experiment('label_efficiency')
+  records = [
+    {'step': 10, 'eval/accuracy': 0.7},
+    {'step': 20, 'eval/accuracy': 0.6},
+    {'step': 20, 'eval/selected_step': 10.0},
+    {'step': 20, 'test/accuracy': 0.65},
+  ]
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  assert study.selected_validation(tmp_path) == 0.7
+
+
 def test_a_stopped_study_keeps_the_rows_it_had_not_reached():
   """A run stopped before rows it recorded earlier (a run directory deleted, a seed added) keeps
   them in its JSON, after the rows redone so far, for the rerun to take as recorded."""
   study = load_experiment('label_efficiency')
   row = lambda model, seed, accuracy: dict(model=model, fraction=0.1, seed=seed, accuracy=accuracy)
   recorded = {('random', 0.1, s): row('random', s, 0.6) for s in (0, 1)}
-  kept = study.with_recorded([row('random', 1, 0.7)], recorded)
+  kept = study.with_recorded([row('random', 1, 0.7)], list(recorded.values()))
   assert kept == [row('random', 1, 0.7), row('random', 0, 0.6)]
+  # A run chosen among learning rates: each candidate is a recorded run of its own.
+  candidates = [{**row('random', 2, a), 'lr_scale': s} for s, a in ((1.0, 0.6), (3.0, 0.7))]
+  found = study.by_run([{**candidates[1], 'candidates': candidates}, row('random', 0, 0.6)])
+  assert found == {
+    ('random', 0.1, 2, 1.0): candidates[0],
+    ('random', 0.1, 2, 3.0): candidates[1],
+    ('random', 0.1, 0, 1.0): row('random', 0, 0.6),
+  }
 
 
 @pytest.mark.slow
@@ -511,11 +533,19 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   assert all(0 <= r['accuracy'] <= 1 for r in rows)
   table = (tmp_path / 'label_efficiency.md').read_text()
   assert table.count('\n| ') == 1 + len(models) and '10% labels' in table  # Header, models.
-  tuned = [r for r in rows if r['model'] != 'bag_of_words']
+  tuned = [c for r in rows if r['model'] != 'bag_of_words' for c in r.get('candidates', [r])]
   assert all(r['minutes'] > 0 for r in tuned)
   assert (
     f'{len(tuned)} fine-tuning runs' in table and 'Minutes of training steps: pretraining' in table
   )
+  if study == 'sentiment':  # At 10%, two learning rates per run, chosen on validation.
+    chosen = [r for r in rows if 'candidates' in r]
+    assert {(r['model'], r['fraction']) for r in chosen} == {(m, 0.1) for m in models[:3]}
+    for r in chosen:
+      assert [c['lr_scale'] for c in r['candidates']] == [1.0, 3.0]
+      best = max(c['validation_accuracy'] for c in r['candidates'])
+      assert r['validation_accuracy'] == best and r['lr_scale'] in (1.0, 3.0)
+    assert 'Learning rates chosen on validation accuracy' in table
   assert (tmp_path / 'label_efficiency.png').stat().st_size > 1000
   if study != 'sentiment':
     return

@@ -223,3 +223,31 @@ def test_objective_comparison_script_smoke(tmp_path):
     command + ['--objectives', 'ul3'], cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert wrong.returncode == 2 and '--objectives ul3' in wrong.stderr
+
+
+def test_the_readme_label_efficiency_trend_is_its_json():
+  """The README's trend table (accuracy against pretraining tokens at 1% and 10% of the labels)
+  is what its JSON and the study's own rows in experiments/results give."""
+  study = _script('label_efficiency')
+  results = ROOT / 'experiments' / 'results'
+  runs_ = json.loads((results / 'label_efficiency_sentiment_trend.json').read_text())
+  main = json.loads((results / 'label_efficiency_sentiment.json').read_text())
+  final_tokens = 360 * runs_[0]['pretraining_tokens'] // runs_[0]['pretraining_steps']
+  readme = (ROOT / 'README.md').read_text()
+  start = readme.index('| backbone | pretraining tokens | 1% labels (102) | gain |')
+  rows = readme[start:].split('\n\n')[0].splitlines()[2:]
+  columns = []
+  for fraction in (0.01, 0.1):
+    points = study.trend_points(fraction, runs_, final_tokens, main)
+    base = np.mean(points[0][1])
+    column = []
+    for tokens in sorted(points):
+      acc = points[tokens][1]
+      cell = f'{np.mean(acc):.1f} ± {np.std(acc, ddof=1):.1f}'
+      column.append((f'{tokens:,}', cell, f'{np.mean(acc) - base:+.1f}' if tokens else ''))
+    columns.append(column)
+  table = [
+    (tokens, cell1, gain1, cell10, gain10)
+    for (tokens, cell1, gain1), (_, cell10, gain10) in zip(*columns)
+  ]
+  assert [tuple(c.strip() for c in row.split('|')[2:7]) for row in rows] == table

@@ -195,6 +195,7 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
           }
         )
         write(workdir, study, with_recorded(results, previous), spent)
+  write(workdir, study, results, spent)  # Done: rows no longer in the study go.
   return results
 
 
@@ -245,14 +246,15 @@ def with_recorded(results: list[dict], previous: list[dict]) -> list[dict]:
 def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dict | None:
   """Runs (or resumes) one fine-tuning run: `fields` with its test scores and minutes of
   training steps, or None when it was preempted (saved: a rerun resumes it). A run whose final
-  checkpoint exists is taken as the JSON recorded it (`recorded`), not evaluated again."""
+  checkpoint exists is taken as the JSON recorded it (`recorded`), or as its log has it, not
+  evaluated again."""
   from fm import checkpoint, metrics, runs
 
   row = recorded.get(tuple(fields[k] for k in ('model', 'fraction', 'seed', 'lr_scale')))
-  if row and checkpoint.latest_step(run_dir) >= config.train.steps:
-    scores = {'test/accuracy': row['accuracy'], 'test/macro_f1': row['macro_f1']}
-    scores['accuracy'] = row.get('validation_accuracy') or selected_validation(run_dir)
-  else:
+  scores = None
+  if checkpoint.latest_step(run_dir) >= config.train.steps:
+    scores = logged_scores(run_dir, row)
+  if not scores:
     scores = runs.run(config, run_dir)
     if not scores:
       return None
@@ -266,15 +268,28 @@ def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dic
   }
 
 
-def selected_validation(run_dir: pathlib.Path) -> float:
-  """The validation accuracy of the params early stopping selected, from a finished run's log
-  (for rows recorded before the JSON held it)."""
+def logged_scores(run_dir: pathlib.Path, row: dict | None = None) -> dict | None:
+  """A finished run's test accuracy and macro-F1 and the validation accuracy of the params
+  early stopping selected, as `row` (the JSON's) records them, else as its log does (a run
+  finished but not yet in the JSON, or recorded before the JSON held validation accuracy);
+  None when the log lacks one."""
   from fm import metrics
 
-  selected = metrics.series(run_dir, 'eval/selected_step')[-1][1]
-  return next(
-    v for step, v in reversed(metrics.series(run_dir, 'eval/accuracy')) if step == selected
-  )
+  def last(key: str, step: float | None = None) -> float | None:
+    values = [v for s, v in metrics.series(run_dir, key) if step is None or s == step]
+    return values[-1] if values else None
+
+  row = row or {}
+  scores = {
+    'test/accuracy': row.get('accuracy', last('test/accuracy')),
+    'test/macro_f1': row.get('macro_f1', last('test/macro_f1')),
+  }
+  selected = last('eval/selected_step')
+  validation = row.get('validation_accuracy')
+  if validation is None and selected is not None:
+    validation = last('eval/accuracy', selected)
+  scores['accuracy'] = validation
+  return scores if None not in scores.values() else None
 
 
 def finetune_config(

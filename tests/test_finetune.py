@@ -486,7 +486,42 @@ def test_a_run_recorded_without_its_validation_accuracy_reads_the_selected_one(t
     {'step': 20, 'test/accuracy': 0.65},
   ]
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
-  assert study.selected_validation(tmp_path) == 0.7
+  assert study.logged_scores(tmp_path, {'accuracy': 0.6, 'macro_f1': 0.5}) == {
+    'test/accuracy': 0.6,
+    'test/macro_f1': 0.5,
+    'accuracy': 0.7,
+  }
+  # Finished but not in the JSON (stopped before its learning-rate group was): from the log.
+  records.append({'step': 20, 'test/macro_f1': 0.55})
+  (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  assert study.logged_scores(tmp_path) == {
+    'test/accuracy': 0.65,
+    'test/macro_f1': 0.55,
+    'accuracy': 0.7,
+  }
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps(records[0]) + '\n')
+  assert study.logged_scores(tmp_path) is None  # Not finished: trained (or resumed) instead.
+
+
+def test_the_chosen_learning_rate_is_the_best_on_validation_and_the_trend_keeps_the_default():
+  """Among a run's learning rates the best validation accuracy wins (the default on ties); the
+  trend's points take the default rate's run, as the trend's own runs use."""
+  study = load_experiment('label_efficiency')
+  run = lambda scale, validation, test: dict(
+    model='random',
+    fraction=0.1,
+    seed=0,
+    lr_scale=scale,
+    validation_accuracy=validation,
+    accuracy=test,
+  )
+  candidates = [run(1.0, 0.6, 0.61), run(1 / 3, 0.7, 0.65), run(3.0, 0.7, 0.66)]
+  best = study.chosen(candidates)
+  assert best['lr_scale'] == 1 / 3 and best['candidates'] == candidates
+  assert study.chosen([run(1.0, 0.6, 0.6), run(3.0, 0.6, 0.7)])['lr_scale'] == 1.0
+  assert study.chosen([run(1.0, 0.6, 0.6)]) == run(1.0, 0.6, 0.6)
+  points = study.trend_points(0.1, [], 0, [best])
+  assert points == {0: ('random', [61.0])}
 
 
 def test_a_stopped_study_keeps_the_rows_it_had_not_reached():

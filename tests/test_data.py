@@ -249,13 +249,15 @@ BAD_FILES = [
   ),
   (
     'x.jsonl.gz',
-    gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
+    gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', mtime=0),  # The same in every worker.
     r'x.jsonl.gz: bytes at offset 28 of its decompressed text are not UTF-8',
   ),
 ]
 
 
-@pytest.mark.parametrize('name,content,message', BAD_FILES)
+@pytest.mark.parametrize(
+  'name,content,message', BAD_FILES, ids=[f'{i}-{name}' for i, (name, _, _) in enumerate(BAD_FILES)]
+)
 def test_bad_input_files_are_one_sentence(name, content, message, tmp_path):
   path = tmp_path / 'in' / name
   path.parent.mkdir()

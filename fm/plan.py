@@ -322,12 +322,18 @@ def _hosts(topology: Topology, devices: list) -> int:
   return topology.hosts
 
 
-def recompute_factor(module, model_cfg, seq_len: int) -> float:
+def recompute_factor(module, model_cfg, objective, args, seq_len: int) -> float:
   """Training FLOPs with rematerialisation over those without: `full` recomputes the forward
-  pass (8/6), `minimal` the attention einsums, which have batch dimensions (the share of FLOPs
-  that grows with the sequence), `dots_saveable` keeps every matmul (only cheap elementwise
-  work is redone)."""
-  share = 1 - module.flops_per_token(model_cfg, 0) / module.flops_per_token(model_cfg, seq_len)
+  pass (8/6), `minimal` the attention einsums, which have batch dimensions (their share: the
+  part of a row's FLOPs that grows with the square of its lengths, from the row and the row
+  twice as long; the rows the objective makes where it states them, as train.step_flops
+  counts), `dots_saveable` keeps every matmul (only cheap elementwise work is redone)."""
+  if objective.row_lengths is not None and module.flops_per_row is not None:
+    source, target = objective.row_lengths(seq_len, args)
+    flops = lambda k: module.flops_per_row(model_cfg, k * source, k * target)
+  else:
+    flops = lambda k: module.flops_per_token(model_cfg, k * seq_len) * k * seq_len
+  share = (flops(2) - 2 * flops(1)) / (2 * flops(1))
   return {'none': 1.0, 'dots_saveable': 1.0, 'minimal': 1 + share / 3, 'full': 4 / 3}[
     getattr(model_cfg, 'remat', 'none')  # (A family without the option: none.)
   ]
@@ -495,7 +501,12 @@ def plan(config, topology: Topology, devices: list) -> dict:
   # Per device: the model's FLOPs plus what remat recomputes (XLA's own count takes a loop body
   # once), the bytes the compiler expects to move through memory, and the collectives.
   t_compute = (
-    (result['model_flops'] * recompute_factor(module, model_cfg, L) / len(devices) / peak)
+    (
+      result['model_flops']
+      * recompute_factor(module, model_cfg, objective, config.objective_args, L)
+      / len(devices)
+      / peak
+    )
     if peak
     else math.nan
   )

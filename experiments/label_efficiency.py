@@ -326,7 +326,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   fine-tuned from each earlier checkpoint of the pretraining run (its own schedule's state at
   that step), 3 seeds each, into WORKDIR/pretrained@STEP-FRACTION-SEED. Returns those runs and
   the final checkpoint's pretraining tokens, or None when preempted."""
-  from fm import checkpoint, configs
+  from fm import checkpoint, configs, metrics
 
   fractions = study.trend_fractions[-1:] if smoke else study.trend_fractions
   seeds = (0,) if smoke else SEEDS
@@ -363,7 +363,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
           return None
         results.append(row)
         rows = with_recorded(results, previous)
-        (workdir / 'trend.json').write_text(json.dumps(rows, indent=1))
+        metrics.write_json(workdir / 'trend.json', rows)
   return results, int(final.name) * per_step
 
 
@@ -463,7 +463,9 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
 def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict) -> str:
   """The JSON and the table, with the minutes of training steps `spent` on the backbones and
   those of the fine-tuning runs so far."""
-  (workdir / 'label_efficiency.json').write_text(json.dumps(results, indent=1))
+  from fm import metrics
+
+  metrics.write_json(workdir / 'label_efficiency.json', results)
   markdown = f'{study.title} test accuracy (%), mean ± std over seeds\n\n'
   markdown += table(study, results)
   cells = [f'{name} {minutes:.1f}' for name, minutes in spent.items()]

@@ -189,7 +189,9 @@ def check_budget(pretrain_dir: pathlib.Path, objective: str, steps: int, workdir
 
 
 def write(workdir: pathlib.Path, out: dict) -> str:
-  (workdir / 'objective_comparison.json').write_text(json.dumps(out, indent=1))
+  from fm import metrics as metrics_lib
+
+  metrics_lib.write_json(workdir / 'objective_comparison.json', out)
   markdown = table(out)
   (workdir / 'objective_comparison.md').write_text(markdown + '\n')
   plot(out, workdir / 'pretraining_loss.png')

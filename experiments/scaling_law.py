@@ -328,7 +328,7 @@ def train_all(workdir: pathlib.Path, grid: Grid) -> list[dict] | None:
     elapsed = time.time() - start
     if 'loss' not in metrics:  # Preempted: the run resumes from its checkpoint next time.
       spent[name] = spent.get(name, 0.0) + elapsed
-      path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
+      metrics_lib.write_json(path, {'runs': done, 'spent': spent})
       return None
     seconds = spent.pop(name, 0.0) + elapsed
     run.update(
@@ -338,7 +338,7 @@ def train_all(workdir: pathlib.Path, grid: Grid) -> list[dict] | None:
       curve=metrics_lib.series(workdir / name, 'train/loss'),
     )
     done.append(run)
-    path.write_text(json.dumps({'runs': done, 'spent': spent}, indent=1))
+    metrics_lib.write_json(path, {'runs': done, 'spent': spent})
   return done
 
 
@@ -479,7 +479,7 @@ def main() -> int:
   grid = GRIDS['smoke' if args.smoke else args.grid]
   workdir = pathlib.Path(args.workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
-  from fm import ConfigError
+  from fm import ConfigError, metrics
 
   try:
     runs = train_all(workdir, grid)
@@ -491,7 +491,7 @@ def main() -> int:
     return 0
   result = analyse(runs, 20 if args.smoke else args.bootstrap)
   markdown = report(runs, result)
-  (workdir / 'scaling_law.json').write_text(json.dumps({'runs': runs, **result}, indent=1))
+  metrics.write_json(workdir / 'scaling_law.json', {'runs': runs, **result})
   (workdir / 'scaling_law.md').write_text(markdown + '\n')
   plot(runs, result, workdir)
   print(markdown)

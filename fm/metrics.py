@@ -94,6 +94,15 @@ def series(workdir: str | pathlib.Path, key: str) -> list[tuple[int, float]]:
   return [(r['step'], r[key]) for r in records if key in r]
 
 
+def write_json(path: str | pathlib.Path, value) -> None:
+  """`value` as indented JSON at `path`, written whole: a temporary file renamed over it, so a
+  study killed while writing keeps its previous results for the rerun to read."""
+  path = pathlib.Path(path)
+  partial = path.with_name(f'.{path.name}.partial')
+  partial.write_text(json.dumps(value, indent=1))
+  partial.replace(path)
+
+
 def training_seconds(workdir: str | pathlib.Path) -> float:
   """Seconds a run spent in training steps, summed over every command that trained it: each
   logged window's steps over its steps per second (compilation, evaluation and checkpoints are

@@ -88,9 +88,14 @@ class Writer:
 
 def series(workdir: str | pathlib.Path, key: str) -> list[tuple[int, float]]:
   """(step, value) of every record of `key` that a Writer put in WORKDIR/metrics.jsonl (none if
-  the file is missing), in the order written."""
+  the file is missing), in the order written; a line a killed process cut short is skipped."""
   path = pathlib.Path(workdir) / 'metrics.jsonl'
-  records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+  records = []
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
   return [(r['step'], r[key]) for r in records if key in r]
 
 

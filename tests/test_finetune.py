@@ -499,8 +499,9 @@ def test_a_run_recorded_without_its_validation_accuracy_reads_the_selected_one(t
     'test/macro_f1': 0.55,
     'accuracy': 0.7,
   }
-  (tmp_path / 'metrics.jsonl').write_text(json.dumps(records[0]) + '\n')
-  assert study.logged_scores(tmp_path) is None  # Not finished: trained (or resumed) instead.
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps(records[0]) + '\n{"step": 20, "eval/acc')
+  # Not finished (its last line cut short by a kill): trained (or resumed) instead.
+  assert study.logged_scores(tmp_path) is None
 
 
 def test_the_chosen_learning_rate_is_the_best_on_validation_and_the_trend_keeps_the_default():

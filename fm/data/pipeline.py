@@ -259,7 +259,9 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
         f'config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match or '
         f'prepare the corpus again with that tokenizer.'
       )
-  for path, problem, _ in prepare_lib.damage(directory, manifest):
+  found = prepare_lib.damage(directory, manifest, counts=False)
+  if found:
+    path, problem, _ = found[0]
     raise ConfigError(f'{path} is {problem}; {REPAIR.format(directory=directory)}')
   proto = b''
   if identity['kind'] in tokenizer_lib.FILES:

@@ -542,26 +542,25 @@ def prepare(
     and (not given or existing['tokenizer'] == given.identity)  # The model file unchanged.
   ):
     changed = _changed_inputs(spec, existing)
-    damaged = None if changed else _damaged_items(output, existing)
-    if not (changed or damaged is not None):
+    found = [] if changed else damage(output, existing)
+    if not (changed or found):
       return existing
   else:
-    changed, damaged = '', None
+    changed, found = '', []
   items, files = work_items(spec)  # The inputs are there: checked before anything changes.
   if changed:
     step(f'the inputs changed since {output} was prepared ({changed}): prepared anew')
     for record in output.glob('item-*.json'):  # Nothing of the old inputs is kept.
       record.unlink()
-  if damaged is not None:
+  if found:
+    damaged = sorted({item for _, _, item in found if item is not None})
     step(f'{len(damaged)} item(s) with a missing or damaged file are prepared again')
     for index in damaged:
       (output / f'item-{index:05d}.json').unlink(missing_ok=True)
-    kind = existing['tokenizer']['kind']  # Its tokenizer is kept, not trained again.
-    path = output / tokenizer_lib.FILES.get(kind, 'none')
-    if not given and kind in tokenizer_lib.FILES and path.is_file():
-      proto = path.read_bytes()
-      if hashlib.sha256(proto).hexdigest() == existing['tokenizer']['sha256']:  # Else damaged.
-        given = tokenizer_lib.from_identity(existing['tokenizer'], proto)
+    kind = existing['tokenizer']['kind']  # Its tokenizer, if whole, is kept, not trained again.
+    name = tokenizer_lib.FILES.get(kind)
+    if not given and name and output / name not in [p for p, _, _ in found]:
+      given = tokenizer_lib.from_identity(existing['tokenizer'], (output / name).read_bytes())
   # Whatever the directory held is rewritten: no manifest may vouch for it meanwhile.
   (output / MANIFEST).unlink(missing_ok=True)
   output.mkdir(parents=True, exist_ok=True)
@@ -587,11 +586,14 @@ def prepare(
   return manifest
 
 
-def damage(output: pathlib.Path, manifest: dict) -> list[tuple[pathlib.Path, str, int | None]]:
+def damage(
+  output: pathlib.Path, manifest: dict, counts: bool = True
+) -> list[tuple[pathlib.Path, str, int | None]]:
   """What is missing or damaged in a prepared directory, as (file, what is wrong with it, the
   work item that wrote it or None for a split's offsets and the tokenizer's file): each shard's
-  size, the entries of its token counts and of each split's offsets, the tokenizer's digest.
-  Sizes and array headers: no shard is read. [] when all are whole."""
+  size, the entries of each split's offsets and, with `counts`, of each shard's token counts
+  (which only prepare reads: training leaves them out), the tokenizer's digest. Sizes and
+  array headers: no shard is read. [] when all are whole."""
 
   def entries(path: pathlib.Path) -> int | None:
     try:
@@ -617,9 +619,10 @@ def damage(output: pathlib.Path, manifest: dict) -> list[tuple[pathlib.Path, str
       size = path.stat().st_size if path.is_file() else None
       problem = wrong(path, size, shard['bytes'], 'bytes')
       found += [(path, problem, item)] if problem else []
-      lengths = path.with_suffix('.lengths.npy')
-      problem = wrong(lengths, entries(lengths), shard['documents'], 'entries')
-      found += [(lengths, problem, item)] if problem else []
+      if counts:
+        lengths = path.with_suffix('.lengths.npy')
+        problem = wrong(lengths, entries(lengths), shard['documents'], 'entries')
+        found += [(lengths, problem, item)] if problem else []
   identity = manifest['tokenizer']
   if identity['kind'] in tokenizer_lib.FILES:
     path = output / tokenizer_lib.FILES[identity['kind']]
@@ -653,13 +656,6 @@ def _changed_inputs(spec: Spec, manifest: dict) -> str:
     'of another size': sum(recorded[p] != n for p, n in now.items() if p in recorded),
   }
   return ', '.join(f'{n} file(s) {what}' for what, n in counts.items() if n)
-
-
-def _damaged_items(output: pathlib.Path, manifest: dict) -> list[int] | None:
-  """The work items to prepare again for what `damage` finds: [] when only a split's offsets or
-  the tokenizer's file are (rewritten anyway), None when the directory is whole."""
-  found = damage(output, manifest)
-  return sorted({item for _, _, item in found if item is not None}) if found else None
 
 
 def _write_manifest(output: pathlib.Path, spec: Spec, tok, items: list[Item], files) -> dict:

@@ -21,7 +21,7 @@ Fine-tuning runs use the study's experiment with fewer steps for fewer labels; t
 pretrained once into WORKDIR/pretrained (or --pretrained DIR, a finished pretraining run). Writes
 WORKDIR/label_efficiency.{md,json,png}, the table (with each run's minutes of training steps)
 and JSON after every run; rerunning the command takes finished runs (final checkpoint present) as
-the JSON recorded them. --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
+their logs have them. --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
 earlier checkpoints (the sentiment study's own pretraining keeps steps 90, 180, 270 and 360) and
 writes WORKDIR/trend.{md,json,png}: accuracy against pretraining tokens, beside random init and
 the final backbone from the study's own runs, with the log-linear trend of the gain.
@@ -158,7 +158,6 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
     if m in backbones
   }
   previous = recorded_rows(workdir / 'label_efficiency.json')
-  recorded = by_run(previous)
   results = []
   for fraction in fractions:
     for seed in seeds:
@@ -171,13 +170,7 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
           )
           name = f'{model}-{fraction}-{seed}' + ('' if scale == 1.0 else f'-lr{scale:.3g}')
           row = finetune_row(
-            config,
-            workdir / name,
-            recorded,
-            model=model,
-            fraction=fraction,
-            seed=seed,
-            lr_scale=scale,
+            config, workdir / name, model=model, fraction=fraction, seed=seed, lr_scale=scale
           )
           if row is None:  # Preempted: saved; the rerun resumes it.
             return []
@@ -227,33 +220,23 @@ def recorded_rows(path: pathlib.Path) -> list[dict]:
   return json.loads(path.read_text()) if path.exists() else []
 
 
-def by_run(rows: list[dict]) -> dict:
-  """Recorded fine-tuning runs by (model, fraction, seed, learning-rate scale): each row, or
-  each of its candidates where it was chosen among several rates."""
-  runs_ = [c for r in rows for c in r.get('candidates', [r])]
-  return {(r['model'], r['fraction'], r['seed'], r.get('lr_scale', 1.0)): r for r in runs_}
-
-
 def with_recorded(results: list[dict], previous: list[dict]) -> list[dict]:
   """`results` and after them the `previous` rows of runs not among them: what the JSON holds
-  while a rerun goes through them again (stopped or killed midway, it keeps them for the next
-  to take as recorded)."""
+  while a rerun goes through them again (its table complete while an earlier run trains)."""
   key = lambda r: (r['model'], r['fraction'], r['seed'])
   done = {key(r) for r in results}
   return results + [r for r in previous if key(r) not in done]
 
 
-def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dict | None:
+def finetune_row(config, run_dir: pathlib.Path, **fields) -> dict | None:
   """Runs (or resumes) one fine-tuning run: `fields` with its test scores and minutes of
   training steps, or None when it was preempted (saved: a rerun resumes it). A run whose final
-  checkpoint exists is taken as the JSON recorded it (`recorded`), or as its log has it, not
-  evaluated again."""
+  checkpoint exists is taken as its log has it, not evaluated again."""
   from fm import checkpoint, metrics, runs
 
-  row = recorded.get(tuple(fields[k] for k in ('model', 'fraction', 'seed', 'lr_scale')))
   scores = None
   if checkpoint.latest_step(run_dir) >= config.train.steps:
-    scores = logged_scores(run_dir, row)
+    scores = logged_scores(run_dir)
   if not scores:
     scores = runs.run(config, run_dir)
     if not scores:
@@ -268,27 +251,22 @@ def finetune_row(config, run_dir: pathlib.Path, recorded: dict, **fields) -> dic
   }
 
 
-def logged_scores(run_dir: pathlib.Path, row: dict | None = None) -> dict | None:
+def logged_scores(run_dir: pathlib.Path) -> dict | None:
   """A finished run's test accuracy and macro-F1 and the validation accuracy of the params
-  early stopping selected, as `row` (the JSON's) records them, else as its log does (a run
-  finished but not yet in the JSON, or recorded before the JSON held validation accuracy);
-  None when the log lacks one."""
+  early stopping selected (its evaluation at the selected step), as its log has them; None
+  when the log lacks one."""
   from fm import metrics
 
   def last(key: str, step: float | None = None) -> float | None:
     values = [v for s, v in metrics.series(run_dir, key) if step is None or s == step]
     return values[-1] if values else None
 
-  row = row or {}
-  scores = {
-    'test/accuracy': row.get('accuracy', last('test/accuracy')),
-    'test/macro_f1': row.get('macro_f1', last('test/macro_f1')),
-  }
   selected = last('eval/selected_step')
-  validation = row.get('validation_accuracy')
-  if validation is None and selected is not None:
-    validation = last('eval/accuracy', selected)
-  scores['accuracy'] = validation
+  scores = {
+    'test/accuracy': last('test/accuracy'),
+    'test/macro_f1': last('test/macro_f1'),
+    'accuracy': None if selected is None else last('eval/accuracy', selected),
+  }
   return scores if None not in scores.values() else None
 
 
@@ -341,7 +319,6 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
   steps = [step for step in steps if every and step % every == 0 and step != int(final.name)]
   previous = recorded_rows(workdir / 'trend.json')
-  recorded = by_run(previous)
   results = []
   for fraction in fractions:
     for step in steps:
@@ -351,7 +328,6 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
         row = finetune_row(
           config,
           workdir / f'pretrained@{step}-{fraction}-{seed}',
-          recorded,
           model=f'pretrained@{step}',
           pretraining_steps=step,
           pretraining_tokens=step * per_step,
@@ -362,8 +338,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
         if row is None:
           return None
         results.append(row)
-        rows = with_recorded(results, previous)
-        metrics.write_json(workdir / 'trend.json', rows)
+        metrics.write_json(workdir / 'trend.json', with_recorded(results, previous))
   return results, int(final.name) * per_step
 
 
@@ -454,10 +429,8 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   config.train.update(steps=steps, eval_every=every, log_every=max(steps // 25, 1))
   config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
   config.checkpoint.every_steps = every
-  finished = checkpoint.latest_step(workdir / 'adapted') >= steps  # Not evaluated again.
-  if not (finished or runs.run(config, workdir / 'adapted')):  # Preempted.
-    return None
-  return checkpoint.resolve(workdir / 'adapted', 'adapted')
+  # Trained (or resumed) unless finished; None when stopped.
+  return runs.obtain(runs.Dependency('adapted', config, workdir / 'adapted', 'task-adaptive pretraining', None))
 
 
 def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict) -> str:

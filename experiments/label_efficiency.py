@@ -430,7 +430,9 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
   config.checkpoint.every_steps = every
   # Trained (or resumed) unless finished; None when stopped.
-  return runs.obtain(runs.Dependency('adapted', config, workdir / 'adapted', 'task-adaptive pretraining', None))
+  return runs.obtain(
+    runs.Dependency('adapted', config, workdir / 'adapted', 'task-adaptive pretraining', None)
+  )
 
 
 def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict) -> str:

@@ -2,11 +2,12 @@
 config against them.
 
 An experiment file (`get_config(arg)` returning an ml_collections ConfigDict) is a whole recipe;
-on the command line any key it sets can be overridden (`--config.train.steps=100`), and no other.
-`resolve` fills in every key the file leaves out from the table below, which is the one home of
-each default, so the trainers read `config.train.microbatches` and never `.get(key, default)`.
-It also refuses a key that the table does not know (naming the closest one) and a required key
-that is missing. Plugin options have their defaults in the plugin: an objective's `ARGS`
+on the command line any key of the table below can be overridden (`--config.train.steps=100`),
+whether the file sets it or not (`overridable`). `resolve` fills in every key the file leaves out
+from the table, which is the one home of each default, so the trainers read
+`config.train.microbatches` and never `.get(key, default)`. It also refuses a key that the table
+does not know (naming the closest one), a value whose type is not its default's, and a required
+key that is missing. Plugin options have their defaults in the plugin: an objective's `ARGS`
 (`config.objective_args`), a task kind's `ARGS` (`config.task_args`) and `FINETUNE`; model
 fields in the model's `VARIANTS` and `Config`.
 """
@@ -179,9 +180,29 @@ def load(spec: str, key: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'{key}={spec!r}: {e}') from None
 
 
+def overridable(config):
+  """`config` with each dict of the table that it leaves out added, empty (not `data`'s, which
+  depend on the objective's modality), so that an override can set any key of the table as a
+  new key, which `resolve` then checks by name and type. Anything else is returned as it is."""
+  if isinstance(config, ml_collections.ConfigDict):
+    _add_dicts(config, {**SHARED, **(FINETUNING if is_finetuning(config) else PRETRAINING)})
+  return config
+
+
+def _add_dicts(node: ml_collections.ConfigDict, table: dict) -> None:
+  for name, default in table.items():
+    if isinstance(default, dict | _Free) and name != 'data':
+      if name not in node:
+        node[name] = {}
+      if isinstance(default, dict) and isinstance(node[name], ml_collections.ConfigDict):
+        _add_dicts(node[name], default)
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: str, key: str) -> None:
-  """Sets 'a.b=value c=value' (Python literals, else strings) on `config`, whose keys must
-  exist, as the command line's --config.a.b=value would."""
+  """Sets 'a.b=value c=value' (Python literals, else strings) on `config`, as the command
+  line's --config.a.b=value would: a key of a dict the config has, or of one `overridable` adds
+  (a new key is checked by `resolve`)."""
+  overridable(config)
   for item in overrides.split():
     path, sep, text = item.partition('=')
     if not sep:
@@ -191,7 +212,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: str, key: str)
     except (ValueError, SyntaxError):
       value = text
     try:
-      node, last = find(config, path)
+      node, last = find(config, path, new=True)
     except ConfigError as e:
       raise ConfigError(f'{key}: {e}') from None
     try:
@@ -259,13 +280,39 @@ def _fill(node: ml_collections.ConfigDict, table: dict, where: str) -> None:
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f'{where}.{name}={value!r} must be a dict of: {", ".join(default)}.')
       _fill(value, default, f'{where}.{name}')
+    elif name in node and not _fits(value, default):
+      raise ConfigError(
+        f'{where}.{name}={value!r} is a {type(value).__name__}; give a '
+        f'{_TYPES[type(default)]} like its default, {default!r}.'
+      )
 
 
-def find(config: ml_collections.ConfigDict, path: str) -> tuple[ml_collections.ConfigDict, str]:
+# A default of each of these types takes a value of the types beside it.
+_TYPES = {bool: 'bool', int: 'int', float: 'number', str: 'string', tuple: 'tuple or list'}
+_ACCEPTS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple, list)}
+
+
+def _fits(value, default) -> bool:
+  """Whether `value` may stand where `default` is: values of the default's type (an int for a
+  float, a list for a tuple, not a bool for a number); anything for other defaults."""
+  accepts = _ACCEPTS.get(type(default))
+  if accepts is None:
+    return True
+  return isinstance(value, accepts) and (type(default) is bool or not isinstance(value, bool))
+
+
+def find(
+  config: ml_collections.ConfigDict, path: str, new: bool = False
+) -> tuple[ml_collections.ConfigDict, str]:
   """(the dict that holds the key `path` ('a.b.c'), its last name); a key that `config` does
-  not set raises a ConfigError naming the closest one."""
+  not set raises a ConfigError naming the closest one, unless `new` and only the last name is
+  missing."""
   node, where = config, 'config'
-  for name in path.split('.'):
+  names = path.split('.')
+  for i, name in enumerate(names):
+    last_is_new = new and i == len(names) - 1 and isinstance(node, ml_collections.ConfigDict)
+    if last_is_new and name not in node:
+      return node, name
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:
       choices = list(node) if isinstance(node, ml_collections.ConfigDict) else []
       raise ConfigError(unknown_key(where, name, choices))

@@ -5,15 +5,12 @@ import re
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from fm import ConfigError
-from fm.cli import parse_flags
+from fm.cli import define_config, parse_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  'config', None, 'Experiment file, optionally with :variant.', lock_config=True
-)
+define_config()
 flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints and the resolved config.')
 flags.DEFINE_string(
   'coordinator_address',
@@ -51,8 +48,7 @@ def cpu_threads() -> None:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  cpu_threads()
-  import jax  # Imported here so flag errors do not pay for it.
+  import jax
 
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -71,4 +67,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cpu_threads()  # Before parse_flags, whose config check imports jax.
   app.run(main, flags_parser=parse_flags)

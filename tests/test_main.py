@@ -205,6 +205,15 @@ BAD_INPUT = [
     r"config.objective='ul2' does not work with config.model.name='decoder'; compatible "
     r'models: encdec',
   ),
+  (['model.dtype=float17'], r"config.model.dtype='float17' is unknown; choose one of: float32"),
+  (['model.remat=bogus'], r"config.model.remat='bogus' is unknown; choose one of: none, full"),
+  (['model.attention_impl=flash'], r"config.model.attention_impl='flash' is unknown; choose"),
+  (['data.seq_len=0'], r'config.data.seq_len=0 must be >= 2'),
+  (['checkpoint.keep=0'], r'config.checkpoint.keep=0 must be >= 1'),
+  (['data.tokenizer.kind=bpe'], r"config.data.tokenizer.kind='bpe' is unknown"),
+  (['init.from_checkpoint=/nonexistent'], r"config.init.from_checkpoint='/nonexistent' holds no"),
+  # A key the experiment leaves out is checked by name and type like any other.
+  (['data.validation_fraction=abc'], r"config.data.validation_fraction='abc' is a str; give a "),
 ]
 # (experiment, flags, message) for the objectives' own arguments.
 BAD_OBJECTIVE_ARGS = [
@@ -242,6 +251,31 @@ def test_bad_input_is_refused_before_anything_is_written(experiment, flags, mess
   assert not (tmp_path / 'w').exists()
 
 
+def test_keys_the_experiment_leaves_out_can_be_overridden():
+  """The command line sets any key of the defaults table (and an objective's options), also
+  one the experiment file does not set (in a dict it leaves out too), and the run has it."""
+  script = (
+    'import sys; from absl import flags; from fm import cli, configs; cli.define_config(); '
+    'cli.parse_flags(sys.argv); c = configs.resolve(flags.FLAGS.config); '
+    'print(c.data.text_field, c.data.validation_fraction, c.optim.schedule, '
+    'c.objective_args.vocab_chunk)'
+  )
+  raw = load_experiment('lm_shakespeare').get_config('smoke')
+  assert 'objective_args' not in raw and 'text_field' not in raw.data
+  assert 'schedule' not in raw.optim and 'validation_fraction' not in raw.data
+  args = ['--config=experiments/lm_shakespeare.py:smoke', '--config.data.text_field=body']
+  args += ['--config.data.validation_fraction=0.05', '--config.optim.schedule=constant']
+  args += ['--config.objective_args.vocab_chunk=64']
+  result = subprocess.run(
+    [sys.executable, '-c', script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ['body', '0.05', 'constant', '64']
+  configs.apply_overrides(raw, 'optim.schedule=constant data.text_field=body', 'x.overrides')
+  resolved = configs.resolve(raw)  # `pretrained.overrides` and the like, alike.
+  assert (resolved.optim.schedule, resolved.data.text_field) == ('constant', 'body')
+
+
 def test_a_suggested_fix_works():
   """The seq_len error suggests --config.data.seq_len=512: a key the experiment sets (so the
   command line takes it), and the config it gives passes the checks."""
@@ -277,6 +311,15 @@ CLI_ERRORS = [
   (
     ['--config', 'experiments/lm_shakespeare.py:smoke', '--config.train.steps=abc'],
     r'--config.train.steps=abc',
+  ),
+  (
+    ['--config', 'experiments/lm_shakespeare.py:smoke', '--config.data.text_fiel=body'],
+    r'error: --config.data.text_fiel=body: config.data.text_fiel is not a key of config.data '
+    r"\(did you mean 'text_field'\?\)",
+  ),
+  (
+    ['--config', 'experiments/lm_shakespeare.py:smoke', '--config.optim.schedule=2'],
+    r'error: --config.optim.schedule=2: config.optim.schedule=2 is a int; give a string like ',
   ),
   (
     ['--config', 'experiments/lm_shakespeare.py:smoke', '--config.mesh.data=3'],

@@ -31,15 +31,12 @@ import re
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from fm import ConfigError
-from fm.cli import parse_flags
+from fm.cli import define_config, parse_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  'config', None, 'Experiment file, optionally with :variant.', lock_config=True
-)
+define_config()
 flags.DEFINE_string(
   'topology',
   None,
@@ -550,9 +547,17 @@ def _seconds(x: float) -> str:
   return f'{x * 1e3:.1f} ms' if x < 10 else f'{x:.1f} s'
 
 
+def _count(n: float) -> str:
+  """A parameter count as 0.22B, 4.46M or 51K."""
+  for scale, unit in ((1e9, 'B'), (1e6, 'M'), (1e3, 'K')):
+    if n >= scale:
+      return f'{n / scale:.2f}{unit}'
+  return f'{n:.0f}'
+
+
 def summary(p: dict) -> str:
   lines = [
-    f'{p["model"]} ({p["params"] / 1e9:.2f}B params) on {p["topology"]}: {p["devices"]} x '
+    f'{p["model"]} ({_count(p["params"])} params) on {p["topology"]}: {p["devices"]} x '
     f'{p["device_kind"]}, mesh {p["mesh"]}, compiled by {p["compiler"]}',
     f'global batch {p["global_batch"]} x {p["seq_len"]} tokens, microbatches '
     f'{p["microbatches"]}, remat {p["remat"]}, scan_layers {p["scan_layers"]}, compute '

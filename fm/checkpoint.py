@@ -135,6 +135,7 @@ class Checkpointer:
         other = f'was saved with config.train.select={held!r}; resume it with that value'
       else:
         other = _other_state(path / 'state', target)
+        other = other and f'{other}; resume it with the config that wrote it'
       if other:
         raise ConfigError(
           f'{path} {other}, or start this run in a new workdir (its config.json is the '

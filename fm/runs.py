@@ -23,7 +23,16 @@ import pathlib
 
 import ml_collections
 
-from fm import ConfigError, checkpoint, configs, convert, finetune, sharding, train
+from fm import (
+  ConfigError,
+  checkpoint,
+  configs,
+  convert,
+  finetune,
+  removed_if_left_empty,
+  sharding,
+  train,
+)
 from fm import metrics as metrics_lib
 
 
@@ -33,6 +42,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   dependency (rerunning the same command resumes it). Every config check runs before anything is written."""
   config = configs.resolve(config)
   workdir = pathlib.Path(workdir).expanduser()
+  with removed_if_left_empty(workdir):  # A run refused after _prepare leaves no empty workdir.
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   shape, batch_ways = dict(mesh.shape), sharding.batch_divisor(mesh, rules)

@@ -26,6 +26,8 @@ from fm import ConfigError, checkpoint, models, optim, registry, sharding
 from fm import metrics as metrics_lib
 from fm.data import images, pipeline
 from fm.data import prepare as prepare_lib
+from fm.data import tokenizer as tokenizer_lib
+from fm.models import layers
 
 # {'step', 'params', 'opt_state', 'nonfinite' (count of non-finite steps), 'first_nonfinite'
 # (the first such step, -1 if none)}.
@@ -62,7 +64,9 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         f'is smaller than the {vocab_size} ids the tokenizer and objective need; raise it or '
         f'drop the override.'
       )
-  return family, family.Config(**fields)
+  model_cfg = family.Config(**fields)
+  layers.check_common(model_cfg)
+  return family, model_cfg
 
 
 def check_run(config: ml_collections.ConfigDict) -> None:
@@ -76,6 +80,14 @@ def check_run(config: ml_collections.ConfigDict) -> None:
   for key in ('global_batch', 'log_every', 'eval_every'):
     if config.train[key] < 1:
       raise ConfigError(f'config.train.{key}={config.train[key]} must be >= 1.')
+  if config.init.from_checkpoint:  # It exists (its params are matched at the start).
+    checkpoint.resolve(config.init.from_checkpoint)
+  if config.checkpoint.keep < 1 or config.checkpoint.every_steps < 0:
+    raise ConfigError(
+      f'config.checkpoint.keep={config.checkpoint.keep} must be >= 1 (the newest checkpoints '
+      f'kept: a rerun resumes from the newest) and config.checkpoint.every_steps='
+      f'{config.checkpoint.every_steps} >= 0 (0: save at the end and on preemption).'
+    )
   if config.train.nonfinite not in NONFINITE_POLICIES:
     raise ConfigError(
       f'config.train.nonfinite={config.train.nonfinite!r} is unknown; choose raise or skip.'
@@ -132,6 +144,10 @@ def validate(
       f'couples every row of the batch with every other, so it cannot be split into '
       f'microbatches; set it to 1 (and lower config.train.global_batch if memory is short).'
     )
+  if text and config.data.seq_len < 2:
+    raise ConfigError(
+      f'config.data.seq_len={config.data.seq_len} must be >= 2 (tokens per window).'
+    )
   if text and config.data.seq_len > model_cfg.max_len:
     raise ConfigError(
       f'config.data.seq_len={config.data.seq_len} exceeds the max_len={model_cfg.max_len} of '
@@ -165,6 +181,7 @@ def check_data(data_cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'config.data.mixture: the weight of {path} is {weight}; give it > 0.')
     return
   spec = pipeline.spec_of(data_cfg)
+  tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)  # Its kind and file.
   prepare_lib.expand(spec.train, 'config.data.train')
   prepare_lib.expand(spec.validation, 'config.data.validation')
 
@@ -507,6 +524,8 @@ def train_and_evaluate(
   args = config.objective_args
   flops_per_step = step_flops(family, model_cfg, objective, args, seq_len, global_batch)
   text_model = objective.MODALITY == 'text'
+  for name, path in frozen.items():  # Before anything is written to the workdir.
+    _check_frozen(name, path, checkpoint.read_meta(path), objective, model_cfg, tokenizer.identity)
   meta = record(
     workdir,
     config,
@@ -529,7 +548,6 @@ def train_and_evaluate(
     frozen_models = {}
     for name, path in frozen.items():
       frozen_model, params, frozen_meta = checkpoint.restore_model(path, mesh, rules)
-      _check_frozen(name, path, frozen_meta, objective, model_cfg, tokenizer.identity)
       frozen_models[name] = (frozen_model.apply, params)
       # Its forward pass (a third of a training step's FLOPs) counts towards MFU.
       frozen_family = registry.get('models', checkpoint.family(frozen_meta))

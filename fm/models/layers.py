@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fm import sharding
+from fm import ConfigError, sharding
 from fm.sharding import constrain
 
 Dtype = Any
@@ -524,3 +524,20 @@ REMAT_POLICIES = {
   'dots_saveable': jax.checkpoint_policies.dots_saveable,
   'minimal': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's implementations.
+
+
+def check_common(cfg) -> None:
+  """The fields every family's Config may have (dtypes, remat, attention) hold known values."""
+  for name, choices in (
+    ('dtype', DTYPES),
+    ('param_dtype', DTYPES),
+    ('remat', tuple(REMAT_POLICIES)),
+    ('attention_impl', ATTENTION_IMPLS),
+  ):
+    value = getattr(cfg, name, choices[0])
+    if value not in choices:
+      raise ConfigError(
+        f'config.model.{name}={value!r} is unknown; choose one of: {", ".join(choices)}.'
+      )

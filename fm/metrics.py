@@ -28,13 +28,19 @@ PEAK_FLOPS = (
 
 @functools.cache
 def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-  """FLOP/s of a float32 matmul on this host (the best of a few), as the CPU's peak."""
-  return matmul_flops(n, jnp.float32, repeats)
+  """FLOP/s of float32 matmuls on this process's CPU devices (the best of a few), as the
+  host's peak."""
+  return matmul_flops(n, jnp.float32, repeats, every_device=True)
 
 
-def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` n x n matmuls in `dtype` on the default device."""
-  a = jnp.ones((n, n), dtype)
+def matmul_flops(n: int, dtype, repeats: int = 5, every_device: bool = False) -> float:
+  """FLOP/s of the best of `repeats` n x n matmuls in `dtype` on the default device, or with
+  `every_device` one on each local device at once, summed: fake CPU devices split the host's
+  threads between them, so one of them alone reads a fraction of the host."""
+  devices = jax.local_devices() if every_device else jax.local_devices()[:1]
+  mesh = jax.sharding.Mesh(np.array(devices), ('devices',))
+  spread = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('devices'))
+  a = jax.device_put(jnp.ones((len(devices), n, n), dtype), spread)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
   best = math.inf
@@ -42,17 +48,17 @@ def matmul_flops(n: int, dtype, repeats: int = 5) -> float:
     start = time.perf_counter()
     matmul(a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
+  return len(devices) * 2 * n**3 / best
 
 
 def peak_flops() -> float:
   """Peak FLOP/s of the whole job: per-chip table for accelerators, a measured probe on CPU.
 
-  Fake CPU devices share the host's cores, so on CPU the peak is the host's, not per device.
+  Fake CPU devices share the host's cores, so on CPU the peak is each host's, not per device.
   """
   device = jax.devices()[0]
   if device.platform == 'cpu':
-    return measure_cpu_peak()
+    return measure_cpu_peak() * jax.process_count()
   return chip_peak_flops(device.device_kind) * jax.device_count()
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -241,6 +242,7 @@ BAD_FILES = [
     r"x.jsonl:2: no string field 'text'; set "
     r'--text_field \(config.data.text_field\)',
   ),
+  ('x.jsonl', '{"text": null}\n', r"x.jsonl:1: its field 'text' holds null, not a string; give"),
   (
     'x.jsonl',
     b'{"text": "caf\xe9"}\n',
@@ -693,6 +695,31 @@ def test_a_bad_line_found_by_a_worker_process_is_one_sentence(tmp_path):
     f'error: {tmp_path / "x.jsonl"}:3001: not JSON (Expecting value); fix the line.'
   )
   assert not [p for p in (tmp_path / 'out').iterdir() if not p.name.startswith('input-')]
+
+
+def test_the_prepare_command_names_its_own_flags(tmp_path):
+  """A message of the data layer names the command's flag (--vocab_size), not the run's config
+  key, with a fix that works; the refused output directory is not left behind."""
+  (tmp_path / 'x.jsonl').write_text(
+    ''.join(json.dumps({'text': f'line {i}: {chr(0x3B1 + i % 20)}'}) + '\n' for i in range(500))
+  )
+  command = [sys.executable, '-m', 'fm.data.prepare', '--train', str(tmp_path / 'x.jsonl')]
+  command += ['--output', str(tmp_path / 'out')]
+  done = subprocess.run(
+    [*command, '--vocab_size', '50'], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  last = done.stderr.strip().splitlines()[-1]
+  assert done.returncode == 2 and not (tmp_path / 'out').exists(), done.stderr
+  least = re.fullmatch(r'error: --vocab_size=50 is less than .*; set it to at least (\d+)\.', last)
+  assert least, last
+  done = subprocess.run(
+    [*command, '--vocab_size', least.group(1)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0 and (tmp_path / 'out' / prepare.MANIFEST).exists(), done.stderr
 
 
 @pytest.mark.slow

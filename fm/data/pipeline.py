@@ -188,7 +188,8 @@ def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
     paths += prepare_lib.expand(spec.validation, 'config.data.validation')
     key = hashlib.sha256((key + json.dumps([_stat(p) for p in paths])).encode()).hexdigest()
   directory = sources.cache_dir() / 'prepared' / f'{data_cfg.dataset}-{key[:16]}'
-  prepare_lib.prepare(spec, directory)
+  say = lambda line: print(f'preparing {directory}: {line}', flush=True)  # Once per corpus.
+  prepare_lib.prepare(spec, directory, say=say)
   return directory
 
 

@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from fm import ConfigError
+from fm import ConfigError, removed_if_left_empty
 from fm.data import sources
 from fm.data import tokenizer as tokenizer_lib
 
@@ -182,8 +182,14 @@ def _json_text(line: bytes, path: str, offset: int, spec: Spec) -> str:
       f'{path}:{_line_number(path, offset)}: not JSON ({e.msg}); fix the line.'
     ) from None
   if not isinstance(record, dict) or not isinstance(record.get(spec.text_field), str):
+    where = f'{path}:{_line_number(path, offset)}'
+    if isinstance(record, dict) and spec.text_field in record:
+      raise ConfigError(
+        f'{where}: its field {spec.text_field!r} holds {json.dumps(record[spec.text_field])[:60]}, not a '
+        f'string; give it the text, or remove the line.'
+      )
     raise ConfigError(
-      f'{path}:{_line_number(path, offset)}: no string field {spec.text_field!r}; set '
+      f'{where}: no string field {spec.text_field!r}; set '
       f'--text_field (config.data.text_field) to the field that holds the text.'
     )
   return record[spec.text_field]
@@ -563,27 +569,28 @@ def prepare(
       given = tokenizer_lib.from_identity(existing['tokenizer'], (output / name).read_bytes())
   # Whatever the directory held is rewritten: no manifest may vouch for it meanwhile.
   (output / MANIFEST).unlink(missing_ok=True)
-  output.mkdir(parents=True, exist_ok=True)
-  for stale in output.glob('.*.partial'):  # Left by a killed prepare (not by a running one).
-    if not _running(int(stale.name.rsplit('.', 2)[1])):
-      stale.unlink(missing_ok=True)
-  for stale in output.glob('error-*.txt'):
-    stale.unlink()
-  step(f'{len(items)} work items of {sum(i.bytes for i in items):,} bytes in all')
-  tok = given
-  if not tok:
-    lines = sample(items, spec) if spec.tokenizer == 'sentencepiece' else []
-    if lines:
-      step(f"the tokenizer's sample: {len(lines):,} lines from {len(sampled_items(items))} items")
-    tok = tokenizer_lib.train(spec.tokenizer, spec.vocab_size, lines)
-  if tok.identity['kind'] in tokenizer_lib.FILES:
-    _atomic_bytes(output / tokenizer_lib.FILES[tok.identity['kind']], tok.proto)
-    step(f'the tokenizer {"given" if given else "trained"}: {tok.identity["sha256"][:12]}')
-  run_pipeline(items, files, spec, tok, output, workers, beam_args)
-  step(f'the pipeline wrote {len(items)} items with {workers} worker(s)')
-  manifest = _write_manifest(output, spec, tok, items, files)
-  step('the manifest written')
-  return manifest
+  with removed_if_left_empty(output):  # Nothing but an empty directory is taken back.
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob('.*.partial'):  # Left by a killed prepare (not by a running one).
+      if not _running(int(stale.name.rsplit('.', 2)[1])):
+        stale.unlink(missing_ok=True)
+    for stale in output.glob('error-*.txt'):
+      stale.unlink()
+    step(f'{len(items)} work items of {sum(i.bytes for i in items):,} bytes in all')
+    tok = given
+    if not tok:
+      lines = sample(items, spec) if spec.tokenizer == 'sentencepiece' else []
+      if lines:
+        step(f"the tokenizer's sample: {len(lines):,} lines from {len(sampled_items(items))} items")
+      tok = tokenizer_lib.train(spec.tokenizer, spec.vocab_size, lines)
+    if tok.identity['kind'] in tokenizer_lib.FILES:
+      _atomic_bytes(output / tokenizer_lib.FILES[tok.identity['kind']], tok.proto)
+      step(f'the tokenizer {"given" if given else "trained"}: {tok.identity["sha256"][:12]}')
+    run_pipeline(items, files, spec, tok, output, workers, beam_args)
+    step(f'the pipeline wrote {len(items)} items with {workers} worker(s)')
+    manifest = _write_manifest(output, spec, tok, items, files)
+    step('the manifest written')
+    return manifest
 
 
 def damage(
@@ -740,6 +747,28 @@ def read_manifest(directory: str | pathlib.Path, must_exist: bool = True) -> dic
   return manifest
 
 
+# The flags of this command for the config keys that the data layer's messages name.
+FLAGS = {
+  'config.data.tokenizer.vocab_size': '--vocab_size',
+  'config.data.tokenizer.model': '--tokenizer_model',
+  'config.data.tokenizer.kind': '--tokenizer',
+  'config.data.validation_fraction': '--validation_fraction',
+  'config.data.validation': '--validation',
+  'config.data.train': '--train',
+  'config.data.text_field': '--text_field',
+  'config.data.encoding_errors': '--encoding_errors',
+  'config.data.dataset': '--source',
+}
+
+
+def in_flags(message: str) -> str:
+  """A data-layer message with this command's flags for the config keys it names."""
+  message = re.sub(r'(--\w+) \(config\.data\.[\w.]+\)', r'\1', message)  # '--x (config.data.x)'
+  for key, flag in FLAGS.items():
+    message = re.sub(rf'(--)?{re.escape(key)}\b', flag, message)
+  return message
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   ours, beam_args = (
@@ -783,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
       spec, args.output, args.workers, beam_args, lambda line: print(line, file=sys.stderr)
     )
   except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f'error: {in_flags(str(e))}', file=sys.stderr)
     return 2
   for split, info in manifest['splits'].items():
     print(

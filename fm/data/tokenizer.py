@@ -238,6 +238,13 @@ def train_sentencepiece(lines: list[str], vocab_size: int, seed: int = 0) -> byt
         f'config.data.tokenizer.vocab_size={found.group(1)} is more than this corpus can give '
         f'a SentencePiece model{skipped}; set it to at most {found.group(2)}, or add text.'
       ) from None
+    found = re.search(r'Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)', str(e))
+    if found:
+      raise ConfigError(
+        f'config.data.tokenizer.vocab_size={found.group(1)} is less than this corpus needs (one '
+        f'piece per distinct character, the 256 bytes and the special ids); set it to at least '
+        f'{found.group(2)}.'
+      ) from None
     raise ConfigError(
       f'SentencePiece could not train on this corpus{skipped}; or use '
       f'config.data.tokenizer.kind=bytes ({str(e).splitlines()[0][:200]}).'

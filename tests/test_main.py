@@ -285,14 +285,14 @@ def test_keys_the_experiment_leaves_out_can_be_overridden():
 
 
 def test_a_suggested_fix_works():
-  """The seq_len error suggests --config.data.seq_len=512: a key the experiment sets (so the
-  command line takes it), and the config it gives passes the checks."""
+  """The seq_len error suggests --config.data.seq_len=512: a key the command line takes, and
+  the config it gives passes the checks."""
   config = load_experiment('lm_shakespeare').get_config('smoke')
   config.data.seq_len = 4096
   with pytest.raises(ConfigError, match=r'lower it with --config\.data\.seq_len=512') as error:
     train.validate(configs.resolve(config), {'data': 8}, 8)
   key, value = re.search(r'--config\.(\S+)=(\d+)', str(error.value)).groups()
-  configs.apply_overrides(config, f'{key}={value}', '--config')  # Refuses keys the file lacks.
+  configs.apply_overrides(config, f'{key}={value}', '--config')  # Refuses keys no table knows.
   train.validate(configs.resolve(config), {'data': 8}, 8)
 
 

@@ -280,24 +280,27 @@ def _fill(node: ml_collections.ConfigDict, table: dict, where: str) -> None:
       if not isinstance(value, ml_collections.ConfigDict):
         raise ConfigError(f'{where}.{name}={value!r} must be a dict of: {", ".join(default)}.')
       _fill(value, default, f'{where}.{name}')
-    elif name in node and not _fits(value, default):
+    elif name in node and type(default) in _ACCEPTS and not _fits(value, default):
       raise ConfigError(
         f'{where}.{name}={value!r} is a {type(value).__name__}; give a '
-        f'{_TYPES[type(default)]} like its default, {default!r}.'
+        f'{_ACCEPTS[type(default)][0]} like its default, {default!r}.'
       )
 
 
-# A default of each of these types takes a value of the types beside it.
-_TYPES = {bool: 'bool', int: 'int', float: 'number', str: 'string', tuple: 'tuple or list'}
-_ACCEPTS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple, list)}
+# A default of each of these types: (what to give, the types it takes). Others take anything.
+_ACCEPTS = {
+  bool: ('bool', (bool,)),
+  int: ('int', (int,)),
+  float: ('number', (int, float)),
+  str: ('string', (str,)),
+  tuple: ('tuple or list', (tuple, list)),
+}
 
 
 def _fits(value, default) -> bool:
   """Whether `value` may stand where `default` is: values of the default's type (an int for a
-  float, a list for a tuple, not a bool for a number); anything for other defaults."""
-  accepts = _ACCEPTS.get(type(default))
-  if accepts is None:
-    return True
+  float, a list for a tuple, not a bool for a number)."""
+  accepts = _ACCEPTS[type(default)][1]
   return isinstance(value, accepts) and (type(default) is bool or not isinstance(value, bool))
 
 

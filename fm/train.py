@@ -26,7 +26,6 @@ from fm import ConfigError, checkpoint, models, optim, registry, sharding
 from fm import metrics as metrics_lib
 from fm.data import images, pipeline
 from fm.data import prepare as prepare_lib
-from fm.data import tokenizer as tokenizer_lib
 from fm.models import layers
 
 # {'step', 'params', 'opt_state', 'nonfinite' (count of non-finite steps), 'first_nonfinite'
@@ -65,7 +64,7 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int | None = Non
         f'drop the override.'
       )
   model_cfg = family.Config(**fields)
-  layers.check_common(model_cfg)
+  layers.check_choices(model_cfg, layers.COMMON_CHOICES)
   return family, model_cfg
 
 
@@ -181,7 +180,6 @@ def check_data(data_cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f'config.data.mixture: the weight of {path} is {weight}; give it > 0.')
     return
   spec = pipeline.spec_of(data_cfg)
-  tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)  # Its kind and file.
   prepare_lib.expand(spec.train, 'config.data.train')
   prepare_lib.expand(spec.validation, 'config.data.validation')
 

@@ -537,7 +537,7 @@ def prepare(
     )
   output, started = pathlib.Path(output), time.perf_counter()
   step = lambda what: say(f'[{time.perf_counter() - started:6.1f} s] {what}')
-  given = spec.tokenizer_model and tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)
+  given = tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)  # None: to be trained.
   try:
     existing = read_manifest(output, must_exist=False)
   except ConfigError:  # Damaged, or written by another layout version: prepared anew.
@@ -748,7 +748,7 @@ def read_manifest(directory: str | pathlib.Path, must_exist: bool = True) -> dic
 
 
 # The flags of this command for the config keys that the data layer's messages name.
-FLAGS = {
+FLAG_OF_KEY = {
   'config.data.tokenizer.vocab_size': '--vocab_size',
   'config.data.tokenizer.model': '--tokenizer_model',
   'config.data.tokenizer.kind': '--tokenizer',
@@ -764,7 +764,7 @@ FLAGS = {
 def in_flags(message: str) -> str:
   """A data-layer message with this command's flags for the config keys it names."""
   message = re.sub(r'(--\w+) \(config\.data\.[\w.]+\)', r'\1', message)  # '--x (config.data.x)'
-  for key, flag in FLAGS.items():
+  for key, flag in FLAG_OF_KEY.items():
     message = re.sub(rf'(--)?{re.escape(key)}\b', flag, message)
   return message
 

@@ -105,16 +105,15 @@ class Config:
   def __post_init__(self):
     for name in ('rope_scaling', 'lora_targets'):  # Tuples, also when read back from JSON.
       object.__setattr__(self, name, tuple(getattr(self, name)))
-    for name, value, choices in (
-      ('norm', self.norm, tuple(layers.NORMS)),
-      ('mlp', self.mlp, layers.MLPS),
-      ('positions', self.positions, POSITIONS),
-      ('norm_position', self.norm_position, ('pre', 'post')),
-    ):
-      if value not in choices:
-        raise ConfigError(
-          f'config.model.{name}={value!r} is unknown; choose one of: {", ".join(choices)}.'
-        )
+    layers.check_choices(
+      self,
+      {
+        'norm': tuple(layers.NORMS),
+        'mlp': layers.MLPS,
+        'positions': POSITIONS,
+        'norm_position': ('pre', 'post'),
+      },
+    )
 
   @property
   def lora(self) -> layers.LoRA | None:

@@ -528,16 +528,20 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLS = ('xla', 'cudnn')  # jax.nn.dot_product_attention's implementations.
 
 
-def check_common(cfg) -> None:
-  """The fields every family's Config may have (dtypes, remat, attention) hold known values."""
-  for name, choices in (
-    ('dtype', DTYPES),
-    ('param_dtype', DTYPES),
-    ('remat', tuple(REMAT_POLICIES)),
-    ('attention_impl', ATTENTION_IMPLS),
-  ):
-    value = getattr(cfg, name, choices[0])
-    if value not in choices:
+# The fields every family's Config may have, with their known values.
+COMMON_CHOICES = {
+  'dtype': DTYPES,
+  'param_dtype': DTYPES,
+  'remat': tuple(REMAT_POLICIES),
+  'attention_impl': ATTENTION_IMPLS,
+}
+
+
+def check_choices(cfg, choices: dict[str, tuple]) -> None:
+  """Each named field of a model Config that `cfg` has holds one of its `choices`."""
+  for name, known in choices.items():
+    value = getattr(cfg, name, known[0])
+    if value not in known:
       raise ConfigError(
-        f'config.model.{name}={value!r} is unknown; choose one of: {", ".join(choices)}.'
+        f'config.model.{name}={value!r} is unknown; choose one of: {", ".join(known)}.'
       )

@@ -102,14 +102,7 @@ class Config:
         f'config.model.d_model={self.d_model} is not a multiple of config.model.num_heads='
         f'{self.num_heads}.'
       )
-    for name, value, choices in (
-      ('positions', self.positions, POSITIONS),
-      ('pool', self.pool, ('first', 'mean')),
-    ):
-      if value not in choices:
-        raise ConfigError(
-          f'config.model.{name}={value!r} is unknown; choose one of: {", ".join(choices)}.'
-        )
+    layers.check_choices(self, {'positions': POSITIONS, 'pool': ('first', 'mean')})
     if self.pool == 'first' and not self.cls_token:
       raise ConfigError(
         "config.model.pool='first' reads the CLS token, and cls_token is False; set "

@@ -130,12 +130,20 @@ def bag_of_words(train_examples, validation, test_examples, seed: int) -> dict[s
   }
 
 
-def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') -> list[dict]:
-  """Every run of the study, in order; the table and JSON are rewritten after each. [] when a
+def run(
+  workdir: pathlib.Path,
+  study: Study,
+  smoke: bool,
+  pretrained: str = '',
+  budgets: tuple[float, ...] = (),
+) -> list[dict]:
+  """Every run of the study, in order (`budgets`: only those label fractions, in that order;
+  the others' recorded rows are kept); the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
   from fm import finetune, metrics, registry, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
+  fractions = budgets or fractions
   base, ckpt = pretrain(workdir, study, smoke, pretrained)
   if ckpt is None:
     return []
@@ -188,6 +196,8 @@ def run(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = '') 
           }
         )
         write(workdir, study, with_recorded(results, previous), spent)
+  if budgets:  # Part of the study: the other budgets' rows stay.
+    results = with_recorded(results, previous)
   write(workdir, study, results, spent)  # Done: rows no longer in the study go.
   return results
 
@@ -566,6 +576,12 @@ def main() -> int:
   parser.add_argument('--smoke', action='store_true', help='2 label budgets, 1 seed, 8 steps')
   parser.add_argument('--pretrained', default='', help='a finished pretraining run to reuse')
   parser.add_argument(
+    '--budgets',
+    default='',
+    help='only these label fractions, in this order (such as 1.0,0.1); '
+    f'default: {",".join(map(str, FRACTIONS))}',
+  )
+  parser.add_argument(
     '--trend',
     action='store_true',
     help="accuracy against pretraining tokens: fine-tune from the pretraining run's earlier "
@@ -578,9 +594,25 @@ def main() -> int:
 
   study = STUDIES[args.study]
   try:
+    budgets = tuple(float(b) for b in args.budgets.split(',') if b.strip())
+  except ValueError:
+    print(
+      f'error: --budgets={args.budgets!r} is not a list of fractions; give such as 1.0,0.1.',
+      file=sys.stderr,
+    )
+    return 2
+  unknown = [b for b in budgets if b not in FRACTIONS]
+  if unknown:
+    print(
+      f'error: --budgets={args.budgets!r} names {unknown}, not a label budget of the study; '
+      f'give some of {",".join(map(str, FRACTIONS))}.',
+      file=sys.stderr,
+    )
+    return 2
+  try:
     if args.trend:
       return report_trend(workdir, study, args.smoke, args.pretrained)
-    results = run(workdir, study, args.smoke, args.pretrained)
+    results = run(workdir, study, args.smoke, args.pretrained, budgets)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -580,6 +580,16 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   assert json.loads((tmp_path / 'label_efficiency.json').read_text()) == rows
   # The fine-tuning runs, the pretraining and the task-adaptive pretraining.
   assert len(logs) == len(tuned) + 2 and logs == {p: p.stat().st_mtime_ns for p in logs}
+  # --budgets: those label fractions alone (here done already); the others' rows are kept.
+  again = study_command('--study', study, '--smoke', '--budgets', '1.0')
+  assert again.returncode == 0, again.stderr[-3000:]
+  key = lambda r: (r['model'], r['fraction'], r['seed'])
+  assert sorted(json.loads((tmp_path / 'label_efficiency.json').read_text()), key=key) == sorted(
+    rows, key=key
+  )
+  assert logs == {p: p.stat().st_mtime_ns for p in logs}
+  refused = study_command('--budgets', '0.5')
+  assert refused.returncode == 2 and '--budgets' in refused.stderr and '0.01' in refused.stderr
   # --trend: fine-tuned from the pretraining run's earlier checkpoint (step 10 of 20).
   result = study_command('--smoke', '--trend')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -26,6 +26,7 @@ from fm import ConfigError, checkpoint, models, optim, registry, sharding
 from fm import metrics as metrics_lib
 from fm.data import images, pipeline
 from fm.data import prepare as prepare_lib
+from fm.data import tokenizer as tokenizer_lib
 from fm.models import layers
 
 # {'step', 'params', 'opt_state', 'nonfinite' (count of non-finite steps), 'first_nonfinite'
@@ -664,10 +665,19 @@ def _image_data(config, objective, pidx: int, pcount: int):
 
 
 def record(
-  workdir: pathlib.Path, config, family_name: str, model_cfg, tokenizer, counts: dict, mesh, **extra
+  workdir: pathlib.Path,
+  config,
+  family_name: str,
+  model_cfg,
+  tokenizer,
+  counts: dict,
+  mesh,
+  tokenizer_data=None,
+  **extra,
 ) -> dict:
   """The resolved config (also stored in every checkpoint; JSON, no pickle), written to
-  WORKDIR/config.json by process 0."""
+  WORKDIR/config.json by process 0, with the tokenizer's files in WORKDIR/tokenizer (an hf
+  one's from the directory its `config.data`, or `tokenizer_data`, names)."""
   resolved = as_json(
     {
       'config': config.to_dict(),
@@ -683,6 +693,10 @@ def record(
   )
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
+    if tokenizer is not None:  # What fm.convert export ships beside the weights.
+      tok_cfg = (tokenizer_data or config.data).tokenizer
+      source = tok_cfg.model if tok_cfg.kind == 'hf' else ''
+      tokenizer_lib.save(tokenizer, workdir / 'tokenizer', source)
   return resolved
 
 

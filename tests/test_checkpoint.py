@@ -22,7 +22,7 @@ from workdirs import smoke_config
 from workdirs import train_losses as losses
 
 from fm import ConfigError, checkpoint, optim, runs, sharding, train
-from fm.data import pipeline
+from fm.data import pipeline, tokenizer
 from fm.models import decoder
 from fm.objectives import causal_lm
 
@@ -245,6 +245,11 @@ def test_zero_steps_evaluate_and_write_the_metrics(tmp_path):
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert records == [{'step': 0, **{f'eval/{k}': v for k, v in metrics.items()}}]
   assert not list((tmp_path / 'checkpoints').glob('[0-9]*'))
+  # The run's tokenizer, in the files fm.convert export ships (and kind=hf reads).
+  tok = pipeline.load_tokenizer(smoke_config().data)
+  assert (tmp_path / 'tokenizer' / 'tokenizer.model').read_bytes() == tok.proto
+  text = 'To be, or not to be: that is the question.\n'
+  assert tokenizer.load_hf(str(tmp_path / 'tokenizer')).encode(text) == tok.encode(text)
 
 
 def test_nonfinite_raise_saves_nothing(tmp_path):

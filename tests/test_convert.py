@@ -322,3 +322,67 @@ def test_pretrained_hf_imports_once(tmp_path, monkeypatch):
   (tmp_path / 'other' / 'metrics.jsonl').write_text('')
   with pytest.raises(ConfigError, match=r'other holds another run; move it away'):
     runs.obtain(runs.dependency(spec, 'config.pretrained', tmp_path / 'other'))
+
+
+def spm_model(texts: list[str], **options) -> bytes:
+  import io
+
+  import sentencepiece as spm
+
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(texts), model_writer=model, vocab_size=600, minloglevel=2, **options
+  )
+  return model.getvalue()
+
+
+def test_every_tokenizer_kind_has_hf_files_with_its_ids(tmp_path):
+  """fm's SentencePiece models (identity normaliser, byte fallback), SentencePiece's defaults
+  (NFKC, a dummy prefix, extra whitespace removed) with byte fallback, and bytes: their HF
+  files (loaded as kind=hf) give the same ids, text, special ids and bytes per token."""
+  from fm.data import sources, tokenizer
+
+  plays = sources.shakespeare()['validation']
+  texts = [p for play in plays for p in play.split('\n\n') if p.strip()]
+  probes = [
+    '  two  spaces ',
+    'Ｆｕｌｌｗｉｄｔｈ ① ﬁ',
+    ' lead',
+    'tab\there\n\nnl ',
+    'ünï 日本語 😀',
+    '',
+  ]
+  held_out, train_texts = texts[::5] + probes, [t for i, t in enumerate(texts) if i % 5]
+  fm_kind = tokenizer.SentencePieceTokenizer(tokenizer.train_sentencepiece(train_texts, 600))
+  defaults = tokenizer.SentencePieceTokenizer(
+    spm_model(train_texts, byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3)
+  )
+  for i, tok in enumerate([fm_kind, defaults, tokenizer.ByteTokenizer()]):
+    tokenizer.save(tok, tmp_path / str(i))
+    back = tokenizer.load_hf(str(tmp_path / str(i)))
+    assert (back.vocab_size, back.eos_id, back.bos_id) == (tok.vocab_size, tok.eos_id, tok.bos_id)
+    for text in held_out:
+      assert back.encode(text) == list(tok.encode(text)), (i, text)
+      assert back.decode(back.encode(text)) == tok.decode(tok.encode(text)), (i, text)
+    np.testing.assert_array_equal(back.token_bytes(), tok.token_bytes())
+  # Without byte fallback, unknown characters would differ: no files.
+  assert tokenizer.hf_files(tokenizer.SentencePieceTokenizer(spm_model(train_texts))) == {}
+
+
+def test_an_fm_model_exports_with_its_runs_tokenizer(tmp_path, capsys):
+  """export ships the tokenizer files a run wrote into WORKDIR/tokenizer, and names the end
+  token in config.json; a workdir without them exports its weights and says why."""
+  from fm.data import tokenizer
+
+  tok = tokenizer.ByteTokenizer()
+  fm_checkpoint(tmp_path / 'fm')
+  meta = tmp_path / 'fm' / 'checkpoints' / '7' / 'meta' / 'metadata'
+  meta.write_text(json.dumps({**json.loads(meta.read_text()), 'tokenizer': tok.identity}))
+  convert.export_hf(tmp_path / 'fm', tmp_path / 'bare')
+  assert 'written without a tokenizer' in capsys.readouterr().out
+  assert not (tmp_path / 'bare' / 'tokenizer.json').exists()
+  tokenizer.save(tok, tmp_path / 'fm' / 'tokenizer')
+  config = convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
+  assert (config['eos_token_id'], config['bos_token_id']) == (tok.eos_id, tok.bos_id)
+  assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['eos_token_id'] == tok.eos_id
+  assert tokenizer.load_hf(str(tmp_path / 'hf')).encode('fm ü') == tok.encode('fm ü')

@@ -34,6 +34,7 @@ import numpy as np
 
 from fm import ConfigError
 from fm.convert import bert, gpt2, llama, t5
+from fm.data import tokenizer as tokenizer_lib
 
 FAMILIES = (llama, gpt2, bert, t5)
 MODEL_TYPES = {kind: family for family in FAMILIES for kind in family.MODEL_TYPES}
@@ -254,15 +255,14 @@ def _publish(partial: pathlib.Path, final: pathlib.Path) -> None:
   shutil.rmtree(old, ignore_errors=True)
 
 
-TOKENIZER = 'tokenizer'  # WORKDIR/tokenizer: --config.data.tokenizer.model with kind=hf.
-TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+# WORKDIR/tokenizer: the tokenizer's Hugging Face files (an import's, or a run's: train.record).
+TOKENIZER = 'tokenizer'
+TOKENIZER_FILES = tokenizer_lib.HF_FILES
 
 
 def _tokenizer(directory: pathlib.Path, vocab_size: int):
   """The HF directory's tokenizer, if it has one; more tokens than the embedding has rows is
   an error."""
-  from fm.data import tokenizer as tokenizer_lib
-
   if not (directory / 'tokenizer.json').exists():
     return None
   tok = tokenizer_lib.load_hf(str(directory))
@@ -413,13 +413,20 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
     }
     (partial / 'model.safetensors.index.json').write_text(json.dumps(index, indent=1))
   hf = family.hf_config(fields)
-  tokenizer_dir = ckpt.parents[1] / TOKENIZER
-  if (meta.get('tokenizer') or {}).get('kind') == 'hf' and tokenizer_dir.is_dir():
-    tok = _tokenizer(tokenizer_dir, fields['vocab_size'])
+  tokenizer_dir = ckpt.parents[1] / TOKENIZER  # Written by the run (train.record) or import.
+  tok = _tokenizer(tokenizer_dir, fields['vocab_size'])
+  if tok:
     hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     for name in TOKENIZER_FILES:
       if (tokenizer_dir / name).exists():
         shutil.copy(tokenizer_dir / name, partial / name)
+  elif meta.get('tokenizer'):  # Said, not refused: the weights are still of use.
+    why = (
+      tokenizer_lib.NO_HF_FILES
+      if (tokenizer_dir / 'tokenizer.model').exists()
+      else 'runs write it as they start: resume the run once to add it'
+    )
+    print(f'{out}: written without a tokenizer, {tokenizer_dir} has no tokenizer.json ({why}).')
   (partial / 'config.json').write_text(json.dumps(hf, indent=1))
   _publish(partial, out)
   return hf

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import re
+import struct
 
 import numpy as np
 import sentencepiece as spm
@@ -290,3 +291,188 @@ def from_identity(identity: dict, proto: bytes = b''):
 
 
 FILES = {'sentencepiece': 'tokenizer.model', 'hf': 'tokenizer.json'}  # In a prepared corpus.
+
+
+# =============================================================================================
+# Hugging Face files of every kind (a run's WORKDIR/tokenizer, which fm.convert export ships)
+# =============================================================================================
+HF_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
+NO_HF_FILES = (
+  'its SentencePiece model has no byte fallback, so unknown characters would not map to the '
+  "same ids; train one with fm (prepare's models have it) or ship the .model file"
+)
+
+
+def hf_files(tok, source: str = '') -> dict[str, bytes]:
+  """The Hugging Face files that give `tok`'s ids (tokenizer.json for transformers'
+  PreTrainedTokenizerFast and fm's kind=hf, tokenizer_config.json naming the special tokens):
+  an hf tokenizer's own files (from its `source` directory when given), a SentencePiece model's
+  pieces, scores and normaliser as a unigram model with byte fallback, bytes as 256 byte
+  pieces. {} for a SentencePiece model without byte fallback (NO_HF_FILES says why).
+
+  The ids are SentencePiece's wherever its best segmentation is clear; on very long documents
+  (whole plays of 80,000+ characters) a few near ties (44 of Shakespeare's 3.2M tokens) fall
+  the other way, as SentencePiece adds path scores in float32. Both decode to the same text.
+  """
+  if isinstance(tok, HFTokenizer):
+    found = {}
+    if source:
+      from etils import epath
+
+      directory = epath.Path(source).expanduser()
+      found = {n: (directory / n).read_bytes() for n in HF_FILES if (directory / n).exists()}
+    if found.get('tokenizer.json') != tok.proto:  # Not its directory's: its own identity.
+      found = {'tokenizer.json': tok.proto}
+    found.setdefault('tokenizer_config.json', _hf_config(eos_token=tok.eos, bos_token=tok.bos))
+    return found
+  if isinstance(tok, ByteTokenizer):
+    special = ['<pad>', '<s>', '</s>']
+    vocab = {piece: i for i, piece in enumerate(special)}
+    vocab.update({f'<0x{b:02X}>': b + tok.offset for b in range(256)})
+    model = {'type': 'BPE', 'vocab': vocab, 'merges': [], 'byte_fallback': True}
+    model.update(dropout=None, unk_token=None, fuse_unk=False, ignore_merges=False)
+    model.update(continuing_subword_prefix=None, end_of_word_suffix=None)
+    decoders = [{'type': 'ByteFallback'}, {'type': 'Fuse'}]
+    return _hf_tokenizer(model, special, [], decoders, pad='<pad>', bos='<s>', eos='</s>')
+  pieces, normalizer = _sentencepiece_parts(tok.proto)
+  if not any(kind == BYTE for _, _, kind in pieces):
+    return {}
+  # NormalizerSpec fields 1-5: name, precompiled_charsmap, add_dummy_prefix,
+  # remove_extra_whitespaces, escape_whitespaces (the last three true unless stored).
+  charsmap = normalizer.get(2, b'')
+  dummy, extra, escape = (bool(normalizer.get(field, 1)) for field in (3, 4, 5))
+  normalizers = []
+  if charsmap:
+    normalizers.append({'type': 'Precompiled', 'precompiled_charsmap': _b64(charsmap)})
+  if extra:
+    normalizers.append({'type': 'Strip', 'strip_left': True, 'strip_right': True})
+    normalizers.append({'type': 'Replace', 'pattern': {'Regex': ' {2,}'}, 'content': ' '})
+  if dummy:
+    normalizers.append({'type': 'Prepend', 'prepend': ' '})
+  if escape:
+    normalizers.append({'type': 'Replace', 'pattern': {'String': ' '}, 'content': '\u2581'})
+  vocab = [[piece, score] for piece, score, _ in pieces]
+  unk = next(i for i, (_, _, kind) in enumerate(pieces) if kind == UNKNOWN)
+  model = {'type': 'Unigram', 'unk_id': unk, 'vocab': vocab, 'byte_fallback': True}
+  decoders = [{'type': 'Replace', 'pattern': {'String': '\u2581'}, 'content': ' '}]
+  decoders += [{'type': 'ByteFallback'}, {'type': 'Fuse'}]
+  if dummy:
+    decoders.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
+  special = [piece for piece, _, kind in pieces if kind in (UNKNOWN, CONTROL)]
+  names = {'pad': tok.sp.pad_id(), 'bos': tok.bos_id, 'eos': tok.eos_id, 'unk': tok.sp.unk_id()}
+  names = {role: pieces[i][0] for role, i in names.items() if i >= 0}
+  return _hf_tokenizer(model, special, normalizers, decoders, **names)
+
+
+def save(tok, directory, source: str = '') -> None:
+  """`hf_files(tok, source)`, and a SentencePiece model's own .model file, written into
+  `directory`, each file whole (written aside, then renamed); files already there with the
+  same bytes are left alone."""
+  import os
+  import pathlib
+
+  directory = pathlib.Path(directory)
+  files = hf_files(tok, source)
+  if isinstance(tok, SentencePieceTokenizer):
+    files[FILES['sentencepiece']] = tok.proto
+  for name, data in files.items():
+    path = directory / name
+    if path.exists() and path.read_bytes() == data:
+      continue
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f'.{name}.{os.getpid()}.partial'
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
+# SentencePiece's piece types (sentencepiece_model.proto).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _sentencepiece_parts(proto: bytes) -> tuple[list[tuple[str, float, int]], dict]:
+  """(pieces as (piece, score, type), the normaliser's fields by number) of a serialized
+  SentencePiece ModelProto, read from the protobuf wire format (no generated module)."""
+  pieces, normalizer = [], {}
+  for number, value in _proto_fields(proto):
+    if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
+      entry = dict(_proto_fields(value))
+      score = struct.unpack('<f', entry[2])[0] if 2 in entry else 0.0
+      pieces.append((entry[1].decode('utf-8'), score, entry.get(3, NORMAL)))
+    elif number == 3:  # NormalizerSpec
+      normalizer = dict(_proto_fields(value))
+  return pieces, normalizer
+
+
+def _proto_fields(data: bytes):
+  """(field number, value) of a protobuf message: ints for varints, bytes otherwise."""
+
+  def varint(i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+      byte = data[i]
+      value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+      if byte < 0x80:
+        return value, i
+
+  i = 0
+  while i < len(data):
+    key, i = varint(i)
+    wire = key & 7
+    if wire == 0:
+      value, i = varint(i)
+    elif wire == 2:
+      size, i = varint(i)
+      value, i = data[i : i + size], i + size
+    elif wire in (1, 5):
+      size = 8 if wire == 1 else 4
+      value, i = data[i : i + size], i + size
+    else:
+      raise ValueError(f'protobuf wire type {wire} is not read')
+    yield key >> 3, value
+
+
+def _b64(data: bytes) -> str:
+  import base64
+
+  return base64.b64encode(data).decode('ascii')
+
+
+def _hf_tokenizer(model, special, normalizers, decoders, **names) -> dict[str, bytes]:
+  """tokenizer.json (no pre-tokenizer, no post-processor: ids as fm encodes them, no BOS
+  added) and tokenizer_config.json naming the special tokens (`names`: role -> piece)."""
+  ids = (
+    {piece: i for i, piece in enumerate(p for p, _ in model['vocab'])}
+    if isinstance(model['vocab'], list)
+    else model['vocab']
+  )
+  added = [
+    dict(id=ids[piece], content=piece, single_word=False, lstrip=False, rstrip=False)
+    | dict(normalized=False, special=True)
+    for piece in special
+  ]
+  normalizer = {'type': 'Sequence', 'normalizers': normalizers} if normalizers else None
+  spec = {
+    'version': '1.0',
+    'truncation': None,
+    'padding': None,
+    'added_tokens': added,
+    'normalizer': normalizer,
+    'pre_tokenizer': None,
+    'post_processor': None,
+    'decoder': {'type': 'Sequence', 'decoders': decoders},
+    'model': model,
+  }
+  return {
+    'tokenizer.json': json.dumps(spec, ensure_ascii=False, indent=1).encode('utf-8'),
+    'tokenizer_config.json': _hf_config(**{f'{role}_token': p for role, p in names.items()}),
+  }
+
+
+def _hf_config(**tokens) -> bytes:
+  """tokenizer_config.json: the special tokens, and a lossless decode (no space clean-up)."""
+  config = {
+    'tokenizer_class': 'PreTrainedTokenizerFast',
+    'clean_up_tokenization_spaces': False,
+    **{role: piece for role, piece in tokens.items() if piece},
+  }
+  return json.dumps(config, indent=1).encode('utf-8')

@@ -809,6 +809,15 @@ def loop(
   the newest checkpoint in the workdir, state and data iterator alike; a fresh run takes the
   params that `warm_start` (default: config.init.from_checkpoint) shares with the model. Call
   inside `sharding.use(mesh, rules)`."""
+  try:
+    return _loop(job, program, batches, evals, warm_start)
+  finally:  # Stops grain's worker processes, freeing their shared memory, before the exit.
+    close = getattr(batches, 'close', None)
+    if close:
+      close()
+
+
+def _loop(job, program, batches, evals, warm_start) -> dict[str, float]:
   config, steps = job.config, job.steps
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   ckpt = checkpoint.Checkpointer(job.workdir, config.checkpoint, log=metrics_lib.log)

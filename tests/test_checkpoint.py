@@ -157,6 +157,29 @@ def test_sigterm_saves_and_exits_zero(every, tmp_path):
   assert f'at step {step}' in out and max(losses(tmp_path)) == STEPS
 
 
+@pytest.mark.slow  # A subprocess run (about 40 s).
+def test_ctrl_c_with_data_workers_saves_quietly(tmp_path):
+  """Ctrl-C reaches every process of the terminal's group, grain's workers too: the run saves
+  and stops, and the workers (left to the run to stop) print no KeyboardInterrupt. (grain's
+  buffers in flight may still draw multiprocessing's note that it frees their shared memory.)"""
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'fm.main', '--config', SMOKE, '--workdir', str(tmp_path), *FLAGS]
+    + ['--config.data.workers=2', '--config.checkpoint.every_steps=1000'],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,  # Its own process group, as a terminal's foreground job.
+  )
+  wait_until(lambda: 3 in losses(tmp_path), proc)
+  os.killpg(proc.pid, signal.SIGINT)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  step = int(out.split('preempted (SIGINT) at step ')[1].split(':')[0])
+  assert (tmp_path / 'checkpoints' / str(step) / 'state').is_dir()
+  assert 'KeyboardInterrupt' not in err, err[-3000:]
+
+
 @pytest.mark.slow  # A subprocess start (about 20 s); CI runs it.
 @ON_REFERENCE
 def test_corrupt_checkpoint_is_skipped(reference, tmp_path):

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import threading
 
 from absl import flags
@@ -319,12 +320,52 @@ def elastic(
   transformations in that many processes."""
   if workers and not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # Grain's workers read its absl flags: their defaults here.
-  return grain.experimental.ElasticIterator(
+  return (_Elastic if workers else grain.experimental.ElasticIterator)(
     ds,
     global_batch,
     grain.sharding.ShardOptions(process_index, process_count),
     multiprocessing_options=grain.MultiprocessingOptions(num_workers=workers) if workers else None,
   )
+
+
+class _Elastic(grain.experimental.ElasticIterator):
+  """grain's ElasticIterator whose worker processes leave Ctrl-C to the run: the terminal
+  sends SIGINT to every process of the job, and the run saves and stops on it
+  (checkpoint.Preemption) while the workers, stopped by the run, would each print a
+  KeyboardInterrupt traceback. A process starts with SIGINT ignored when its parent ignores it
+  as it starts, so SIGINT is ignored here while a call may start workers (the first one, and
+  the first after a restore), then handled as before; one that comes meanwhile is lost."""
+
+  def __iter__(self):
+    return _QuietWorkers(super().__iter__())
+
+
+class _QuietWorkers:
+  def __init__(self, it):
+    self.it, self.starting = it, True
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if not self.starting or threading.current_thread() is not threading.main_thread():
+      return next(self.it)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+      return next(self.it)
+    finally:
+      signal.signal(signal.SIGINT, previous)
+      self.starting = False
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state) -> None:
+    self.it.set_state(state)
+    self.starting = True
+
+  def close(self) -> None:
+    self.it.close()
 
 
 def train_dataset(

@@ -6,10 +6,14 @@ import tempfile
 
 # The 8 devices are threads on a few cores: on a busy machine one can reach a collective long
 # after the others, so XLA's 40 s rendezvous deadline (which aborts the process) is raised.
+# Tests compile hundreds of small programs and run each a few steps: XLA's CPU backend without
+# its LLVM optimisations compiles them 2-3x faster (the default set's wall time is mostly
+# compilation), and their results are checked the same way; runs keep the default level.
 os.environ['XLA_FLAGS'] = (
   os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
   ' --xla_cpu_collective_call_terminate_timeout_seconds=900'
   ' --xla_cpu_collective_timeout_seconds=1800'
+  ' --xla_backend_optimization_level=0'
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # XLA's CPU client sizes its thread pools to max(cores, devices): 8 threads for 8 devices on a

@@ -594,7 +594,7 @@ def main() -> int:
 
   study = STUDIES[args.study]
   try:
-    budgets = tuple(float(b) for b in args.budgets.split(',') if b.strip())
+    budgets = tuple(dict.fromkeys(float(b) for b in args.budgets.split(',') if b.strip()))
   except ValueError:
     print(
       f'error: --budgets={args.budgets!r} is not a list of fractions; give such as 1.0,0.1.',

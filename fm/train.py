@@ -694,8 +694,8 @@ def record(
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
     if tokenizer is not None:  # What fm.convert export ships beside the weights.
-      tok_cfg = (tokenizer_data or config.data).tokenizer
-      source = tok_cfg.model if tok_cfg.kind == 'hf' else ''
+      tok_cfg = (tokenizer_data or config.data).get('tokenizer')  # Image data has none.
+      source = tok_cfg.model if tok_cfg and tok_cfg.kind == 'hf' else ''
       tokenizer_lib.save(tokenizer, workdir / 'tokenizer', source)
   return resolved
 

@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fm import ConfigError, sharding
+from fm import ConfigError, registry, sharding
 from fm.data import images
 from fm.models import two_tower
 from fm.objectives import contrastive
@@ -169,3 +169,27 @@ def test_caption_tokens_and_bad_input(tmp_path, monkeypatch):
   ):
     _image.check_backbone(task, config, 'vit', registry.get('models', 'vit'))
   _image.check_backbone(task, config, 'two_tower', registry.get('models', 'two_tower'))
+
+
+def test_an_image_text_run_records_its_caption_tokenizer(tmp_path):
+  """An image-text run's config has no data.tokenizer (images need none); its record still
+  writes the captions' byte tokenizer's files beside config.json."""
+  from fm import configs, train
+  from fm.data import tokenizer
+
+  config = configs.resolve(
+    dict(
+      objective='contrastive',
+      model=dict(name='two_tower', variant='tiny'),
+      data=dict(dataset='emoji'),
+      train=dict(steps=1, global_batch=8),
+      optim=dict(lr=1e-3),
+    )
+  )
+  assert 'tokenizer' not in config.data
+  family, model_cfg, tok = train.image_model_config(
+    config, registry.get('objectives', 'contrastive')
+  )
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('data',))
+  train.record(tmp_path, config, family, model_cfg, tok, {}, mesh)
+  assert tokenizer.load_hf(str(tmp_path / 'tokenizer')).encode('cat 🐱') == tok.encode('cat 🐱')

@@ -351,6 +351,8 @@ def test_every_tokenizer_kind_has_hf_files_with_its_ids(tmp_path):
     'tab\there\n\nnl ',
     'ünï 日本語 😀',
     '',
+    '\nthe king',  # Trimming spaces leaves other whitespace.
+    ' \tthe ',
   ]
   held_out, train_texts = texts[::5] + probes, [t for i, t in enumerate(texts) if i % 5]
   fm_kind = tokenizer.SentencePieceTokenizer(tokenizer.train_sentencepiece(train_texts, 600))
@@ -365,8 +367,14 @@ def test_every_tokenizer_kind_has_hf_files_with_its_ids(tmp_path):
       assert back.encode(text) == list(tok.encode(text)), (i, text)
       assert back.decode(back.encode(text)) == tok.decode(tok.encode(text)), (i, text)
     np.testing.assert_array_equal(back.token_bytes(), tok.token_bytes())
-  # Without byte fallback, unknown characters would differ: no files.
-  assert tokenizer.hf_files(tokenizer.SentencePieceTokenizer(spm_model(train_texts))) == {}
+  # Models whose ids a unigram tokenizer.json would not give: no files, and the reason.
+  for options, reason in [
+    ({}, 'has no byte fallback'),
+    ({'model_type': 'bpe', 'byte_fallback': True}, 'is not a unigram model'),
+    ({'byte_fallback': True, 'treat_whitespace_as_suffix': True}, 'whitespace at the end'),
+  ]:
+    tok = tokenizer.SentencePieceTokenizer(spm_model(train_texts, **options))
+    assert tokenizer.hf_files(tok) == {} and reason in tokenizer.no_hf_files(tok)
 
 
 def test_an_fm_model_exports_with_its_runs_tokenizer(tmp_path, capsys):
@@ -386,3 +394,9 @@ def test_an_fm_model_exports_with_its_runs_tokenizer(tmp_path, capsys):
   assert (config['eos_token_id'], config['bos_token_id']) == (tok.eos_id, tok.bos_id)
   assert json.loads((tmp_path / 'hf' / 'config.json').read_text())['eos_token_id'] == tok.eos_id
   assert tokenizer.load_hf(str(tmp_path / 'hf')).encode('fm ü') == tok.encode('fm ü')
+  # Files of another tokenizer than the checkpoint's: refused before anything is written.
+  other = tokenizer.load_hf(str(FIXTURES / 'gpt2'))
+  meta.write_text(json.dumps({**json.loads(meta.read_text()), 'tokenizer': other.identity}))
+  with pytest.raises(ConfigError, match=r'holds tokenizer .* but .* was trained with'):
+    convert.export_hf(tmp_path / 'fm', tmp_path / 'refused')
+  assert not list(tmp_path.glob('*refused*'))

@@ -377,6 +377,17 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
       f'adapters first (python -m fm.finetune merge).'
     )
   out = _target(hf_dir, overwrite, 'HF_DIR')
+  tokenizer_dir = ckpt.parents[1] / TOKENIZER  # Written by the run (train.record) or import.
+  tok = _tokenizer(tokenizer_dir, meta['model']['vocab_size'])
+  spm_file = tokenizer_dir / 'tokenizer.model'
+  if tok and spm_file.exists():  # A SentencePiece run's: the model is what its checkpoint names.
+    tok = tokenizer_lib.SentencePieceTokenizer(spm_file.read_bytes())
+  recorded = meta.get('tokenizer') or {}
+  if tok and recorded.get('kind') != 'bytes' and recorded and tok.identity != recorded:
+    raise ConfigError(
+      f'{tokenizer_dir} holds tokenizer {tok.identity}, but {ckpt} was trained with '
+      f'{recorded}; move {tokenizer_dir} away and resume the run once to write its own.'
+    )
   model, params, _ = checkpoint.restore_local(ckpt)
   fields = dataclasses.asdict(model.model_cfg)  # With the defaults of fields added since.
   family = next((f for f in FAMILIES if f.FAMILY == name and f.exports(fields)), None)
@@ -413,8 +424,6 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
     }
     (partial / 'model.safetensors.index.json').write_text(json.dumps(index, indent=1))
   hf = family.hf_config(fields)
-  tokenizer_dir = ckpt.parents[1] / TOKENIZER  # Written by the run (train.record) or import.
-  tok = _tokenizer(tokenizer_dir, fields['vocab_size'])
   if tok:
     hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     for name in TOKENIZER_FILES:
@@ -422,8 +431,8 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
         shutil.copy(tokenizer_dir / name, partial / name)
   elif meta.get('tokenizer'):  # Said, not refused: the weights are still of use.
     why = (
-      tokenizer_lib.NO_HF_FILES
-      if (tokenizer_dir / 'tokenizer.model').exists()
+      tokenizer_lib.no_hf_files(tokenizer_lib.SentencePieceTokenizer(spm_file.read_bytes()))
+      if spm_file.exists()
       else 'runs write it as they start: resume the run once to add it'
     )
     print(f'{out}: written without a tokenizer, {tokenizer_dir} has no tokenizer.json ({why}).')

@@ -354,7 +354,7 @@ class _QuietWorkers:
     try:
       return next(self.it)
     finally:
-      signal.signal(signal.SIGINT, previous)
+      signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
       self.starting = False
 
   def get_state(self):

@@ -297,10 +297,30 @@ FILES = {'sentencepiece': 'tokenizer.model', 'hf': 'tokenizer.json'}  # In a pre
 # Hugging Face files of every kind (a run's WORKDIR/tokenizer, which fm.convert export ships)
 # =============================================================================================
 HF_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json')
-NO_HF_FILES = (
-  'its SentencePiece model has no byte fallback, so unknown characters would not map to the '
-  "same ids; train one with fm (prepare's models have it) or ship the .model file"
-)
+
+
+def no_hf_files(tok) -> str:
+  """Why `tok` has no Hugging Face files that give its ids ('' when it has): SentencePiece
+  models are converted when they are unigram models with byte fallback, pieces prefixed (not
+  suffixed) by whitespace and no unused pieces, as fm's are."""
+  if not isinstance(tok, SentencePieceTokenizer):
+    return ''
+  pieces, trainer, _ = _sentencepiece_parts(tok.proto)
+  # TrainerSpec fields: 3 model_type (1 unigram, the default), 24 treat_whitespace_as_suffix,
+  # 35 byte_fallback.
+  problems = [
+    trainer.get(3, 1) != 1 and 'is not a unigram model (BPE and others are not converted)',
+    bool(trainer.get(24)) and 'puts whitespace at the end of pieces',
+    not trainer.get(35) and 'has no byte fallback (unknown characters would differ)',
+    any(kind == UNUSED for _, _, kind in pieces) and 'has unused pieces',
+  ]
+  problems = [p for p in problems if p]
+  if not problems:
+    return ''
+  return (
+    f'its SentencePiece model {" and ".join(problems)}, so a tokenizer.json would not give its '
+    f'ids; use the tokenizer.model beside it'
+  )
 
 
 def hf_files(tok, source: str = '') -> dict[str, bytes]:
@@ -308,11 +328,13 @@ def hf_files(tok, source: str = '') -> dict[str, bytes]:
   PreTrainedTokenizerFast and fm's kind=hf, tokenizer_config.json naming the special tokens):
   an hf tokenizer's own files (from its `source` directory when given), a SentencePiece model's
   pieces, scores and normaliser as a unigram model with byte fallback, bytes as 256 byte
-  pieces. {} for a SentencePiece model without byte fallback (NO_HF_FILES says why).
+  pieces. {} for a SentencePiece model that cannot be converted (`no_hf_files` says why).
 
   The ids are SentencePiece's wherever its best segmentation is clear; on very long documents
   (whole plays of 80,000+ characters) a few near ties (44 of Shakespeare's 3.2M tokens) fall
   the other way, as SentencePiece adds path scores in float32. Both decode to the same text.
+  As in Hugging Face's own conversions, text spelling a special or byte piece ('</s>',
+  '<0x41>') is read as that piece, where SentencePiece reads its characters.
   """
   if isinstance(tok, HFTokenizer):
     found = {}
@@ -334,9 +356,9 @@ def hf_files(tok, source: str = '') -> dict[str, bytes]:
     model.update(continuing_subword_prefix=None, end_of_word_suffix=None)
     decoders = [{'type': 'ByteFallback'}, {'type': 'Fuse'}]
     return _hf_tokenizer(model, special, [], decoders, pad='<pad>', bos='<s>', eos='</s>')
-  pieces, normalizer = _sentencepiece_parts(tok.proto)
-  if not any(kind == BYTE for _, _, kind in pieces):
+  if no_hf_files(tok):
     return {}
+  pieces, _, normalizer = _sentencepiece_parts(tok.proto)
   # NormalizerSpec fields 1-5: name, precompiled_charsmap, add_dummy_prefix,
   # remove_extra_whitespaces, escape_whitespaces (the last three true unless stored).
   charsmap = normalizer.get(2, b'')
@@ -344,8 +366,8 @@ def hf_files(tok, source: str = '') -> dict[str, bytes]:
   normalizers = []
   if charsmap:
     normalizers.append({'type': 'Precompiled', 'precompiled_charsmap': _b64(charsmap)})
-  if extra:
-    normalizers.append({'type': 'Strip', 'strip_left': True, 'strip_right': True})
+  if extra:  # Spaces alone: other whitespace stays.
+    normalizers.append({'type': 'Replace', 'pattern': {'Regex': '^ +| +$'}, 'content': ''})
     normalizers.append({'type': 'Replace', 'pattern': {'Regex': ' {2,}'}, 'content': ' '})
   if dummy:
     normalizers.append({'type': 'Prepend', 'prepend': ' '})
@@ -389,18 +411,21 @@ def save(tok, directory, source: str = '') -> None:
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
-def _sentencepiece_parts(proto: bytes) -> tuple[list[tuple[str, float, int]], dict]:
-  """(pieces as (piece, score, type), the normaliser's fields by number) of a serialized
-  SentencePiece ModelProto, read from the protobuf wire format (no generated module)."""
-  pieces, normalizer = [], {}
+def _sentencepiece_parts(proto: bytes) -> tuple[list[tuple[str, float, int]], dict, dict]:
+  """(pieces as (piece, score, type), the trainer's and the normaliser's fields by number) of a
+  serialized SentencePiece ModelProto, read from the protobuf wire format (the generated module
+  sentencepiece ships needs a newer protobuf than the pinned one)."""
+  pieces, trainer, normalizer = [], {}, {}
   for number, value in _proto_fields(proto):
     if number == 1:  # repeated SentencePiece {1: piece, 2: score, 3: type}
       entry = dict(_proto_fields(value))
       score = struct.unpack('<f', entry[2])[0] if 2 in entry else 0.0
       pieces.append((entry[1].decode('utf-8'), score, entry.get(3, NORMAL)))
+    elif number == 2:  # TrainerSpec
+      trainer = dict(_proto_fields(value))
     elif number == 3:  # NormalizerSpec
       normalizer = dict(_proto_fields(value))
-  return pieces, normalizer
+  return pieces, trainer, normalizer
 
 
 def _proto_fields(data: bytes):

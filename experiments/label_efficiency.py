@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import re
 import statistics
 import sys
 
@@ -143,7 +144,7 @@ def run(
   from fm import finetune, metrics, registry, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
-  fractions = budgets or fractions
+  fractions = budgets or fractions  # Those alone, in their order.
   base, ckpt = pretrain(workdir, study, smoke, pretrained)
   if ckpt is None:
     return []
@@ -593,22 +594,16 @@ def main() -> int:
   from fm import ConfigError
 
   study = STUDIES[args.study]
-  try:
-    budgets = tuple(dict.fromkeys(float(b) for b in args.budgets.split(',') if b.strip()))
-  except ValueError:
-    print(
-      f'error: --budgets={args.budgets!r} is not a list of fractions; give such as 1.0,0.1.',
-      file=sys.stderr,
-    )
-    return 2
-  unknown = [b for b in budgets if b not in FRACTIONS]
+  given = [b.strip() for b in args.budgets.split(',') if b.strip()]
+  unknown = [b for b in given if not re.fullmatch(r'\d*\.?\d+', b) or float(b) not in FRACTIONS]
   if unknown:
     print(
-      f'error: --budgets={args.budgets!r} names {unknown}, not a label budget of the study; '
-      f'give some of {",".join(map(str, FRACTIONS))}.',
+      f'error: --budgets={args.budgets!r} names {", ".join(unknown)}, not a label budget of the '
+      f'study; give some of {",".join(map(str, FRACTIONS))}, such as 1.0,0.1.',
       file=sys.stderr,
     )
     return 2
+  budgets = tuple(dict.fromkeys(float(b) for b in given))
   try:
     if args.trend:
       return report_trend(workdir, study, args.smoke, args.pretrained)

@@ -164,7 +164,6 @@ def train_and_evaluate(
     tokenizer,
     counts,
     mesh,
-    tokenizer_data=backbone.config.data,
     pretrained=str(backbone.ckpt) if backbone.ckpt else None,
     backbone_config=backbone.config.to_dict(),
   )

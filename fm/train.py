@@ -665,19 +665,10 @@ def _image_data(config, objective, pidx: int, pcount: int):
 
 
 def record(
-  workdir: pathlib.Path,
-  config,
-  family_name: str,
-  model_cfg,
-  tokenizer,
-  counts: dict,
-  mesh,
-  tokenizer_data=None,
-  **extra,
+  workdir: pathlib.Path, config, family_name: str, model_cfg, tokenizer, counts: dict, mesh, **extra
 ) -> dict:
   """The resolved config (also stored in every checkpoint; JSON, no pickle), written to
-  WORKDIR/config.json by process 0, with the tokenizer's files in WORKDIR/tokenizer (an hf
-  one's from the directory its `config.data`, or `tokenizer_data`, names)."""
+  WORKDIR/config.json by process 0, with the tokenizer's files in WORKDIR/tokenizer."""
   resolved = as_json(
     {
       'config': config.to_dict(),
@@ -694,9 +685,7 @@ def record(
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(json.dumps(resolved, indent=2))
     if tokenizer is not None:  # What fm.convert export ships beside the weights.
-      tok_cfg = (tokenizer_data or config.data).get('tokenizer')  # Image data has none.
-      source = tok_cfg.model if tok_cfg and tok_cfg.kind == 'hf' else ''
-      tokenizer_lib.save(tokenizer, workdir / 'tokenizer', source)
+      tokenizer_lib.save(tokenizer, workdir / 'tokenizer')
   return resolved
 
 

@@ -7,9 +7,12 @@ ends every document. `token_bytes()` gives the UTF-8 bytes each id stands for, w
 loss in nats per token into bits per byte.
 """
 
+import base64
 import hashlib
 import io
 import json
+import os
+import pathlib
 import re
 import struct
 
@@ -88,10 +91,11 @@ class HFTokenizer:
   """A Hugging Face `tokenizers` tokenizer, as published models ship it (tokenizer.json), with
   the end-of-sequence (and beginning) token their tokenizer_config.json names."""
 
-  def __init__(self, data: bytes, eos: str, bos: str = ''):
+  def __init__(self, data: bytes, eos: str, bos: str = '', source: str = ''):
     from tokenizers import Tokenizer
 
     self.proto, self.eos, self.bos = data, eos, bos or eos
+    self.source = source  # The directory it was loaded from, if any (its other files).
     self.tok = Tokenizer.from_str(data.decode('utf-8'))
     self.eos_id, self.bos_id = self.tok.token_to_id(eos), self.tok.token_to_id(self.bos)
     if self.eos_id is None or self.bos_id is None:
@@ -155,7 +159,8 @@ def load_hf(path: str) -> HFTokenizer:
     raise ConfigError(
       f'{key}: its tokenizer_config.json names no eos_token, which ends every document; add it.'
     )
-  return HFTokenizer((directory / 'tokenizer.json').read_bytes(), names['eos'], names['bos'])
+  data = (directory / 'tokenizer.json').read_bytes()
+  return HFTokenizer(data, names['eos'], names['bos'], str(directory))
 
 
 def declared_vocab_size(tok_cfg) -> int:
@@ -306,6 +311,10 @@ def no_hf_files(tok) -> str:
   if not isinstance(tok, SentencePieceTokenizer):
     return ''
   pieces, trainer, _ = _sentencepiece_parts(tok.proto)
+  return _unconvertible(pieces, trainer)
+
+
+def _unconvertible(pieces, trainer: dict) -> str:
   # TrainerSpec fields: 3 model_type (1 unigram, the default), 24 treat_whitespace_as_suffix,
   # 35 byte_fallback.
   problems = [
@@ -323,10 +332,10 @@ def no_hf_files(tok) -> str:
   )
 
 
-def hf_files(tok, source: str = '') -> dict[str, bytes]:
+def hf_files(tok) -> dict[str, bytes]:
   """The Hugging Face files that give `tok`'s ids (tokenizer.json for transformers'
   PreTrainedTokenizerFast and fm's kind=hf, tokenizer_config.json naming the special tokens):
-  an hf tokenizer's own files (from its `source` directory when given), a SentencePiece model's
+  an hf tokenizer's own files (from the directory it was loaded from), a SentencePiece model's
   pieces, scores and normaliser as a unigram model with byte fallback, bytes as 256 byte
   pieces. {} for a SentencePiece model that cannot be converted (`no_hf_files` says why).
 
@@ -338,34 +347,36 @@ def hf_files(tok, source: str = '') -> dict[str, bytes]:
   """
   if isinstance(tok, HFTokenizer):
     found = {}
-    if source:
+    if tok.source:
       from etils import epath
 
-      directory = epath.Path(source).expanduser()
+      directory = epath.Path(tok.source)
       found = {n: (directory / n).read_bytes() for n in HF_FILES if (directory / n).exists()}
     if found.get('tokenizer.json') != tok.proto:  # Not its directory's: its own identity.
       found = {'tokenizer.json': tok.proto}
     found.setdefault('tokenizer_config.json', _hf_config(eos_token=tok.eos, bos_token=tok.bos))
     return found
   if isinstance(tok, ByteTokenizer):
-    special = ['<pad>', '<s>', '</s>']
-    vocab = {piece: i for i, piece in enumerate(special)}
+    special = {piece: i for i, piece in enumerate(['<pad>', '<s>', '</s>'])}
+    vocab = dict(special)
     vocab.update({f'<0x{b:02X}>': b + tok.offset for b in range(256)})
     model = {'type': 'BPE', 'vocab': vocab, 'merges': [], 'byte_fallback': True}
     model.update(dropout=None, unk_token=None, fuse_unk=False, ignore_merges=False)
     model.update(continuing_subword_prefix=None, end_of_word_suffix=None)
     decoders = [{'type': 'ByteFallback'}, {'type': 'Fuse'}]
     return _hf_tokenizer(model, special, [], decoders, pad='<pad>', bos='<s>', eos='</s>')
-  if no_hf_files(tok):
+  pieces, trainer, normalizer = _sentencepiece_parts(tok.proto)
+  if _unconvertible(pieces, trainer):
     return {}
-  pieces, _, normalizer = _sentencepiece_parts(tok.proto)
   # NormalizerSpec fields 1-5: name, precompiled_charsmap, add_dummy_prefix,
   # remove_extra_whitespaces, escape_whitespaces (the last three true unless stored).
   charsmap = normalizer.get(2, b'')
   dummy, extra, escape = (bool(normalizer.get(field, 1)) for field in (3, 4, 5))
   normalizers = []
   if charsmap:
-    normalizers.append({'type': 'Precompiled', 'precompiled_charsmap': _b64(charsmap)})
+    normalizers.append(
+      {'type': 'Precompiled', 'precompiled_charsmap': base64.b64encode(charsmap).decode('ascii')}
+    )
   if extra:  # Spaces alone: other whitespace stays.
     normalizers.append({'type': 'Replace', 'pattern': {'Regex': '^ +| +$'}, 'content': ''})
     normalizers.append({'type': 'Replace', 'pattern': {'Regex': ' {2,}'}, 'content': ' '})
@@ -380,21 +391,18 @@ def hf_files(tok, source: str = '') -> dict[str, bytes]:
   decoders += [{'type': 'ByteFallback'}, {'type': 'Fuse'}]
   if dummy:
     decoders.append({'type': 'Strip', 'content': ' ', 'start': 1, 'stop': 0})
-  special = [piece for piece, _, kind in pieces if kind in (UNKNOWN, CONTROL)]
+  special = {piece: i for i, (piece, _, kind) in enumerate(pieces) if kind in (UNKNOWN, CONTROL)}
   names = {'pad': tok.sp.pad_id(), 'bos': tok.bos_id, 'eos': tok.eos_id, 'unk': tok.sp.unk_id()}
   names = {role: pieces[i][0] for role, i in names.items() if i >= 0}
   return _hf_tokenizer(model, special, normalizers, decoders, **names)
 
 
-def save(tok, directory, source: str = '') -> None:
-  """`hf_files(tok, source)`, and a SentencePiece model's own .model file, written into
-  `directory`, each file whole (written aside, then renamed); files already there with the
-  same bytes are left alone."""
-  import os
-  import pathlib
-
+def save(tok, directory) -> None:
+  """`hf_files(tok)`, and a SentencePiece model's own .model file, written into `directory`,
+  each file whole (written aside, then renamed); files already there with the same bytes are
+  left alone."""
   directory = pathlib.Path(directory)
-  files = hf_files(tok, source)
+  files = hf_files(tok)
   if isinstance(tok, SentencePieceTokenizer):
     files[FILES['sentencepiece']] = tok.proto
   for name, data in files.items():
@@ -456,24 +464,14 @@ def _proto_fields(data: bytes):
     yield key >> 3, value
 
 
-def _b64(data: bytes) -> str:
-  import base64
-
-  return base64.b64encode(data).decode('ascii')
-
-
-def _hf_tokenizer(model, special, normalizers, decoders, **names) -> dict[str, bytes]:
+def _hf_tokenizer(model, special: dict, normalizers, decoders, **names) -> dict[str, bytes]:
   """tokenizer.json (no pre-tokenizer, no post-processor: ids as fm encodes them, no BOS
-  added) and tokenizer_config.json naming the special tokens (`names`: role -> piece)."""
-  ids = (
-    {piece: i for i, piece in enumerate(p for p, _ in model['vocab'])}
-    if isinstance(model['vocab'], list)
-    else model['vocab']
-  )
+  added; `special`: piece -> id of the added special tokens) and tokenizer_config.json naming
+  the special tokens (`names`: role -> piece)."""
   added = [
-    dict(id=ids[piece], content=piece, single_word=False, lstrip=False, rstrip=False)
+    dict(id=i, content=piece, single_word=False, lstrip=False, rstrip=False)
     | dict(normalized=False, special=True)
-    for piece in special
+    for piece, i in special.items()
   ]
   normalizer = {'type': 'Sequence', 'normalizers': normalizers} if normalizers else None
   spec = {

@@ -111,7 +111,11 @@ def test_sigkill_then_resume_is_exact(when, reference, tmp_path):
   resumed = launch(tmp_path)
   out, err = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, err[-3000:]
-  start = int(out.split('at step ')[1].split()[0]) if 'resumed from' in out else 0
+  assert 'resumed from' in out, out[-2000:]
+  start = int(out.split('at step ')[1].split()[0])
+  # The newest committed checkpoint: 4 before or during step 8's save (a save that finished
+  # between the kill's trigger and the kill leaves 8), 8 after it.
+  assert start in {'before_save': (4,), 'during_save': (4, 8), 'after_save': (8,)}[when]
   assert start <= killed_at
   after = {s: loss for s, loss in losses(tmp_path).items() if s > start}
   assert set(after) == set(range(start + 1, STEPS + 1))
@@ -338,6 +342,10 @@ def test_warm_start_through_config(reference, tmp_path, capsys):
   config.init.from_checkpoint = str(reference[0])
   runs.run(config, tmp_path)
   assert 'warm start: 20 params from' in capsys.readouterr().out
+  # The loaded params are the ones trained: the first loss is far below the fresh run's first
+  # (the reference falls from ref[1] to ref[16] in 16 steps).
+  ref = reference[1]
+  assert losses(tmp_path)[1] < ref[1] - 0.5 * (ref[1] - ref[STEPS])
 
 
 @ON_REFERENCE

@@ -65,7 +65,16 @@ def test_shakespeare_held_out_by_work():
   # Most plays come in two editions whose file names differ; the aliases join them.
   assert sum(len(v) == 2 for v in works.values()) >= 35
   assert all(len(v) <= 2 for v in works.values())
-  assert not set(splits['train']) & set(splits['validation'])
+  # Each document's work, by its text: no work has an edition in each split.
+  with tarfile.open(sources.fetch(sources.SHAKESPEARE)) as tar:
+    work_of = {
+      tar.extractfile(tar.getmember(n)).read().decode('utf-8'): sources.shakespeare_work(n)
+      for n in names
+    }
+  held = {split: {work_of[text] for text in splits[split]} for split in splits}
+  assert not held['train'] & held['validation']
+  assert any(len(works[w]) == 2 for w in held['validation'])  # Two editions held out together.
+  assert sum(len(works[w]) for w in held['validation']) == len(splits['validation'])
 
 
 def test_news_source():
@@ -434,7 +443,14 @@ def test_eval_batches_cover_validation_once(shakespeare_data):
   split = shakespeare_data.validation
   batches = list(pipeline.eval_batches(split, 256, 16, -1))
   weights = sum((b['segment_ids'] > 0).sum() for b in batches)
-  assert weights == split.num_windows(256) * 256
+  n = split.num_windows(256)
+  assert weights == n * 256
+  # Every window once, in order, then padding.
+  rows = np.concatenate([b['tokens'] for b in batches])
+  np.testing.assert_array_equal(
+    rows[:n], np.stack([split.window(i, 256)['tokens'] for i in range(n)])
+  )
+  assert not np.concatenate([b['segment_ids'] for b in batches])[n:].any()
   assert len(list(pipeline.eval_batches(split, 256, 16, 3))) == 3
 
 

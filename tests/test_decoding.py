@@ -32,8 +32,8 @@ def setup(family, scan=False):
 
 
 # The scanned decoder, the prefix LM and the encoder-decoder in the slow set (17-24 s each on a
-# 2-core AVX2 machine); the prefix LM's and the encoder-decoder's caches decode by default in
-# test_no_repeat_ngram.
+# 2-core AVX2 machine); the prefix LM's cache decodes by default in test_no_repeat_ngram, the
+# encoder-decoder's in test_convert's imported T5 (greedy, against the logits of transformers).
 @pytest.mark.parametrize(
   'family,scan',
   [('decoder', False)]
@@ -56,7 +56,8 @@ def test_kv_cache_matches_recomputation(family, scan):
 
 
 # Beam search's checks in the slow set (27 s for the decoder on a 2-core AVX2 machine); the
-# search itself runs by default in test_no_repeat_ngram, on the prefix LM and encoder-decoder.
+# search itself runs by default in test_no_repeat_ngram on the prefix LM (the encoder-decoder's
+# in the slow set).
 @pytest.mark.slow
 @pytest.mark.parametrize('family', decoding.FAMILIES)
 def test_beam_search(family):
@@ -72,6 +73,7 @@ def test_beam_search(family):
   ended = np.asarray(
     decoding.beam_search(family, cfg, params, tokens, seg, max_new=10, beams=3, eos_id=eos)
   )
+  assert (ended == eos).any(axis=1)[0]  # Row 0 ends (greedy's third token is its EOS here).
   for row in ended:
     hits = np.flatnonzero(row == eos)
     if len(hits):

@@ -146,14 +146,20 @@ def test_task_splits_are_disjoint_and_deterministic(task):
     assert all(np.array_equal(a, b) and k == m for (a, k), (b, m) in zip(again, splits['test']))
     classes = set(range(len(module.classes('fashion_mnist'))))
     assert all({label for _, label in v} == classes for v in splits.values())
-    return
-  assert again == splits['test'][:5]
+    inputs = {k: {image.tobytes() for image, _ in v} for k, v in splits.items()}
+  else:
+    assert again == splits['test'][:5]
+    inputs = {k: {x for x, _ in v} for k, v in splits.items()}
   if module.KIND == 'classification':
-    texts = {k: {t for t, _ in v} for k, v in splits.items()}
-    assert not texts['train'] & texts['test'] and not texts['validation'] & texts['test']
     assert {label for v in splits.values() for _, label in v} == set(range(len(module.LABELS)))
-  else:  # Non-empty sources and targets.
+  if module.KIND == 'seq2seq':  # Non-empty sources and targets.
     assert all(s and t for v in splits.values() for s, t in v)
+  # No example in two splits. The seq2seq corpora repeat a few sources under other keys (a
+  # republished article, a verse said twice: 1 of 177 headline validation articles, 27 of 3,100
+  # translation validation verses): under 1% of a held-out split's may also be in another.
+  share = 0.01 if module.KIND == 'seq2seq' else 0.0
+  for a, b in (('train', 'validation'), ('train', 'test'), ('validation', 'test')):
+    assert len(inputs[a] & inputs[b]) <= share * len(inputs[b]), (a, b)
 
 
 def test_translation_pairs_are_verses_without_markup():
@@ -473,6 +479,17 @@ def test_label_efficiency_seed_draws_labels_init_and_order():
   base = configs.resolve(load_experiment('transfer_sentiment').get_config())
   config = study.finetune_config(base, study.STUDIES['sentiment'], False, 'random', 'x', 1.0, 2)
   assert (config.seed, config.data.seed, config.task_args.train_fraction) == (2, 2, 1.0)
+  # At 10%, seeds 1 and 2 keep other examples and feed them in another order.
+  from fm.data import pipeline
+
+  kept, order = [], []
+  for seed in (1, 2):
+    c = study.finetune_config(base, study.STUDIES['sentiment'], False, 'random', 'x', 0.1, seed)
+    kept.append(finetune.subset(list(range(1000)), c.task_args.train_fraction, c.seed))
+    rows = {'x': np.arange(100)}
+    order.append(next(iter(pipeline.example_dataset(rows, 32, c.data.seed)))['x'])
+  assert len(kept[0]) == len(kept[1]) == 100 and kept[0] != kept[1]
+  assert not np.array_equal(order[0], order[1])
 
 
 def test_a_finished_run_is_read_from_its_log_with_the_selected_validation_accuracy(tmp_path):

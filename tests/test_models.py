@@ -30,8 +30,9 @@ def make(variant='tiny', length=32, **overrides):
 @pytest.mark.parametrize('name', registry.choices('models'))
 def test_every_family_honours_its_contract(name):
   """Each discovered family defines what fm/models/__init__.py requires: its VARIANTS build its
-  Config, its sample inputs (a text, or images) are what its Model accepts, and param_count
-  agrees with the init."""
+  Config, its sample inputs (a text, or images) are what its Model accepts, with and without a
+  classifier head, and param_count agrees with the pretraining model's init (num_classes=0; a
+  fine-tuning run counts its params from their shapes, fm/finetune.py)."""
   family = registry.get('models', name)
   assert all(hasattr(family, m) for m in registry.members(models.ModelFamily)), name
   assert family.SEQ2SEQ in ('', 'prefix_lm', 'encdec') and family.POOL in ('last', 'mean', 'first')

@@ -254,6 +254,8 @@ def test_masking_is_deterministic_and_process_independent(shakespeare_data):
     next(iter(pipeline.train_dataset(stream, 64, 8, 0, p, 2, transform=corrupt))) for p in range(2)
   ]
   rows = lambda b: {(t.tobytes(), w.tobytes()) for t, w in zip(b['tokens'], b['target_weights'])}
+  assert len(halves[0]['tokens']) == len(halves[1]['tokens']) == 4  # Each process its half.
+  assert not rows(halves[0]) & rows(halves[1])
   assert rows(halves[0]) | rows(halves[1]) == rows(one)
 
 
@@ -282,12 +284,13 @@ def test_span_corruption_reassembles_exactly(seq_len):
     sentinels = out['inputs'][out['inputs'] >= V]
     np.testing.assert_array_equal(sentinels, V + np.arange(num_spans))
     np.testing.assert_array_equal(out['targets'][out['targets'] >= V], sentinels)
-    assert (tokens < V).all()
+    kept = out['inputs'][out['inputs'] < V]  # The text left in place.
+    assert len(kept) == seq_len - num_noise and set(kept) <= set(tokens)
     np.testing.assert_array_equal(out['decoder_in'], np.r_[0, out['targets'][:-1]])
     span_lengths += [
       len(s) - 1 for s in np.split(out['targets'], np.flatnonzero(out['targets'] >= V))[1:]
     ]
-  assert num_noise == round(0.15 * seq_len)
+  assert num_noise == round(0.15 * seq_len) and num_spans == max(round(num_noise / 3.0), 1)
   assert abs(np.mean(span_lengths) - num_noise / num_spans) < 1e-9 and min(span_lengths) >= 1
 
 
@@ -444,9 +447,19 @@ def test_token_accuracy_is_the_arg_max_one_ties_included(vocab):
   _, parts = _losses.weighted_cross_entropy(logits, targets, weights)
   expected = np.sum((np.argmax(logits, -1) == targets) * weights)
   assert float(parts['correct_sum']) == expected and 24 <= expected < 48
-  # The chunked loss: the same count from the final states and output projection.
+  # The chunked loss: the same count from the final states and output projection, whose rows
+  # repeat (every row a copy of one of the first half's: tied maxima), half the targets the first
+  # maximum (right), a quarter the last (wrong where tied).
   x = rng.normal(size=(4, 16, 8)).astype(np.float32)
   w = rng.normal(size=(vocab, 8)).astype(np.float32)
-  _, whole = _losses.weighted_cross_entropy(np.einsum('bld,vd->blv', x, w), targets, weights)
+  w = w[np.r_[np.arange(vocab // 2), rng.integers(0, vocab // 2, vocab - vocab // 2)]]
+  logits = np.einsum('bld,vd->blv', x, w)
+  targets[:, ::2] = np.argmax(logits, -1)[:, ::2]
+  targets[:, 1::4] = (vocab - 1 - np.argmax(logits[..., ::-1], -1))[:, 1::4]
+  tied = np.argmax(logits, -1) != vocab - 1 - np.argmax(logits[..., ::-1], -1)
+  assert tied.any()
+  _, whole = _losses.weighted_cross_entropy(logits, targets, weights)
+  expected = np.sum((np.argmax(logits, -1) == targets) * weights)
+  assert float(whole['correct_sum']) == expected and 24 <= expected < 40
   _, chunked = _losses.chunked_cross_entropy(x, w, 1.0, targets, weights, chunk=16)
-  assert float(chunked['correct_sum']) == float(whole['correct_sum'])
+  assert float(chunked['correct_sum']) == expected

@@ -50,6 +50,8 @@ def test_plan_command_on_host_devices(tmp_path):
   assert p['devices'] == 8 and p['mesh']['data'] == 8 and p['fits']
   assert p['collectives']['all-reduce']['group'] == 8  # Gradients are averaged over 8 shards.
   assert p['param_bytes'] == sum(r['bytes_per_device'] for r in p['sharding'])
+  # data=8 replicates every param: each device holds them all, float32 (the family's count).
+  assert p['param_bytes'] == 4 * p['params']
 
 
 @pytest.mark.slow  # Compiles four plans (about 40 s); CI runs it.

@@ -60,11 +60,23 @@ def test_mae_reconstructs_every_patch_and_restores_grid_order():
   masked = np.flatnonzero(row['mask'])
   assert sorted(restore[masked]) == list(range(len(keep), cfg.num_patches))
   model = vit.Model(cfg)
-  # The shapes need no random init (whose compilation is most of this test's time otherwise).
+  # Random params without a jitted init (whose compilation is most of this test's time otherwise).
   shapes = jax.eval_shape(model.init, jax.random.key(1), x)
-  params = jax.tree.map(lambda s: jnp.full(s.shape, 0.01, s.dtype), shapes)
-  out = jax.jit(model.apply)(params, x, jnp.asarray([keep] * 2), jnp.asarray([restore] * 2))
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+  # The same kept patches in another order, `restore` saying where each now sits: the decoder puts
+  # them back in grid order, so the reconstruction is the same.
+  order = rng.permutation(len(keep))
+  restore_2 = restore.copy()
+  restore_2[keep[order]] = np.arange(len(keep))
+  apply = jax.jit(model.apply)
+  out = apply(params, x, jnp.asarray([keep] * 2), jnp.asarray([restore] * 2))
+  out_2 = apply(params, x, jnp.asarray([keep[order]] * 2), jnp.asarray([restore_2] * 2))
   assert out.shape == (2, cfg.num_patches, cfg.patch_dim)
+  np.testing.assert_allclose(out_2, out, rtol=1e-4, atol=1e-5)
+  # Without the restore, places and grid patches would not match: the outputs would differ.
+  unordered = apply(params, x, jnp.asarray([keep[order]] * 2), jnp.asarray([restore] * 2))
+  assert np.abs(np.asarray(unordered - out)).max() > 1e-2
 
 
 def test_vit_param_count_and_bad_shapes():

@@ -2,6 +2,7 @@
 deterministic, process-disjoint, elastic pipeline."""
 
 import collections
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -305,6 +306,23 @@ def test_bad_input_edge_cases(tmp_path):
   (tmp_path / 'replaced' / prepare.MANIFEST).write_text('{"version": 1')
   with pytest.raises(ConfigError, match=r'manifest.json is damaged; prepare .* again'):
     prepare.read_manifest(tmp_path / 'replaced')
+  # 5 meaning 5%: refused before anything is read or written, with the command's flag.
+  five = dataclasses.replace(spec, validation_fraction=5.0)
+  with pytest.raises(ConfigError, match=r'validation_fraction=5.0 must lie in \[0, 1\)'):
+    prepare.prepare(five, tmp_path / 'five')
+  assert not (tmp_path / 'five').exists()
+  assert prepare.in_flags(str(pytest.raises(ConfigError, five.check).value)).startswith(
+    '--validation_fraction=5.0 must lie'
+  )
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(ConfigError, match=r'--output .*a_file is a file; give a directory'):
+    prepare.prepare(spec, tmp_path / 'a_file')
+  # A quoted ~ in a glob is the home directory, as everywhere else in fm.
+  home = str(pathlib.Path.home())
+  with pytest.MonkeyPatch.context() as env:
+    env.setenv('HOME', str(tmp_path))
+    assert prepare.expand(('~/x.jsonl',), 'config.data.train') == [str(tmp_path / 'x.jsonl')]
+  assert str(pathlib.Path.home()) == home
 
 
 # =============================================================================================
@@ -561,8 +579,8 @@ def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):
   gone or cut short, whose token counts or offsets are cut short, or whose tokenizer file is
   gone, rewrites those items alone (the others' files untouched) and gives what it gave
   before; with its inputs moved away it says so and changes nothing. A directory prepared
-  again for another spec loses its manifest first, so a stop midway leaves nothing that looks
-  complete. A URL output and a manifest without its fields are one sentence each."""
+  again for another spec is refused without --overwrite, and with it loses its manifest first,
+  so a stop midway leaves nothing that looks complete. A URL output and a manifest without its fields are one sentence each."""
   spec = byte_spec(write_corpus(tmp_path / 'in', files=3, docs=40))
   out = tmp_path / 'out'
   prepare.prepare(spec, out)
@@ -602,9 +620,16 @@ def test_prepare_again_mends_a_missing_or_damaged_file(tmp_path, monkeypatch):
   def stopped(*args):
     raise KeyboardInterrupt
 
+  with pytest.raises(
+    ConfigError,
+    match=r'--output .*/out holds a corpus prepared with other settings '
+    r'\(--validation_fraction\); give another --output, or add --overwrite to replace it',
+  ):
+    prepare.prepare(other, out)
+  assert shards(out) == before and (out / prepare.MANIFEST).exists()
   monkeypatch.setattr(prepare, 'run_pipeline', stopped)
   with pytest.raises(KeyboardInterrupt):
-    prepare.prepare(other, out)
+    prepare.prepare(other, out, overwrite=True)
   assert not (out / prepare.MANIFEST).exists()
   with pytest.raises(ConfigError, match=r'--output gs://b/p is a URL; .* mounts'):
     prepare.prepare(spec, 'gs://b/p')
@@ -647,8 +672,9 @@ def test_lines_too_long_for_the_tokenizer_trainer_are_one_sentence():
 
 def test_corpora_prepared_with_one_tokenizer_mix(tmp_path):
   """--tokenizer_model: a corpus prepared with another's SentencePiece model shares its
-  tokenizer, so the two mix (and a run may name the model); a changed model file prepares the
-  corpus anew; a file that is not a model is one sentence."""
+  tokenizer, so the two mix (and a run may name the model); another model file, or the same
+  file changed, prepares the corpus anew with --overwrite (refused without it); a file that is
+  not a model is one sentence."""
   import ml_collections
 
   spec = lambda name, **kw: prepare.Spec(
@@ -670,10 +696,17 @@ def test_corpora_prepared_with_one_tokenizer_mix(tmp_path):
   copy = tmp_path / 'other.model'
   prepare.prepare(spec('ccc', vocab_size=280), tmp_path / 'c-out')
   copy.write_bytes((tmp_path / 'c-out' / 'tokenizer.model').read_bytes())
-  changed = prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out')
+  with pytest.raises(ConfigError, match=r'other settings \(--tokenizer_model\); .* --overwrite'):
+    prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out')
+  assert prepare.read_manifest(tmp_path / 'b-out')['tokenizer'] == second['tokenizer']  # Kept.
+  changed = prepare.prepare(
+    spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out', overwrite=True
+  )
   assert changed['tokenizer']['vocab_size'] == 280
   copy.write_bytes((tmp_path / 'a-out' / 'tokenizer.model').read_bytes())
-  again = prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out')
+  with pytest.raises(ConfigError, match=r"\(the --tokenizer_model file's content\); give another"):
+    prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out')
+  again = prepare.prepare(spec('bb', tokenizer_model=str(copy)), tmp_path / 'b-out', overwrite=True)
   assert again['tokenizer'] == first['tokenizer']
   with pytest.raises(ConfigError, match=r"config.data.tokenizer.model='.*' is not a SentencePiece"):
     prepare.prepare(

@@ -82,6 +82,14 @@ class Spec:
   def key(self) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
 
+  def check(self) -> None:
+    """Values no corpus could be prepared with, before anything is read."""
+    if not 0 <= self.validation_fraction < 1:
+      raise ConfigError(
+        f'config.data.validation_fraction={self.validation_fraction} must lie in [0, 1): the '
+        f'share of the documents held out (0.01 holds out 1%).'
+      )
+
 
 # =============================================================================================
 # Reading documents
@@ -108,6 +116,7 @@ def expand(patterns: tuple[str, ...], key: str) -> list[str]:
       root = epath.Path(f'{base}://{rest.split("/", 1)[0]}')
       found = sorted(str(p) for p in root.glob(rest.split('/', 1)[1])) if '/' in rest else []
     else:
+      pattern = os.path.expanduser(pattern)
       anchor = pathlib.Path('/' if os.path.isabs(pattern) else '.')
       found = sorted(str(p) for p in anchor.glob(pattern.lstrip('/')) if p.is_file())
     if not found:
@@ -523,19 +532,28 @@ def _stderr_to(path: pathlib.Path | None):
 # The command
 # =============================================================================================
 def prepare(
-  spec: Spec, output: str | pathlib.Path, workers: int = 1, beam_args=(), say=lambda _: None
+  spec: Spec,
+  output: str | pathlib.Path,
+  workers: int = 1,
+  beam_args=(),
+  say=lambda _: None,
+  overwrite: bool = False,
 ) -> dict:
   """Prepares `spec` into `output` (see the module docstring); returns the manifest. A
   directory with a manifest of the same spec and input files is returned as it is (what is
   missing or damaged in it mended first); one that a killed prepare left is finished (its
-  finished items kept). `say` gets a line per step, with its time."""
+  finished items kept); one whose manifest is of another spec or tokenizer file is refused
+  unless `overwrite`. `say` gets a line per step, with its time."""
   if '://' in str(output):
     raise ConfigError(
       f'--output {output} is a URL; ArrayRecord shards are written and read as files: give a '
       f'directory every worker and training host mounts (local, NFS, or a bucket mounted with '
       f'gcsfuse, e.g. --output /mnt/bucket/prepared).'
     )
-  output, started = pathlib.Path(output), time.perf_counter()
+  spec.check()
+  output, started = pathlib.Path(output).expanduser(), time.perf_counter()
+  if output.exists() and not output.is_dir():
+    raise ConfigError(f'--output {output} is a file; give a directory to write the corpus into.')
   step = lambda what: say(f'[{time.perf_counter() - started:6.1f} s] {what}')
   given = tokenizer_lib.given(spec.tokenizer, spec.tokenizer_model)  # None: to be trained.
   try:
@@ -552,6 +570,11 @@ def prepare(
     if not (changed or found):
       return existing
   else:
+    if existing and not overwrite:
+      raise ConfigError(
+        f'--output {output} holds a corpus prepared with other settings ({_other(existing, spec)}); '
+        f'give another --output, or add --overwrite to replace it.'
+      )
     changed, found = '', []
   items, files = work_items(spec)  # The inputs are there: checked before anything changes.
   if changed:
@@ -591,6 +614,13 @@ def prepare(
     manifest = _write_manifest(output, spec, tok, items, files)
     step('the manifest written')
     return manifest
+
+
+def _other(manifest: dict, spec: Spec) -> str:
+  """The flags whose values `manifest`'s corpus was prepared with differ from `spec`'s."""
+  held, wanted = manifest['spec'], json.loads(json.dumps(dataclasses.asdict(spec)))
+  differing = [f'--{name}' for name in wanted if held.get(name) != wanted[name]]
+  return ', '.join(differing) if differing else "the --tokenizer_model file's content"
 
 
 def damage(
@@ -779,7 +809,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--train', action='append', default=[], help='glob of training files')
   parser.add_argument('--validation', action='append', default=[], help='glob of held-out files')
-  parser.add_argument('--source', default='', help=f'a named source: {", ".join(sources.SOURCES)}')
+  parser.add_argument(
+    '--source', default='', choices=sorted(sources.SOURCES), help='a named source'
+  )
   parser.add_argument('--output', required=True, help='directory to write')
   parser.add_argument('--validation_fraction', type=float, default=Spec.validation_fraction)
   parser.add_argument('--text_field', default=Spec.text_field)
@@ -793,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   parser.add_argument('--encoding_errors', default='strict', choices=('strict', 'replace'))
   parser.add_argument('--workers', type=int, default=1, help='DirectRunner worker processes')
+  parser.add_argument(
+    '--overwrite', action='store_true', help='replace a corpus of other settings in --output'
+  )
   args = parser.parse_args(ours)
   if bool(args.train) == bool(args.source):
     parser.error('give --train globs or --source, one of them')
@@ -809,7 +844,12 @@ def main(argv: list[str] | None = None) -> int:
   )
   try:
     manifest = prepare(
-      spec, args.output, args.workers, beam_args, lambda line: print(line, file=sys.stderr)
+      spec,
+      args.output,
+      args.workers,
+      beam_args,
+      lambda line: print(line, file=sys.stderr),
+      overwrite=args.overwrite,
     )
   except ConfigError as e:
     print(f'error: {in_flags(str(e))}', file=sys.stderr)

@@ -245,6 +245,7 @@ def finetune_row(config, run_dir: pathlib.Path, **fields) -> dict | None:
   checkpoint exists is taken as its log has it, not evaluated again."""
   from fm import checkpoint, metrics, runs
 
+  same_run(run_dir, config, ('pretrained.workdir', 'seed', 'task_args.train_fraction', 'optim.lr'))
   scores = None
   if checkpoint.latest_step(run_dir) >= config.train.steps:
     scores = logged_scores(run_dir)
@@ -260,6 +261,27 @@ def finetune_row(config, run_dir: pathlib.Path, **fields) -> dict | None:
     'validation_accuracy': scores['accuracy'],
     'minutes': metrics.training_seconds(run_dir) / 60,
   }
+
+
+def same_run(run_dir: pathlib.Path, config, keys: tuple[str, ...]) -> None:
+  """Refuses a run directory whose config.json differs from `config` at `keys` (another
+  backbone, seed, label budget or rate: a workdir of another recipe), so it is neither resumed
+  nor taken as this study's."""
+  from fm import ConfigError, train
+
+  path = run_dir / 'config.json'
+  if not path.exists():
+    return
+  held, wanted = json.loads(path.read_text()).get('config', {}), train.as_json(config.to_dict())
+  for key in keys:
+    a, b = held, wanted
+    for name in key.split('.'):
+      a, b = (a or {}).get(name), (b or {}).get(name)
+    if a != b:
+      raise ConfigError(
+        f'{run_dir} was trained with {key}={a!r}, this study asks for {b!r} (another recipe '
+        f'or --pretrained); give another --workdir, or move {run_dir} away to train it again.'
+      )
 
 
 def logged_scores(run_dir: pathlib.Path) -> dict | None:
@@ -315,7 +337,7 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   fine-tuned from each earlier checkpoint of the pretraining run (its own schedule's state at
   that step), 3 seeds each, into WORKDIR/pretrained@STEP-FRACTION-SEED. Returns those runs and
   the final checkpoint's pretraining tokens, or None when preempted."""
-  from fm import checkpoint, configs, metrics
+  from fm import ConfigError, checkpoint, configs, metrics
 
   fractions = study.trend_fractions[-1:] if smoke else study.trend_fractions
   seeds = (0,) if smoke else SEEDS
@@ -329,6 +351,12 @@ def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   # The final one is the study's own `pretrained` rows.
   steps = sorted(int(p.name) for p in final.parent.iterdir() if p.name.isdigit())
   steps = [step for step in steps if every and step % every == 0 and step != int(final.name)]
+  if not steps:
+    raise ConfigError(
+      f'--trend: {final.parents[1]} kept no checkpoint before its final one (every_steps='
+      f'{every}, keep={held.checkpoint.keep}); pretrain with checkpoint.every_steps and '
+      f'checkpoint.keep that keep earlier ones (as this study does: {study.pretrain_overrides}).'
+    )
   previous = recorded_rows(workdir / 'trend.json')
   results = []
   for fraction in fractions:
@@ -440,6 +468,7 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   config.train.update(steps=steps, eval_every=every, log_every=max(steps // 25, 1))
   config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
   config.checkpoint.every_steps = every
+  same_run(workdir / 'adapted', config, ('init.from_checkpoint', 'train.steps', 'optim.lr'))
   # Trained (or resumed) unless finished; None when stopped.
   return runs.obtain(
     runs.Dependency('adapted', config, workdir / 'adapted', 'task-adaptive pretraining', None)
@@ -611,6 +640,9 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except FloatingPointError as e:  # A run diverged: its recipe in this file needs a change.
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   if not results:  # Preempted.
     print('stopped (preempted); rerun the same command to resume.')
     return 0

@@ -2,7 +2,7 @@
 
   python -m fm.plan --config experiments/llama.py:8b --topology v5e:16x16
   python -m fm.plan --config experiments/llama.py:1b --topology h100:1 --max_batch
-  python -m fm.main --config experiments/llama.py:8b --workdir gs://BUCKET/llama_8b  # On the pod.
+  python -m fm.main --config experiments/llama.py:8b --workdir /mnt/bucket/llama_8b  # On the pod (a shared mount).
 
 Fully sharded (fsdp over every chip), bf16 compute with float32 master params and Adam state,
 layers scanned and rematerialised, 4,096-token sequences: 256 per step (1M tokens) for 8b, 16

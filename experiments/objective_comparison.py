@@ -152,7 +152,7 @@ def run(
     info['curve'] = metrics_lib.series(pretrain_dir, 'train/loss')
     info['minutes'] = metrics_lib.training_seconds(pretrain_dir) / 60
     out['pretraining'][objective] = info
-    write(workdir, out)
+    write(workdir, with_unreached(out, before))
     for task, (_, _, _, keys) in TASKS.items():
       if task == 'headline' and config.model.name == 'encoder':
         continue  # An encoder cannot write a target.
@@ -168,8 +168,23 @@ def run(
           row.update({k: metrics[f'test/{k}'] for k in keys})
         row['minutes'] = metrics_lib.training_seconds(run_dir) / 60
         out['finetuning'].append(row)
-        write(workdir, out)
+        write(workdir, with_unreached(out, before))
+  write(workdir, out)  # Done: rows no longer in the study go.
   return out
+
+
+def with_unreached(out: dict, before: dict) -> dict:
+  """`out` so far plus what the JSON recorded for the runs not reached yet, so a stop keeps
+  them (a rerun takes them as recorded)."""
+  done = {(r['objective'], r['task'], r['seed']) for r in out['finetuning']}
+  pretraining = {**before.get('pretraining', {}), **out['pretraining']}
+  return {
+    'pretraining': {o: pretraining[o] for o in OBJECTIVES if o in pretraining},
+    'finetuning': out['finetuning']
+    + [
+      r for r in before.get('finetuning', []) if (r['objective'], r['task'], r['seed']) not in done
+    ],
+  }
 
 
 def check_budget(pretrain_dir: pathlib.Path, objective: str, steps: int, workdir) -> None:
@@ -276,6 +291,9 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except FloatingPointError as e:  # A run diverged: its recipe in this file needs a change.
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   if out is None:
     print('stopped (preempted); rerun the same command to resume.')
     return 0

@@ -486,6 +486,9 @@ def main() -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except FloatingPointError as e:  # A run diverged: its recipe in this file needs a change.
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   if runs is None:
     print('stopped (preempted); rerun the same command to resume.')
     return 0

@@ -130,6 +130,10 @@ def measure(args) -> dict:
   seq_len, batch = config.data.seq_len, config.train.global_batch
   family, model_cfg = train.model_config(config)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules_from_config(config)
+  try:
+    train.check_batch(config, dict(mesh.shape), sharding.batch_divisor(mesh, rules))
+  except ConfigError as e:  # Named as this command's flag.
+    raise ConfigError(str(e).replace('config.train.global_batch=', '--batch ')) from None
   device = jax.devices()[0]
   result = {
     'shape': args.shape,
@@ -218,7 +222,11 @@ def measure(args) -> dict:
     'host_peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
   }
   if args.pipeline_batches:
-    windows = pipeline_speed(config, args.pipeline_batches)
+    try:
+      windows = pipeline_speed(config, args.pipeline_batches)
+    except ConfigError as e:  # No corpus here (no network): the step's figures still stand.
+      result['input'] = {'dataset': config.data.dataset, 'error': str(e)}
+      return result
     consumed = batch / step_s
     result['input'] = {
       'dataset': config.data.dataset,
@@ -275,7 +283,14 @@ def table(result: dict) -> str:
       f'{gib(result["memory"]["host_peak_rss_bytes"])}',
     ),
   ]
-  if 'input' in result:
+  if 'error' in result.get('input', {}):
+    rows.append(
+      (
+        'input pipeline',
+        f'not measured: {result["input"]["error"]} (--pipeline_batches 0 skips it)',
+      )
+    )
+  elif 'input' in result:
     i = result['input']
     rows.append(
       (

@@ -49,6 +49,11 @@ def parse_flags(argv: list[str]) -> list[str]:
       f'--config={spec}: no such experiment file; give a path like '
       f'experiments/lm_shakespeare.py (optionally with :smoke).'
     )
+  if spec is not None:  # Not an experiment file, or one that does not run: one line.
+    try:
+      configs.load(spec, '--config')
+    except ConfigError as e:
+      _fail(str(e))
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:

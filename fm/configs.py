@@ -165,19 +165,43 @@ def load(spec: str, key: str) -> ml_collections.ConfigDict:
   """'experiments/x.py[:variant]' (relative to the working directory or the repository) ->
   that file's get_config(variant), as `--config` loads it; `key` names the setting in errors."""
   path, _, arg = spec.partition(':')
+  named = f'{key}={spec}' if key.startswith('--') else f'{key}={spec!r}'  # A flag, or a key.
   found = next((p for p in (pathlib.Path(path).expanduser(), REPO / path) if p.is_file()), None)
   if found is None:
     raise ConfigError(
-      f'{key}={spec!r}: no such experiment file; give a path like '
+      f'{named}: no such experiment file; give a path like '
       f'experiments/lm_shakespeare.py (optionally with :smoke).'
     )
   module_spec = importlib.util.spec_from_file_location(found.stem, found)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # An edited experiment file that does not run: where and why.
+    raise ConfigError(f'{named}: {_where(e, found)}; fix that line.') from None
+  if not callable(getattr(module, 'get_config', None)):
+    raise ConfigError(
+      f'{named}: {path} defines no get_config(arg), so it is not an experiment file '
+      f'(a script of its own: see python {path} --help); give an experiment like '
+      f'experiments/lm_shakespeare.py.'
+    )
   try:
     return module.get_config(arg)
   except ValueError as e:  # An unknown variant.
-    raise ConfigError(f'{key}={spec!r}: {e}') from None
+    raise ConfigError(f'{named}: {e}') from None
+  except Exception as e:
+    raise ConfigError(f'{named}: get_config: {_where(e, found)}; fix that line.') from None
+
+
+def _where(error: Exception, path: pathlib.Path) -> str:
+  """'ErrorType: message at line N' of the last line of `path` that the error passed."""
+  line = getattr(error, 'lineno', None) if isinstance(error, SyntaxError) else None
+  tb = error.__traceback__
+  while tb is not None:
+    if pathlib.Path(tb.tb_frame.f_code.co_filename) == path:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  message = error.msg if isinstance(error, SyntaxError) else str(error)
+  return f'{type(error).__name__}: {message}' + (f' at line {line}' if line else '')
 
 
 def overridable(config):

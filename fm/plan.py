@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import pathlib
 import re
 import sys
 
@@ -761,9 +762,10 @@ def main(argv):
       print(summary(p))
     if p is not None:
       print('\n' + sharding_table(p))
-    if FLAGS.json:
-      with open(FLAGS.json, 'w') as f:
-        json.dump(out, f, indent=1, default=str)
+    if FLAGS.json:  # Its folder made, as fm.bench's.
+      path = pathlib.Path(FLAGS.json).expanduser()
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_text(json.dumps(out, indent=1, default=str))
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

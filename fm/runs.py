@@ -41,7 +41,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   final held-out metrics (and test/* ones), or {} when preempted, while training it or a
   dependency (rerunning the same command resumes it). Every config check runs before anything is written."""
   config = configs.resolve(config)
+  if '://' in str(workdir):
+    raise ConfigError(
+      f'workdir {workdir} is a URL; a run writes its workdir as files (checkpoints from every '
+      f'host): give a directory every host mounts (NFS, Filestore, or the bucket mounted with '
+      f'gcsfuse, e.g. --workdir /mnt/bucket/run).'
+    )
   workdir = pathlib.Path(workdir).expanduser()
+  _check_own_workdir(workdir, config)
   with removed_if_left_empty(workdir):  # A run refused after _prepare leaves no empty workdir.
     return _run(config, workdir)
 
@@ -107,7 +114,14 @@ def dependency(spec: ml_collections.ConfigDict, key: str, default_workdir: pathl
     return Dependency(key, config, default_workdir, '', None, spec.hf)
   if spec.workdir:
     ckpt = checkpoint.resolve(spec.workdir, f'{key}.workdir')
-    held = checkpoint.read_meta(ckpt).get('config')
+    meta = checkpoint.read_meta(ckpt)
+    held, source = meta.get('config'), (meta.get('source') or {}).get('hf')
+    if not held and source:
+      raise ConfigError(
+        f'{key}.workdir={spec.workdir!r}: {ckpt} is a Hugging Face model imported by fm.convert, '
+        f'which carries no run config; give {key}.hf={source!r} (the directory it came from) '
+        f'instead of {key}.workdir.'
+      )
     if not held:
       raise ConfigError(
         f'{key}.workdir={spec.workdir!r}: {ckpt} carries no run config (not an fm '
@@ -154,6 +168,51 @@ def obtain(dependency: Dependency) -> pathlib.Path | None:
       metrics_lib.log(f'stopped while training {dependency.key}; rerun the same command to resume.')
       return None
   return checkpoint.resolve(dependency.workdir, f'{dependency.key}.workdir')
+
+
+# What makes a workdir's run the one a config trains: resuming may change anything else (the
+# mesh, data.workers, remat, more steps).
+IDENTITY = (
+  'task',
+  'objective',
+  'model.name',
+  'model.variant',
+  'data.dataset',
+  'data.tokenizer',
+  'data.seq_len',
+  'data.train',
+  'data.validation',
+  'data.path',
+  'data.mixture',
+)
+
+
+def _check_own_workdir(workdir: pathlib.Path, config) -> None:
+  """Refuses a workdir whose config.json is another run's (another task, objective, model or
+  data), before anything is written: resuming there would restore, or refuse, that run's
+  checkpoints as this one's."""
+  path = workdir / 'config.json'
+  try:
+    held = json.loads(path.read_text()).get('config', {})
+  except (OSError, ValueError, AttributeError):
+    return  # None yet (or unreadable: the checkpoints' own checks speak for them).
+
+  missing = object()  # A key the run's fm did not have yet: not compared.
+
+  def at(tree, dotted):
+    for name in dotted.split('.'):
+      tree = tree.get(name, missing) if isinstance(tree, dict) else missing
+    return tree
+
+  wanted = train.as_json(config.to_dict())
+  differing = [k for k in IDENTITY if at(held, k) is not missing and at(held, k) != at(wanted, k)]
+  if differing:
+    first = differing[0]
+    raise ConfigError(
+      f'workdir {workdir} holds another run (its config.json has {first}={at(held, first)!r}, '
+      f'this config {at(wanted, first)!r}; it differs in {", ".join(differing)}); give another '
+      f'--workdir, or move {workdir} away to start this run there.'
+    )
 
 
 def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) -> None:

@@ -175,12 +175,14 @@ def check_data(data_cfg: ml_collections.ConfigDict) -> None:
         'config.data.dataset=prepared needs config.data.path, a directory written by '
         'python -m fm.data.prepare (--config.data.path=DIR), or config.data.mixture.'
       )
+    key = 'config.data.mixture' if data_cfg.mixture else 'config.data.path'
     for path, weight in data_cfg.mixture or ((data_cfg.path, 1.0),):
-      prepare_lib.read_manifest(pathlib.Path(path).expanduser())
+      prepare_lib.read_manifest(pipeline.local_directory(path, key))
       if not weight > 0:
         raise ConfigError(f'config.data.mixture: the weight of {path} is {weight}; give it > 0.')
     return
   spec = pipeline.spec_of(data_cfg)
+  spec.check()
   prepare_lib.expand(spec.train, 'config.data.train')
   prepare_lib.expand(spec.validation, 'config.data.validation')
 

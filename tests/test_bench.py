@@ -31,3 +31,12 @@ def test_bench_tiny_two_steps_writes_every_field(tmp_path, capsys):
   assert result['memory']['compiled_temp_bytes'] > 0 and result['memory']['host_peak_rss_bytes'] > 0
   assert result['input']['windows_per_s'] > 0 and result['input']['dataset'] == 'news'
   assert 'MFU' in capsys.readouterr().out
+  # Without a corpus (no network) the step's figures are printed, the pipeline's reason with them.
+  result['input'] = {'dataset': 'news', 'error': 'no network'}
+  assert 'not measured: no network (--pipeline_batches 0 skips it)' in bench.table(result)
+
+
+def test_a_batch_the_devices_do_not_divide_is_one_sentence(capsys):
+  assert bench.main(['--shape', 'tiny', '--batch', '3', '--pipeline_batches', '0']) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: --batch 3 is not divisible by the 8 batch shards'), err

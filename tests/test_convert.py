@@ -305,6 +305,34 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     convert.import_hf(hf, tmp_path / 'out')
 
 
+def test_a_tokenizer_without_eos_token_ends_documents_with_its_separator(tmp_path):
+  """BERT's tokenizer_config.json names sep_token, not eos_token: [SEP] ends a document; with
+  neither, one sentence."""
+  from fm.data import tokenizer as tokenizer_lib
+
+  shutil.copy(FIXTURES / 'gpt2' / 'tokenizer.json', tmp_path / 'tokenizer.json')
+  (tmp_path / 'tokenizer_config.json').write_text(json.dumps({'sep_token': '<|endoftext|>'}))
+  tok = tokenizer_lib.load_hf(str(tmp_path))
+  gpt2 = tokenizer_lib.load_hf(str(FIXTURES / 'gpt2'))
+  assert tok.eos_id == gpt2.eos_id and tok.encode('a b') == gpt2.encode('a b')
+  (tmp_path / 'tokenizer_config.json').write_text('{}')
+  with pytest.raises(ConfigError, match=r'names no eos_token \(nor sep_token\), which ends'):
+    tokenizer_lib.load_hf(str(tmp_path))
+  for path in (FIXTURES / 'gpt2').glob('*'):
+    if path.name.startswith(('config', 'model')):
+      shutil.copy(path, tmp_path / path.name)
+  with pytest.raises(ConfigError, match=r'^HF_DIR .*: its tokenizer_config.json names no eos'):
+    convert.import_hf(tmp_path, tmp_path / 'out')
+  assert not (tmp_path / 'out').exists()
+
+
+def test_a_target_that_is_a_file_is_refused(tmp_path):
+  (tmp_path / 'f').write_text('')
+  with pytest.raises(ConfigError, match=r'WORKDIR .*/f is a file; give a directory to write'):
+    convert.import_hf(FIXTURES / 'gpt2', tmp_path / 'f')
+  assert (tmp_path / 'f').read_text() == ''
+
+
 def test_pretrained_hf_imports_once(tmp_path, monkeypatch):
   """pretrained.hf: the backbone config comes from config.json and the tokenizer files alone;
   the import is made once and reused; a workdir holding another run is refused."""
@@ -322,6 +350,14 @@ def test_pretrained_hf_imports_once(tmp_path, monkeypatch):
   (tmp_path / 'other' / 'metrics.jsonl').write_text('')
   with pytest.raises(ConfigError, match=r'other holds another run; move it away'):
     runs.obtain(runs.dependency(spec, 'config.pretrained', tmp_path / 'other'))
+  # The import named as a workdir: the key that takes it is named.
+  by_workdir = ml_collections.ConfigDict(dict(hf='', experiment='', workdir=str(ckpt)))
+  with pytest.raises(
+    ConfigError,
+    match=r'is a Hugging Face model imported by fm.convert, .*; give config.pretrained.hf='
+    rf"'{FIXTURES / 'gpt2'}' \(the directory it came from\) instead of config.pretrained.workdir",
+  ):
+    runs.dependency(by_workdir, 'config.pretrained', tmp_path / 'p2')
 
 
 def spm_model(texts: list[str], **options) -> bytes:

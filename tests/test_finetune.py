@@ -238,6 +238,13 @@ def test_lora_run_on_a_pretrained_backbone_merges(tmp_path):
     'lora' in k for k in checkpoint.param_metadata(out)
   )
   assert 'step merged' in checkpoint.inspect(str(out))
+  # Export: a classifier, merged or not, is not a language model; its backbone is.
+  from fm import convert
+
+  for ckpt in (tmp_path / 'a', out):
+    with pytest.raises(ConfigError, match=r"is a classifier .*: export its backbone \(the run's"):
+      convert.export_hf(str(ckpt), str(tmp_path / 'hf'))
+  assert not (tmp_path / 'hf').exists()
 
 
 BAD = [
@@ -490,6 +497,25 @@ def test_label_efficiency_seed_draws_labels_init_and_order():
     order.append(next(iter(pipeline.example_dataset(rows, 32, c.data.seed)))['x'])
   assert len(kept[0]) == len(kept[1]) == 100 and kept[0] != kept[1]
   assert not np.array_equal(order[0], order[1])
+
+
+def test_label_efficiency_refuses_a_run_directory_of_another_recipe(tmp_path):
+  """A run directory trained from another backbone (a rerun with another --pretrained in the
+  same workdir) is refused, not resumed or read as this study's; the same recipe passes."""
+  study = load_experiment('label_efficiency')
+  base = configs.resolve(load_experiment('transfer_sentiment').get_config())
+  sentiment = study.STUDIES['sentiment']
+  config = study.finetune_config(base, sentiment, False, 'pretrained', '/a/360', 0.1, 1)
+  run = tmp_path / 'pretrained-0.1-1'
+  run.mkdir()
+  (run / 'config.json').write_text(json.dumps({'config': train.as_json(config.to_dict())}))
+  keys = ('pretrained.workdir', 'seed', 'task_args.train_fraction', 'optim.lr')
+  study.same_run(run, config, keys)
+  other = study.finetune_config(base, sentiment, False, 'pretrained', '/b/360', 0.1, 1)
+  with pytest.raises(
+    ConfigError, match=r"pretrained-0.1-1 was trained with pretrained.workdir='/a/360', this study"
+  ):
+    study.same_run(run, other, keys)
 
 
 def test_a_finished_run_is_read_from_its_log_with_the_selected_validation_accuracy(tmp_path):

@@ -307,6 +307,12 @@ CLI_ERRORS = [
     r'error: --config=experiments/nope.py: no such experiment file; give a path like',
   ),
   (
+    ['--config', 'experiments/label_efficiency.py'],
+    r'error: --config=experiments/label_efficiency.py: experiments/label_efficiency.py defines no '
+    r'get_config\(arg\), so it is not an experiment file \(a script of its own: see python '
+    r'experiments/label_efficiency.py --help\)',
+  ),
+  (
     ['--config', 'experiments/lm_shakespeare.py:smok'],
     r"error: --config=experiments/lm_shakespeare.py:smok: Unknown variant 'smok' of lm_shakespeare",
   ),
@@ -350,6 +356,25 @@ def test_command_line_mistakes_are_one_line(args, message, tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
+def test_an_experiment_file_that_does_not_run_is_one_sentence_with_its_line(tmp_path):
+  (tmp_path / 'syntax.py').write_text('def get_config(arg=None)\n  return 1\n')
+  (tmp_path / 'key.py').write_text('def get_config(arg=None):\n  x = {}\n  return x["lr"]\n')
+  with pytest.raises(ConfigError, match=r'syntax.py: SyntaxError: .* at line 1; fix that line'):
+    configs.load(str(tmp_path / 'syntax.py'), '--config')
+  with pytest.raises(ConfigError, match=r"key.py: get_config: KeyError: 'lr' at line 3; fix"):
+    configs.load(str(tmp_path / 'key.py'), '--config')
+
+
+def test_a_url_workdir_or_corpus_is_refused_not_written_locally(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match=r'workdir gs://b/run is a URL; .* e.g. --workdir /mnt/'):
+    runs.run(smoke_config(), 'gs://b/run')
+  config = smoke_config(data={'dataset': 'prepared', 'path': 'gs://b/prepared'})
+  with pytest.raises(ConfigError, match=r'config.data.path: gs://b/prepared is a URL; '):
+    runs.run(config, tmp_path / 'w')
+  assert not list(tmp_path.iterdir())
+
+
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
@@ -357,6 +382,26 @@ def test_unwritable_workdir(tmp_path):
     ConfigError, match=r'workdir .*/file/w is not writable .*; choose a directory'
   ):
     runs.run(smoke_config(), blocker / 'w')
+
+
+def test_a_workdir_of_another_run_is_refused_before_anything_is_written(tmp_path):
+  """A workdir whose config.json is another experiment's is refused in one sentence, leaving
+  it as it was; the same run resumes there on another mesh or with more data workers."""
+  held = smoke_config()
+  (tmp_path / 'config.json').write_text(json.dumps({'config': train.as_json(held.to_dict())}))
+  before = (tmp_path / 'config.json').read_text()
+  with pytest.raises(
+    ConfigError,
+    match=r"workdir .* holds another run \(its config.json has data.dataset='shakespeare', this "
+    r"config 'news'; it differs in data.dataset\); give another --workdir, or move .* away",
+  ):
+    runs.run(smoke_config('lm_news'), tmp_path)
+  assert [p.name for p in tmp_path.iterdir()] == ['config.json']
+  assert (tmp_path / 'config.json').read_text() == before
+  with pytest.raises(ConfigError, match=r'differs in model.variant'):
+    runs.run(smoke_config(model={'variant': 'mini'}), tmp_path)
+  resumed = smoke_config(mesh={'data': 2, 'fsdp': 4}, data={'workers': 2}, train={'steps': 99})
+  runs._check_own_workdir(tmp_path, resumed)
 
 
 @pytest.mark.slow  # Prepares and trains in subprocesses (about 45 s); CI runs it.

@@ -34,7 +34,7 @@ def test_plan_command_on_host_devices(tmp_path):
       '--topology',
       'cpu:8',
       '--json',
-      str(tmp_path / 'plan.json'),
+      str(tmp_path / 'new' / 'plan.json'),
     ],
     cwd=ROOT,
     capture_output=True,
@@ -46,7 +46,7 @@ def test_plan_command_on_host_devices(tmp_path):
   assert ': fits' in out.stdout
   assert 'roofline step time' in out.stdout
   assert 'layer_0/attn/query' in out.stdout and 'embed,heads,head_dim' in out.stdout
-  p = json.loads((tmp_path / 'plan.json').read_text())['plan']
+  p = json.loads((tmp_path / 'new' / 'plan.json').read_text())['plan']
   assert p['devices'] == 8 and p['mesh']['data'] == 8 and p['fits']
   assert p['collectives']['all-reduce']['group'] == 8  # Gradients are averaged over 8 shards.
   assert p['param_bytes'] == sum(r['bytes_per_device'] for r in p['sharding'])
@@ -172,7 +172,7 @@ def test_plan_for_a_small_tpu_slice(tmp_path):
       'v5e:2x2',
       '--config.train.global_batch=8',
       '--json',
-      str(tmp_path / 'plan.json'),
+      str(tmp_path / 'new' / 'plan.json'),
     ],
     cwd=ROOT,
     capture_output=True,
@@ -181,7 +181,7 @@ def test_plan_for_a_small_tpu_slice(tmp_path):
     check=False,
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  p = json.loads((tmp_path / 'plan.json').read_text())['plan']
+  p = json.loads((tmp_path / 'new' / 'plan.json').read_text())['plan']
   assert p['compiler'] == 'libtpu' and p['devices'] == 4 and 'TPU v5' in p['device_kind']
   assert p['fits'] and p['capacity'] == 16 * 2**30 and p['collectives']
 

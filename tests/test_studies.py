@@ -178,6 +178,25 @@ def test_objective_comparison_seeds_draw_the_training_order(tmp_path):
     assert len(first) == len(oc.SEEDS), task
 
 
+def test_objective_comparison_keeps_the_runs_not_reached_when_stopped():
+  """What the JSON holds after each run: the runs so far, then those it had recorded that the
+  rerun has not reached (`--objectives causal_lm` stopped mid-way loses no other objective)."""
+  oc = _script('objective_comparison')
+  row = lambda o, t, s, acc: dict(objective=o, task=t, seed=s, accuracy=acc)
+  before = {
+    'pretraining': {'causal_lm': {'loss': 3.0}, 'ul2': {'loss': 2.0}},
+    'finetuning': [row('causal_lm', 'sentiment', 0, 0.7), row('causal_lm', 'sentiment', 1, 0.6)]
+    + [row('ul2', 'sentiment', 0, 0.8)],
+  }
+  out = {
+    'pretraining': {'causal_lm': {'loss': 3.1}},
+    'finetuning': [row('causal_lm', 'sentiment', 0, 0.71)],
+  }
+  kept = oc.with_unreached(out, before)
+  assert kept['pretraining'] == {'causal_lm': {'loss': 3.1}, 'ul2': {'loss': 2.0}}
+  assert kept['finetuning'] == out['finetuning'] + before['finetuning'][1:]
+
+
 @pytest.mark.slow
 def test_objective_comparison_script_smoke(tmp_path):
   """The README's smoke command pretrains the five objectives and fine-tunes each on the three

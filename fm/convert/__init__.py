@@ -241,6 +241,8 @@ def parse_mesh(text: str):
 
 def _target(path: str | pathlib.Path, overwrite: bool, key: str) -> pathlib.Path:
   path = pathlib.Path(path).expanduser().absolute()
+  if path.exists() and not path.is_dir():
+    raise ConfigError(f'{key} {path} is a file; give a directory to write.')
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise ConfigError(f'{key} {path} exists; give another or add --overwrite to replace it.')
   return path
@@ -265,7 +267,12 @@ def _tokenizer(directory: pathlib.Path, vocab_size: int):
   an error."""
   if not (directory / 'tokenizer.json').exists():
     return None
-  tok = tokenizer_lib.load_hf(str(directory))
+  try:
+    tok = tokenizer_lib.load_hf(str(directory))
+  except ConfigError as e:  # Named as this command's argument, not as a run's config key.
+    raise ConfigError(
+      str(e).replace(f'config.data.tokenizer.model={str(directory)!r}', f'HF_DIR {directory}')
+    ) from None
   if tok.vocab_size > vocab_size:
     raise ConfigError(
       f'{directory / "tokenizer.json"} has {tok.vocab_size} tokens, more than the {vocab_size} '
@@ -371,13 +378,21 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
       f'{ckpt} is a {name} model; fm exports {", ".join(sorted({f.FAMILY for f in FAMILIES}))} '
       f'models so far.'
     )
-  if fields.get('lora_rank') or fields.get('num_classes'):
+  if fields.get('num_classes'):
     raise ConfigError(
-      f'{ckpt} has LoRA adapters or a classification head; export a pretrained model, or merge '
-      f'adapters first (python -m fm.finetune merge).'
+      f'{ckpt} is a classifier (a head of {fields["num_classes"]} classes); export writes '
+      f"language models: export its backbone (the run's config.pretrained workdir) instead."
+    )
+  if fields.get('lora_rank'):
+    raise ConfigError(
+      f'{ckpt} has LoRA adapters; fold them in first (python -m fm.finetune merge '
+      f'{checkpoint_path}) and export the merged checkpoint it writes.'
     )
   out = _target(hf_dir, overwrite, 'HF_DIR')
-  tokenizer_dir = ckpt.parents[1] / TOKENIZER  # Written by the run (train.record) or import.
+  # Written by the run (train.record) or import, in its workdir: WORKDIR/checkpoints/STEP's, or
+  # WORKDIR/merged's (fm.finetune merge).
+  workdir = ckpt.parents[1] if ckpt.parent.name == 'checkpoints' else ckpt.parent
+  tokenizer_dir = workdir / TOKENIZER
   tok = _tokenizer(tokenizer_dir, meta['model']['vocab_size'])
   spm_file = tokenizer_dir / 'tokenizer.model'
   if tok and spm_file.exists():  # A SentencePiece run's: the model is what its checkpoint names.

@@ -176,12 +176,22 @@ class Data:
   validation: Split | Mixture
 
 
+def local_directory(path: str, key: str) -> pathlib.Path:
+  """`path` as a directory of files; a URL is refused (ArrayRecord shards are read as files)."""
+  if '://' in str(path):
+    raise ConfigError(
+      f'{key}: {path} is a URL; prepared corpora are read as files: give the directory where '
+      f'every host mounts it (NFS, or the bucket mounted with gcsfuse, e.g. /mnt/bucket/prepared).'
+    )
+  return pathlib.Path(path).expanduser()
+
+
 def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
   """The prepared corpus of `config.data`: a named source or `files`, prepared once into
   $FM_DATA_DIR/prepared (a file's size or time changing prepares it anew), or `prepared`'s
   own `data.path`."""
   if data_cfg.dataset == 'prepared':
-    return pathlib.Path(data_cfg.path).expanduser()
+    return local_directory(data_cfg.path, 'config.data.path')
   spec = spec_of(data_cfg)
   key = spec.key()
   if data_cfg.dataset == 'files':  # Its files' sizes and times, without reading them.
@@ -190,7 +200,7 @@ def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
     key = hashlib.sha256((key + json.dumps([_stat(p) for p in paths])).encode()).hexdigest()
   directory = sources.cache_dir() / 'prepared' / f'{data_cfg.dataset}-{key[:16]}'
   say = lambda line: print(f'preparing {directory}: {line}', flush=True)  # Once per corpus.
-  prepare_lib.prepare(spec, directory, say=say)
+  prepare_lib.prepare(spec, directory, say=say, overwrite=True)  # fm's own cache.
   return directory
 
 
@@ -295,7 +305,7 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
 
 
 def _mixture(data_cfg: ml_collections.ConfigDict) -> Data:
-  directories = [pathlib.Path(path).expanduser() for path, _ in data_cfg.mixture]
+  directories = [local_directory(path, 'config.data.mixture') for path, _ in data_cfg.mixture]
   opened = [open_prepared(d, data_cfg) for d in directories]
   tok = opened[0][1]
   for directory, (_, other) in zip(directories, opened):

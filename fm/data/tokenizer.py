@@ -152,12 +152,14 @@ def load_hf(path: str) -> HFTokenizer:
   names = {'eos': '', 'bos': ''}
   if (directory / 'tokenizer_config.json').exists():
     config = json.loads((directory / 'tokenizer_config.json').read_text())
-    for role in names:
-      token = config.get(f'{role}_token')
-      names[role] = token.get('content', '') if isinstance(token, dict) else token or ''
+    # A BERT-style tokenizer names no eos_token: its separator ends a document, as a segment.
+    for role, keys in (('eos', ('eos_token', 'sep_token')), ('bos', ('bos_token',))):
+      token = next((config[k] for k in keys if config.get(k)), '')
+      names[role] = token.get('content', '') if isinstance(token, dict) else token
   if not names['eos']:
     raise ConfigError(
-      f'{key}: its tokenizer_config.json names no eos_token, which ends every document; add it.'
+      f'{key}: its tokenizer_config.json names no eos_token (nor sep_token), which ends every '
+      f'document; add one.'
     )
   data = (directory / 'tokenizer.json').read_bytes()
   return HFTokenizer(data, names['eos'], names['bos'], str(directory))

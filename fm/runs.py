@@ -217,7 +217,7 @@ def _check_own_workdir(workdir: pathlib.Path, config) -> None:
 
 def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) -> None:
   """Refuses a default workdir that holds another run than `experiment` would train (a
-  fine-tuning run, another model or dataset), so its checkpoints are never taken for broken
+  fine-tuning run, another model, dataset or optimiser), so its checkpoints are never taken for broken
   ones or trained further."""
   path = workdir / 'config.json'
   if not path.exists():
@@ -228,7 +228,9 @@ def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) ->
   except ConfigError:
     pass  # Compared as it is: it differs.
   wanted = train.as_json(config.to_dict())
-  differing = [k for k in ('task', 'objective', 'model', 'data') if held.get(k) != wanted.get(k)]
+  differing = [
+    k for k in ('task', 'objective', 'model', 'data', 'optim') if held.get(k) != wanted.get(k)
+  ]
   if differing:
     raise ConfigError(
       f'{key}: {workdir} holds another run than {experiment} trains (its config differs in '

@@ -328,7 +328,8 @@ def test_pretrained_workdir_of_a_fine_tuning_run_is_refused(tmp_path):
 
 
 def test_a_default_backbone_workdir_holding_another_run_is_refused(tmp_path):
-  """WORKDIR/pretrained trained by another experiment is not trained over."""
+  """WORKDIR/pretrained trained by another experiment, or with other rates, is not trained over
+  or reused."""
   fake_run(tmp_path / 'run' / 'pretrained', smoke_config('mlm_shakespeare').to_dict())
   config = load_experiment('transfer_sentiment').get_config('smoke')
   with pytest.raises(
@@ -337,6 +338,11 @@ def test_a_default_backbone_workdir_holding_another_run_is_refused(tmp_path):
     r'experiments/lm_shakespeare.py:smoke trains \(its config differs in objective, model\)',
   ):
     runs.run(config, tmp_path / 'run')
+  # The same experiment with other pretrained.overrides of its rates: not reused as if it were.
+  fake_run(tmp_path / 'lr' / 'pretrained', smoke_config().to_dict())
+  config.pretrained.overrides = 'optim.lr=0.1'
+  with pytest.raises(ConfigError, match=r'trains \(its config differs in optim\); move it away'):
+    runs.run(config, tmp_path / 'lr')
 
 
 @pytest.mark.slow  # Subprocess runs (about 35 s); CI runs it.

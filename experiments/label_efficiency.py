@@ -267,21 +267,15 @@ def same_run(run_dir: pathlib.Path, config, keys: tuple[str, ...]) -> None:
   """Refuses a run directory whose config.json differs from `config` at `keys` (another
   backbone, seed, label budget or rate: a workdir of another recipe), so it is neither resumed
   nor taken as this study's."""
-  from fm import ConfigError, train
+  from fm import ConfigError, runs
 
-  path = run_dir / 'config.json'
-  if not path.exists():
-    return
-  held, wanted = json.loads(path.read_text()).get('config', {}), train.as_json(config.to_dict())
-  for key in keys:
-    a, b = held, wanted
-    for name in key.split('.'):
-      a, b = (a or {}).get(name), (b or {}).get(name)
-    if a != b:
-      raise ConfigError(
-        f'{run_dir} was trained with {key}={a!r}, this study asks for {b!r} (another recipe '
-        f'or --pretrained); give another --workdir, or move {run_dir} away to train it again.'
-      )
+  differing = runs.config_differences(run_dir, config, keys)
+  if differing:
+    (key, held, wanted), *_ = differing
+    raise ConfigError(
+      f'{run_dir} was trained with {key}={held!r}, this study asks for {wanted!r} (another '
+      f'recipe or --pretrained); give another --workdir, or move {run_dir} away to train it again.'
+    )
 
 
 def logged_scores(run_dir: pathlib.Path) -> dict | None:

@@ -11,6 +11,17 @@ class ConfigError(ValueError):
   """
 
 
+def local_directory(path, key: str, example: str) -> pathlib.Path:
+  """`path` as a local directory (`~` expanded); a URL is refused in one sentence naming `key`:
+  fm writes and reads workdirs and prepared corpora as files on a shared mount."""
+  if '://' in str(path):
+    raise ConfigError(
+      f'{key} {path} is a URL; fm writes and reads it as files: give a directory every host and '
+      f'worker mounts (NFS, Filestore, or the bucket mounted with gcsfuse, e.g. {example}).'
+    )
+  return pathlib.Path(path).expanduser()
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(directory: pathlib.Path):
   """Removes `directory`, when the block created it, if an error leaves it empty (a refused

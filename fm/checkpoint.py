@@ -250,6 +250,12 @@ def resolve(path: str | pathlib.Path, key: str = 'config.init.from_checkpoint') 
   return root / str(steps[-1])
 
 
+def workdir_of(ckpt: pathlib.Path) -> pathlib.Path:
+  """The run directory a checkpoint belongs to: WORKDIR of WORKDIR/checkpoints/STEP, else the
+  directory holding it (WORKDIR of WORKDIR/merged)."""
+  return ckpt.parents[1] if ckpt.parent.name == 'checkpoints' else ckpt.parent
+
+
 def read_meta(ckpt: pathlib.Path) -> dict[str, Any]:
   """The resolved config, model config and tokenizer identity stored with a checkpoint."""
   meta_file = ckpt / 'meta' / 'metadata'

@@ -273,7 +273,7 @@ def merge(path: str) -> tuple[pathlib.Path, float]:
   meta = checkpoint.read_meta(ckpt)
   if not meta['model'].get('lora_rank'):
     raise ConfigError(f'{ckpt} has no LoRA adapters (model.lora_rank is 0); nothing to merge.')
-  out = ckpt.parents[1] / 'merged' if ckpt.parent.name == 'checkpoints' else ckpt.parent / 'merged'
+  out = checkpoint.workdir_of(ckpt) / 'merged'
   if out.exists():
     raise ConfigError(f'{out} exists already; move it away to merge again.')
   family = registry.get('models', checkpoint.family(meta))

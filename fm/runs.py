@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -29,6 +30,7 @@ from fm import (
   configs,
   convert,
   finetune,
+  local_directory,
   removed_if_left_empty,
   sharding,
   train,
@@ -41,13 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
   final held-out metrics (and test/* ones), or {} when preempted, while training it or a
   dependency (rerunning the same command resumes it). Every config check runs before anything is written."""
   config = configs.resolve(config)
-  if '://' in str(workdir):
-    raise ConfigError(
-      f'workdir {workdir} is a URL; a run writes its workdir as files (checkpoints from every '
-      f'host): give a directory every host mounts (NFS, Filestore, or the bucket mounted with '
-      f'gcsfuse, e.g. --workdir /mnt/bucket/run).'
-    )
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = local_directory(workdir, 'workdir', '--workdir /mnt/bucket/run')
   _check_own_workdir(workdir, config)
   with removed_if_left_empty(workdir):  # A run refused after _prepare leaves no empty workdir.
     return _run(config, workdir)
@@ -187,17 +183,20 @@ IDENTITY = (
 )
 
 
-def _check_own_workdir(workdir: pathlib.Path, config) -> None:
-  """Refuses a workdir whose config.json is another run's (another task, objective, model or
-  data), before anything is written: resuming there would restore, or refuse, that run's
-  checkpoints as this one's."""
-  path = workdir / 'config.json'
+def config_differences(workdir: pathlib.Path, config, keys) -> list[tuple[str, Any, Any]]:
+  """(key, the workdir's value, `config`'s value) for each dotted key at which the run config
+  in WORKDIR/config.json differs from `config`; [] when there is none yet (or it is unreadable:
+  the checkpoints' own checks speak for them). A key the recorded config lacks (written before
+  fm had it) is not compared."""
   try:
-    held = json.loads(path.read_text()).get('config', {})
+    held = json.loads((workdir / 'config.json').read_text()).get('config', {})
   except (OSError, ValueError, AttributeError):
-    return  # None yet (or unreadable: the checkpoints' own checks speak for them).
-
-  missing = object()  # A key the run's fm did not have yet: not compared.
+    return []
+  try:
+    held = train.as_json(configs.resolve(held).to_dict())  # With the defaults it left out.
+  except ConfigError:
+    pass  # Compared as it is.
+  missing = object()
 
   def at(tree, dotted):
     for name in dotted.split('.'):
@@ -205,32 +204,33 @@ def _check_own_workdir(workdir: pathlib.Path, config) -> None:
     return tree
 
   wanted = train.as_json(config.to_dict())
-  differing = [k for k in IDENTITY if at(held, k) is not missing and at(held, k) != at(wanted, k)]
+  return [
+    (k, at(held, k), at(wanted, k))
+    for k in keys
+    if at(held, k) is not missing and at(held, k) != at(wanted, k)
+  ]
+
+
+def _check_own_workdir(workdir: pathlib.Path, config) -> None:
+  """Refuses a workdir whose config.json is another run's (another task, objective, model or
+  data), before anything is written: resuming there would restore, or refuse, that run's
+  checkpoints as this one's."""
+  differing = config_differences(workdir, config, IDENTITY)
   if differing:
-    first = differing[0]
+    (first, held, wanted), *_ = differing
     raise ConfigError(
-      f'workdir {workdir} holds another run (its config.json has {first}={at(held, first)!r}, '
-      f'this config {at(wanted, first)!r}; it differs in {", ".join(differing)}); give another '
+      f'workdir {workdir} holds another run (its config.json has {first}={held!r}, this config '
+      f'{wanted!r}; it differs in {", ".join(k for k, _, _ in differing)}); give another '
       f'--workdir, or move {workdir} away to start this run there.'
     )
 
 
 def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) -> None:
   """Refuses a default workdir that holds another run than `experiment` would train (a
-  fine-tuning run, another model, dataset or optimiser), so its checkpoints are never taken for broken
-  ones or trained further."""
-  path = workdir / 'config.json'
-  if not path.exists():
-    return
-  held = json.loads(path.read_text()).get('config', {})
-  try:
-    held = train.as_json(configs.resolve(held).to_dict())
-  except ConfigError:
-    pass  # Compared as it is: it differs.
-  wanted = train.as_json(config.to_dict())
-  differing = [
-    k for k in ('task', 'objective', 'model', 'data', 'optim') if held.get(k) != wanted.get(k)
-  ]
+  fine-tuning run, another model, dataset or optimiser), so its checkpoints are never taken for
+  broken ones or trained further."""
+  sections = ('task', 'objective', 'model', 'data', 'optim')
+  differing = [k for k, _, _ in config_differences(workdir, config, sections)]
   if differing:
     raise ConfigError(
       f'{key}: {workdir} holds another run than {experiment} trains (its config differs in '

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fm import ConfigError, checkpoint, models, optim, registry, sharding
+from fm import ConfigError, checkpoint, local_directory, models, optim, registry, sharding
 from fm import metrics as metrics_lib
 from fm.data import images, pipeline
 from fm.data import prepare as prepare_lib
@@ -177,7 +177,7 @@ def check_data(data_cfg: ml_collections.ConfigDict) -> None:
       )
     key = 'config.data.mixture' if data_cfg.mixture else 'config.data.path'
     for path, weight in data_cfg.mixture or ((data_cfg.path, 1.0),):
-      prepare_lib.read_manifest(pipeline.local_directory(path, key))
+      prepare_lib.read_manifest(local_directory(path, key, pipeline.PREPARED_EXAMPLE))
       if not weight > 0:
         raise ConfigError(f'config.data.mixture: the weight of {path} is {weight}; give it > 0.')
     return

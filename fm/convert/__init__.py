@@ -389,10 +389,8 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
       f'{checkpoint_path}) and export the merged checkpoint it writes.'
     )
   out = _target(hf_dir, overwrite, 'HF_DIR')
-  # Written by the run (train.record) or import, in its workdir: WORKDIR/checkpoints/STEP's, or
-  # WORKDIR/merged's (fm.finetune merge).
-  workdir = ckpt.parents[1] if ckpt.parent.name == 'checkpoints' else ckpt.parent
-  tokenizer_dir = workdir / TOKENIZER
+  # Written into the run's workdir by the run (train.record) or import.
+  tokenizer_dir = checkpoint.workdir_of(ckpt) / TOKENIZER
   tok = _tokenizer(tokenizer_dir, meta['model']['vocab_size'])
   spm_file = tokenizer_dir / 'tokenizer.model'
   if tok and spm_file.exists():  # A SentencePiece run's: the model is what its checkpoint names.

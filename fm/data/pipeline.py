@@ -27,7 +27,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from fm import ConfigError
+from fm import ConfigError, local_directory
 from fm.data import prepare as prepare_lib
 from fm.data import sources
 from fm.data import tokenizer as tokenizer_lib
@@ -176,14 +176,7 @@ class Data:
   validation: Split | Mixture
 
 
-def local_directory(path: str, key: str) -> pathlib.Path:
-  """`path` as a directory of files; a URL is refused (ArrayRecord shards are read as files)."""
-  if '://' in str(path):
-    raise ConfigError(
-      f'{key}: {path} is a URL; prepared corpora are read as files: give the directory where '
-      f'every host mounts it (NFS, or the bucket mounted with gcsfuse, e.g. /mnt/bucket/prepared).'
-    )
-  return pathlib.Path(path).expanduser()
+PREPARED_EXAMPLE = '/mnt/bucket/prepared'  # Where a prepared corpus is mounted, in messages.
 
 
 def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -191,7 +184,7 @@ def prepared_directory(data_cfg: ml_collections.ConfigDict) -> pathlib.Path:
   $FM_DATA_DIR/prepared (a file's size or time changing prepares it anew), or `prepared`'s
   own `data.path`."""
   if data_cfg.dataset == 'prepared':
-    return local_directory(data_cfg.path, 'config.data.path')
+    return local_directory(data_cfg.path, 'config.data.path', PREPARED_EXAMPLE)
   spec = spec_of(data_cfg)
   key = spec.key()
   if data_cfg.dataset == 'files':  # Its files' sizes and times, without reading them.
@@ -305,7 +298,9 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
 
 
 def _mixture(data_cfg: ml_collections.ConfigDict) -> Data:
-  directories = [local_directory(path, 'config.data.mixture') for path, _ in data_cfg.mixture]
+  directories = [
+    local_directory(path, 'config.data.mixture', PREPARED_EXAMPLE) for path, _ in data_cfg.mixture
+  ]
   opened = [open_prepared(d, data_cfg) for d in directories]
   tok = opened[0][1]
   for directory, (_, other) in zip(directories, opened):

@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from fm import ConfigError, removed_if_left_empty
+from fm import ConfigError, local_directory, removed_if_left_empty
 from fm.data import sources
 from fm.data import tokenizer as tokenizer_lib
 
@@ -81,6 +81,10 @@ class Spec:
 
   def key(self) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+  def as_json(self) -> dict:
+    """The spec as a manifest holds it (lists for tuples)."""
+    return json.loads(json.dumps(dataclasses.asdict(self)))
 
   def check(self) -> None:
     """Values no corpus could be prepared with, before anything is read."""
@@ -544,14 +548,9 @@ def prepare(
   missing or damaged in it mended first); one that a killed prepare left is finished (its
   finished items kept); one whose manifest is of another spec or tokenizer file is refused
   unless `overwrite`. `say` gets a line per step, with its time."""
-  if '://' in str(output):
-    raise ConfigError(
-      f'--output {output} is a URL; ArrayRecord shards are written and read as files: give a '
-      f'directory every worker and training host mounts (local, NFS, or a bucket mounted with '
-      f'gcsfuse, e.g. --output /mnt/bucket/prepared).'
-    )
+  output = local_directory(output, '--output', '--output /mnt/bucket/prepared')
   spec.check()
-  output, started = pathlib.Path(output).expanduser(), time.perf_counter()
+  started = time.perf_counter()
   if output.exists() and not output.is_dir():
     raise ConfigError(f'--output {output} is a file; give a directory to write the corpus into.')
   step = lambda what: say(f'[{time.perf_counter() - started:6.1f} s] {what}')
@@ -562,7 +561,7 @@ def prepare(
     existing = None
   if (
     existing
-    and existing['spec'] == json.loads(json.dumps(dataclasses.asdict(spec)))
+    and existing['spec'] == spec.as_json()
     and (not given or existing['tokenizer'] == given.identity)  # The model file unchanged.
   ):
     changed = _changed_inputs(spec, existing)
@@ -618,7 +617,7 @@ def prepare(
 
 def _other(manifest: dict, spec: Spec) -> str:
   """The flags whose values `manifest`'s corpus was prepared with differ from `spec`'s."""
-  held, wanted = manifest['spec'], json.loads(json.dumps(dataclasses.asdict(spec)))
+  held, wanted = manifest['spec'], spec.as_json()
   differing = [f'--{name}' for name in wanted if held.get(name) != wanted[name]]
   return ', '.join(differing) if differing else "the --tokenizer_model file's content"
 

@@ -4,6 +4,7 @@
   python experiments/label_efficiency.py --workdir /tmp/le_smoke --smoke
   python experiments/label_efficiency.py --study fashion_mnist --workdir /tmp/le_fmnist
   python experiments/label_efficiency.py --workdir /tmp/label_efficiency --trend
+  python experiments/label_efficiency.py --workdir /tmp/label_efficiency --probe
 
 Test accuracy and macro-F1 with 1%, 10% and 100% of the training labels, 3 seeds each, for a
 pretrained backbone fine-tuned (finetune.init=pretrained) and the same architecture from random
@@ -24,7 +25,10 @@ and JSON after every run; rerunning the command takes finished runs (final check
 their logs have them. --trend fine-tunes at 1% and 10% of the labels from the pretraining run's
 earlier checkpoints (the sentiment study's own pretraining keeps steps 90, 180, 270 and 360) and
 writes WORKDIR/trend.{md,json,png}: accuracy against pretraining tokens, beside random init and
-the final backbone from the study's own runs, with the log-linear trend of the gain.
+the final backbone from the study's own runs, with the log-linear trend of the gain. --probe
+(sentiment) scores each backbone's frozen features, the mean of its final states, with a
+logistic regression at every label budget and seed (its C chosen on validation accuracy) and
+writes WORKDIR/probe.{md,json}.
 """
 
 import argparse
@@ -326,6 +330,111 @@ def finetune_config(
   return config
 
 
+def features(ckpt, seed: int | None, examples_by_split: dict, seq_len: int) -> dict:
+  """The mean of each example's final states (the pooling of the study's fine-tuning) under the
+  backbone `ckpt`, or under its architecture with params drawn by `seed` (random init):
+  split -> (features, labels)."""
+  import jax
+  import numpy as np
+
+  from fm import checkpoint, configs, sharding
+  from fm.data import pipeline
+  from fm.models import layers
+  from fm.tasks import _classification
+
+  model, variables, meta = checkpoint.restore_local(ckpt)
+  tokenizer = pipeline.load_tokenizer(configs.resolve(meta['config']).data)
+  keys = ('tokens', 'segment_ids', 'positions')
+  with sharding.use(sharding.local_mesh(), sharding.DEFAULT_RULES):
+    if seed is not None:
+      variables = jax.jit(model.init)(jax.random.key(seed), np.zeros((1, seq_len), np.int32))
+
+    @jax.jit
+    def pooled(variables, tokens, segment_ids, positions):
+      x_BLD = model.apply(variables, tokens, segment_ids, positions, hidden=True)[0]
+      return layers.pool(x_BLD, segment_ids, 'mean')
+
+    out = {}
+    for split, examples in examples_by_split.items():
+      rows = _classification.encode(examples, tokenizer, seq_len)
+      batches = [[rows[k][i : i + 256] for k in keys] for i in range(0, len(examples), 256)]
+      out[split] = (np.concatenate([pooled(variables, *b) for b in batches]), rows['label'])
+  return out
+
+
+def linear_fit(train, validation, test, seed: int) -> dict[str, float]:
+  """Logistic regression on standardised features, its C chosen on validation accuracy."""
+  from sklearn.linear_model import LogisticRegression
+  from sklearn.metrics import accuracy_score, f1_score
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
+
+  fits = {}
+  for c in BAG_OF_WORDS_C:
+    model = make_pipeline(
+      StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    )
+    model.fit(*train)
+    fits[c] = (accuracy_score(validation[1], model.predict(validation[0])), model)
+  c = max(fits, key=lambda c: fits[c][0])
+  predicted = fits[c][1].predict(test[0])
+  return {
+    'accuracy': accuracy_score(test[1], predicted),
+    'macro_f1': f1_score(test[1], predicted, average='macro'),
+    'validation_accuracy': fits[c][0],
+    'C': c,
+  }
+
+
+def probe(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''):
+  """Frozen features: each backbone's mean-pooled final states (random init: its architecture,
+  params drawn by the seed) scored by a logistic regression (`linear_fit`) at each label budget
+  and seed, the label subsets the study's. Rows, or None when a backbone's training stopped."""
+  from fm import finetune, registry, tasks
+
+  base, ckpt = pretrain(workdir, study, smoke, pretrained)
+  if ckpt is None:
+    return None
+  task = registry.get('tasks', base.task)
+  backbones = {'pretrained': ckpt}
+  if study.adapt_steps:
+    steps = 8 if smoke else study.adapt_steps
+    backbones['adapted'] = adapt(workdir, task, base.task_args.split_seed, ckpt, steps, study)
+    if backbones['adapted'] is None:
+      return None
+  splits = tasks.kind_of(task).load(task, base)
+  fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
+  seq_len = base.data.seq_len
+  results = []
+  for model in (*backbones, 'random'):
+    made = None  # A trained backbone's features are the same for every seed.
+    for seed in seeds:
+      if made is None or model == 'random':
+        init = seed if model == 'random' else None
+        made = features(backbones.get(model, ckpt), init, splits, seq_len)
+      for fraction in fractions:
+        keep = finetune.subset(list(range(len(splits['train']))), fraction, seed)
+        train = (made['train'][0][keep], made['train'][1][keep])
+        row = linear_fit(train, made['validation'], made['test'], seed)
+        results.append({'model': model, 'fraction': fraction, 'seed': seed, **row})
+  return results
+
+
+def report_probe(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str) -> int:
+  from fm import metrics
+
+  results = probe(workdir, study, smoke, pretrained)
+  if results is None:
+    print('stopped (preempted); rerun the same command to resume.')
+    return 0
+  metrics.write_json(workdir / 'probe.json', results)
+  markdown = f'{study.title}: frozen features, test accuracy (%), mean ± std over seeds\n\n'
+  markdown += table(study, results, models=tuple(dict.fromkeys(r['model'] for r in results)))
+  (workdir / 'probe.md').write_text(markdown + '\n')
+  print(markdown)
+  return 0
+
+
 def trend(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''):
   """Accuracy at each of `study.trend_fractions` of the labels against pretraining tokens:
   fine-tuned from each earlier checkpoint of the pretraining run (its own schedule's state at
@@ -485,13 +594,13 @@ def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict)
   return markdown
 
 
-def table(study: Study, results: list[dict]) -> str:
+def table(study: Study, results: list[dict], models: tuple[str, ...] = ()) -> str:
   fractions = sorted({r['fraction'] for r in results})
   lines = [
     '| model | ' + ' | '.join(f'{f:.0%} labels' for f in fractions) + ' |',
     '|---|' + '---|' * len(fractions),
   ]
-  for model in study.models:
+  for model in models or study.models:
     cells = []
     for f in fractions:
       acc = [100 * r['accuracy'] for r in results if r['model'] == model and r['fraction'] == f]
@@ -606,6 +715,12 @@ def main() -> int:
     f'default: {",".join(map(str, FRACTIONS))}',
   )
   parser.add_argument(
+    '--probe',
+    action='store_true',
+    help="frozen features: each backbone's mean-pooled final states scored by a logistic "
+    'regression (writes probe.md and probe.json)',
+  )
+  parser.add_argument(
     '--trend',
     action='store_true',
     help="accuracy against pretraining tokens: fine-tune from the pretraining run's earlier "
@@ -626,10 +741,19 @@ def main() -> int:
       file=sys.stderr,
     )
     return 2
+  if args.probe and not study.baseline:
+    print(
+      f'error: --probe scores text backbones; the {args.study} study reads images (drop --probe '
+      'or give --study sentiment).',
+      file=sys.stderr,
+    )
+    return 2
   budgets = tuple(dict.fromkeys(float(b) for b in given))
   try:
     if args.trend:
       return report_trend(workdir, study, args.smoke, args.pretrained)
+    if args.probe:
+      return report_probe(workdir, study, args.smoke, args.pretrained)
     results = run(workdir, study, args.smoke, args.pretrained, budgets)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

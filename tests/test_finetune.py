@@ -653,6 +653,22 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
     ['| pretrained', f'{2 * tokens:,}'],
   ], trend
   assert (tmp_path / 'trend.png').stat().st_size > 1000
+  # --probe: the backbones' frozen features scored by a logistic regression, nothing trained.
+  logs = {p: p.stat().st_mtime_ns for p in tmp_path.glob('*/metrics.jsonl')}
+  result = study_command('--smoke', '--probe')
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = json.loads((tmp_path / 'probe.json').read_text())
+  assert {(r['model'], r['fraction']) for r in rows} == {
+    (m, f) for m in models[:3] for f in (0.1, 1.0)
+  }
+  assert all(
+    0 <= r['accuracy'] <= 1 and r['C'] in load_experiment('label_efficiency').BAG_OF_WORDS_C
+    for r in rows
+  )
+  assert (tmp_path / 'probe.md').read_text().count('\n| ') == 4  # Header and three models.
+  assert logs == {p: p.stat().st_mtime_ns for p in logs}
+  refused = study_command('--study', 'fashion_mnist', '--probe')
+  assert refused.returncode == 2 and '--probe' in refused.stderr
 
 
 # In the slow set (4 fine-tuning runs, ~25 s); the bad-value sentence is in the default set.

@@ -272,35 +272,57 @@ def test_the_readme_label_efficiency_trend_is_its_json():
   assert [tuple(c.strip() for c in row.split('|')[2:7]) for row in rows] == table
 
 
+def _readme_table(header: str) -> dict[str, list[str]]:
+  """A README table's cells by its first column, the table starting at `header`."""
+  readme = (ROOT / 'README.md').read_text()
+  lines = readme[readme.index(header) :].split('\n\n')[0].splitlines()[2:]
+  return {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:5]] for line in lines}
+
+
+def _accuracies(rows: list[dict], model: str, fraction: float) -> list[float]:
+  acc = [100 * r['accuracy'] for r in rows if r['model'] == model and r['fraction'] == fraction]
+  assert len(acc) == 3, (model, fraction)
+  return acc
+
+
+FRACTIONS = (0.01, 0.1, 1.0)
+
+
 def test_the_readme_label_efficiency_table_is_its_json():
   """The README's sentiment table (test accuracy per model and label budget, and the gains over
   random init) is what experiments/results/label_efficiency_sentiment.json gives."""
-  rows = json.loads(
-    (ROOT / 'experiments' / 'results' / 'label_efficiency_sentiment.json').read_text()
-  )
-  readme = (ROOT / 'README.md').read_text()
-  start = readme.index('| model | 1% labels (102) | 10% labels (1,015) | 100% labels (10,150) |')
-  lines = readme[start:].split('\n\n')[0].splitlines()[2:]
-  cells = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:5]] for line in lines}
+  results = ROOT / 'experiments' / 'results'
+  rows = json.loads((results / 'label_efficiency_sentiment.json').read_text())
+  cells = _readme_table('| model | 1% labels (102) | 10% labels (1,015) | 100% labels (10,150) |')
   names = {
     'pretrained on news, fine-tuned': 'pretrained',
     'news + task-adaptive pretraining': 'adapted',
     'same architecture, random init': 'random',
     'TF-IDF logistic regression (C chosen)': 'bag_of_words',
   }
-  fractions = (0.01, 0.1, 1.0)
-
-  def accuracy(model, fraction):
-    acc = [100 * r['accuracy'] for r in rows if r['model'] == model and r['fraction'] == fraction]
-    assert len(acc) == 3, (model, fraction)
-    return acc
-
   for label, model in names.items():
-    got = [accuracy(model, f) for f in fractions]
+    got = [_accuracies(rows, model, f) for f in FRACTIONS]
     assert cells[label] == [f'{np.mean(a):.1f} ± {np.std(a, ddof=1):.1f}' for a in got], label
   for label, model in (
     ('gain, pretrained on news', 'pretrained'),
     ('gain, news + task-adaptive', 'adapted'),
   ):
-    gains = [np.mean(accuracy(model, f)) - np.mean(accuracy('random', f)) for f in fractions]
+    gains = [
+      np.mean(_accuracies(rows, model, f)) - np.mean(_accuracies(rows, 'random', f))
+      for f in FRACTIONS
+    ]
     assert cells[label] == [f'{g:+.1f}' for g in gains], label
+  # The frozen-feature probe's table (--probe).
+  rows = json.loads((results / 'label_efficiency_sentiment_probe.json').read_text())
+  cells = _readme_table(
+    '| features | 1% labels (102) | 10% labels (1,015) | 100% labels (10,150) |'
+  )
+  names = {
+    'pretrained on news': 'pretrained',
+    'news + task-adaptive pretraining': 'adapted',
+    'random init': 'random',
+  }
+  assert set(cells) == set(names)
+  for label, model in names.items():
+    got = [_accuracies(rows, model, f) for f in FRACTIONS]
+    assert cells[label] == [f'{np.mean(a):.1f} ± {np.std(a, ddof=1):.1f}' for a in got], label

@@ -111,28 +111,39 @@ STUDIES = {
 }
 
 
-def bag_of_words(train_examples, validation, test_examples, seed: int) -> dict[str, float]:
-  from sklearn.feature_extraction.text import TfidfVectorizer
+def regression(train, validation, test, seed: int, scaled: bool = False) -> dict[str, float]:
+  """Logistic regression on (features, labels) splits, its regularisation C chosen on validation
+  accuracy from BAG_OF_WORDS_C (the first best on ties); with `scaled`, standardised features."""
   from sklearn.linear_model import LogisticRegression
   from sklearn.metrics import accuracy_score, f1_score
+  from sklearn.pipeline import make_pipeline
+  from sklearn.preprocessing import StandardScaler
 
-  vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
-  x = vectorizer.fit_transform([t for t, _ in train_examples])
-  labels = [label for _, label in train_examples]
-  fits = {}  # Inverse regularisation C -> (validation accuracy, model); the best one is kept.
+  fits = {}  # C -> (validation accuracy, model).
   for c in BAG_OF_WORDS_C:
-    model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, labels)
-    predicted = model.predict(vectorizer.transform([t for t, _ in validation]))
-    fits[c] = (accuracy_score([label for _, label in validation], predicted), model)
-  c = max(fits, key=lambda c: fits[c][0])  # The first best: the grid's order breaks ties.
-  predicted = fits[c][1].predict(vectorizer.transform([t for t, _ in test_examples]))
-  truth = [label for _, label in test_examples]
+    model = LogisticRegression(C=c, max_iter=2000, random_state=seed)
+    model = (make_pipeline(StandardScaler(), model) if scaled else model).fit(*train)
+    fits[c] = (accuracy_score(validation[1], model.predict(validation[0])), model)
+  c = max(fits, key=lambda c: fits[c][0])
+  predicted = fits[c][1].predict(test[0])
   return {
-    'accuracy': accuracy_score(truth, predicted),
-    'macro_f1': f1_score(truth, predicted, average='macro'),
+    'accuracy': accuracy_score(test[1], predicted),
+    'macro_f1': f1_score(test[1], predicted, average='macro'),
     'validation_accuracy': fits[c][0],
     'C': c,
   }
+
+
+def bag_of_words(train_examples, validation, test_examples, seed: int) -> dict[str, float]:
+  from sklearn.feature_extraction.text import TfidfVectorizer
+
+  vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=1, sublinear_tf=True)
+  vectorizer.fit([t for t, _ in train_examples])
+  split = lambda examples: (
+    vectorizer.transform([t for t, _ in examples]),
+    [label for _, label in examples],
+  )
+  return regression(split(train_examples), split(validation), split(test_examples), seed)
 
 
 def run(
@@ -362,33 +373,9 @@ def features(ckpt, seed: int | None, examples_by_split: dict, seq_len: int) -> d
   return out
 
 
-def linear_fit(train, validation, test, seed: int) -> dict[str, float]:
-  """Logistic regression on standardised features, its C chosen on validation accuracy."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.metrics import accuracy_score, f1_score
-  from sklearn.pipeline import make_pipeline
-  from sklearn.preprocessing import StandardScaler
-
-  fits = {}
-  for c in BAG_OF_WORDS_C:
-    model = make_pipeline(
-      StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
-    )
-    model.fit(*train)
-    fits[c] = (accuracy_score(validation[1], model.predict(validation[0])), model)
-  c = max(fits, key=lambda c: fits[c][0])
-  predicted = fits[c][1].predict(test[0])
-  return {
-    'accuracy': accuracy_score(test[1], predicted),
-    'macro_f1': f1_score(test[1], predicted, average='macro'),
-    'validation_accuracy': fits[c][0],
-    'C': c,
-  }
-
-
 def probe(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''):
   """Frozen features: each backbone's mean-pooled final states (random init: its architecture,
-  params drawn by the seed) scored by a logistic regression (`linear_fit`) at each label budget
+  params drawn by the seed) scored by a logistic regression (`regression`, standardised) at each label budget
   and seed, the label subsets the study's. Rows, or None when a backbone's training stopped."""
   from fm import finetune, registry, tasks
 
@@ -415,7 +402,7 @@ def probe(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
       for fraction in fractions:
         keep = finetune.subset(list(range(len(splits['train']))), fraction, seed)
         train = (made['train'][0][keep], made['train'][1][keep])
-        row = linear_fit(train, made['validation'], made['test'], seed)
+        row = regression(train, made['validation'], made['test'], seed, scaled=True)
         results.append({'model': model, 'fraction': fraction, 'seed': seed, **row})
   return results
 

@@ -156,22 +156,14 @@ def run(
   """Every run of the study, in order (`budgets`: only those label fractions, in that order;
   the others' recorded rows are kept); the table and JSON are rewritten after each. [] when a
   run was preempted (saved: a rerun resumes it)."""
-  from fm import finetune, metrics, registry, tasks
+  from fm import finetune, metrics, tasks
 
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
   fractions = budgets or fractions  # Those alone, in their order.
-  base, ckpt = pretrain(workdir, study, smoke, pretrained)
-  if ckpt is None:
+  obtained = obtain_backbones(workdir, study, smoke, pretrained)
+  if obtained is None:
     return []
-  base.pretrained.workdir = str(ckpt)
-  task = registry.get('tasks', base.task)
-  backbones = {'pretrained': ckpt, 'random': ckpt}  # Random init: its architecture and tokenizer.
-  if study.adapt_steps:
-    split_seed = base.task_args.split_seed
-    steps = 8 if smoke else study.adapt_steps
-    backbones['adapted'] = adapt(workdir, task, split_seed, ckpt, steps, study)
-    if backbones['adapted'] is None:
-      return []
+  base, task, backbones = obtained
   splits = tasks.kind_of(task).load(task, base) if study.baseline else None
   # The backbones' minutes of training steps (each run holds its checkpoints in
   # RUN/checkpoints/STEP), summed over the commands that trained them.
@@ -223,6 +215,26 @@ def chosen(candidates: list[dict]) -> dict:
   with every candidate's row when there were several."""
   best = max(candidates, key=lambda r: r['validation_accuracy'])
   return {**best, 'candidates': candidates} if len(candidates) > 1 else best
+
+
+def obtain_backbones(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
+  """(the study's fine-tuning config, its task, model -> the checkpoint it starts from: the
+  pretrained backbone, for random init its architecture and tokenizer, and the task-adaptive
+  one), each trained or resumed first; None when that training stopped (a rerun resumes)."""
+  from fm import registry
+
+  base, ckpt = pretrain(workdir, study, smoke, pretrained)
+  if ckpt is None:
+    return None
+  base.pretrained.workdir = str(ckpt)
+  task = registry.get('tasks', base.task)
+  backbones = {'pretrained': ckpt, 'random': ckpt}
+  if study.adapt_steps:
+    steps = 8 if smoke else study.adapt_steps
+    backbones['adapted'] = adapt(workdir, task, base.task_args.split_seed, ckpt, steps, study)
+    if backbones['adapted'] is None:
+      return None
+  return base, task, backbones
 
 
 def pretrain(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str):
@@ -341,10 +353,11 @@ def finetune_config(
   return config
 
 
-def features(ckpt, seed: int | None, examples_by_split: dict, seq_len: int) -> dict:
-  """The mean of each example's final states (the pooling of the study's fine-tuning) under the
-  backbone `ckpt`, or under its architecture with params drawn by `seed` (random init):
-  split -> (features, labels)."""
+def features(ckpt, examples_by_split: dict, seq_len: int, seeds=(None,)) -> dict:
+  """seed -> split -> (features, labels): the mean of each example's final states (the pooling
+  of the study's fine-tuning) under the backbone `ckpt`'s params (seed None), or under its
+  architecture with params drawn by each seed (random init). The checkpoint is restored and the
+  examples encoded once."""
   import jax
   import numpy as np
 
@@ -353,56 +366,56 @@ def features(ckpt, seed: int | None, examples_by_split: dict, seq_len: int) -> d
   from fm.models import layers
   from fm.tasks import _classification
 
-  model, variables, meta = checkpoint.restore_local(ckpt)
+  model, restored, meta = checkpoint.restore_local(ckpt)
   tokenizer = pipeline.load_tokenizer(configs.resolve(meta['config']).data)
   keys = ('tokens', 'segment_ids', 'positions')
+  rows = {s: _classification.encode(e, tokenizer, seq_len) for s, e in examples_by_split.items()}
+
+  @jax.jit
+  def pooled(variables, tokens, segment_ids, positions):
+    x_BLD = model.apply(variables, tokens, segment_ids, positions, hidden=True)[0]
+    return layers.pool(x_BLD, segment_ids, 'mean')
+
+  out = {}
   with sharding.use(sharding.local_mesh(), sharding.DEFAULT_RULES):
-    if seed is not None:
-      variables = jax.jit(model.init)(jax.random.key(seed), np.zeros((1, seq_len), np.int32))
-
-    @jax.jit
-    def pooled(variables, tokens, segment_ids, positions):
-      x_BLD = model.apply(variables, tokens, segment_ids, positions, hidden=True)[0]
-      return layers.pool(x_BLD, segment_ids, 'mean')
-
-    out = {}
-    for split, examples in examples_by_split.items():
-      rows = _classification.encode(examples, tokenizer, seq_len)
-      batches = [[rows[k][i : i + 256] for k in keys] for i in range(0, len(examples), 256)]
-      out[split] = (np.concatenate([pooled(variables, *b) for b in batches]), rows['label'])
+    init = jax.jit(model.init)
+    for seed in seeds:
+      variables = restored
+      if seed is not None:
+        variables = init(jax.random.key(seed), np.zeros((1, seq_len), np.int32))
+      out[seed] = {}
+      for split, r in rows.items():
+        batches = [[r[k][i : i + 256] for k in keys] for i in range(0, len(r['label']), 256)]
+        out[seed][split] = (np.concatenate([pooled(variables, *b) for b in batches]), r['label'])
   return out
 
 
 def probe(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''):
   """Frozen features: each backbone's mean-pooled final states (random init: its architecture,
-  params drawn by the seed) scored by a logistic regression (`regression`, standardised) at each label budget
-  and seed, the label subsets the study's. Rows, or None when a backbone's training stopped."""
-  from fm import finetune, registry, tasks
+  params drawn by the seed) scored by a logistic regression (`regression`, standardised) at
+  each label budget and seed, the label subsets the study's. Rows, or None when a backbone's
+  training stopped."""
+  from fm import finetune, tasks
 
-  base, ckpt = pretrain(workdir, study, smoke, pretrained)
-  if ckpt is None:
+  obtained = obtain_backbones(workdir, study, smoke, pretrained)
+  if obtained is None:
     return None
-  task = registry.get('tasks', base.task)
-  backbones = {'pretrained': ckpt}
-  if study.adapt_steps:
-    steps = 8 if smoke else study.adapt_steps
-    backbones['adapted'] = adapt(workdir, task, base.task_args.split_seed, ckpt, steps, study)
-    if backbones['adapted'] is None:
-      return None
+  base, task, backbones = obtained
   splits = tasks.kind_of(task).load(task, base)
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
-  seq_len = base.data.seq_len
   results = []
-  for model in (*backbones, 'random'):
-    made = None  # A trained backbone's features are the same for every seed.
+  for model in ('pretrained', 'adapted', 'random'):
+    if model not in backbones:
+      continue
+    # A trained backbone's features are the same for every seed: drawn once.
+    drawn = seeds if model == 'random' else (None,)
+    made = features(backbones[model], splits, base.data.seq_len, drawn)
     for seed in seeds:
-      if made is None or model == 'random':
-        init = seed if model == 'random' else None
-        made = features(backbones.get(model, ckpt), init, splits, seq_len)
+      split = made[seed if model == 'random' else None]
       for fraction in fractions:
         keep = finetune.subset(list(range(len(splits['train']))), fraction, seed)
-        train = (made['train'][0][keep], made['train'][1][keep])
-        row = regression(train, made['validation'], made['test'], seed, scaled=True)
+        train = (split['train'][0][keep], split['train'][1][keep])
+        row = regression(train, split['validation'], split['test'], seed, scaled=True)
         results.append({'model': model, 'fraction': fraction, 'seed': seed, **row})
   return results
 

@@ -227,9 +227,18 @@ def _check_own_workdir(workdir: pathlib.Path, config) -> None:
 
 def _check_same_run(workdir: pathlib.Path, config, experiment: str, key: str) -> None:
   """Refuses a default workdir that holds another run than `experiment` would train (a
-  fine-tuning run, another model, dataset or optimiser), so its checkpoints are never taken for
-  broken ones or trained further."""
-  sections = ('task', 'objective', 'model', 'data', 'optim')
+  fine-tuning run, another model, dataset, optimiser, seed, length or batch), so its checkpoints
+  are never taken for broken ones, trained further or reused as a shorter run's."""
+  sections = (
+    'task',
+    'objective',
+    'model',
+    'data',
+    'optim',
+    'seed',
+    'train.steps',
+    'train.global_batch',
+  )
   differing = [k for k, _, _ in config_differences(workdir, config, sections)]
   if differing:
     raise ConfigError(

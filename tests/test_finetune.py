@@ -343,6 +343,10 @@ def test_a_default_backbone_workdir_holding_another_run_is_refused(tmp_path):
   config.pretrained.overrides = 'optim.lr=0.1'
   with pytest.raises(ConfigError, match=r'trains \(its config differs in optim\); move it away'):
     runs.run(config, tmp_path / 'lr')
+  # Fewer steps than the run there: not its last checkpoint taken as the shorter run's.
+  config.pretrained.overrides = f'train.steps={smoke_config().train.steps // 2}'
+  with pytest.raises(ConfigError, match=r'trains \(its config differs in train.steps\); move'):
+    runs.run(config, tmp_path / 'lr')
 
 
 @pytest.mark.slow  # Subprocess runs (about 35 s); CI runs it.

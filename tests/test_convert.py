@@ -436,3 +436,50 @@ def test_an_fm_model_exports_with_its_runs_tokenizer(tmp_path, capsys):
   with pytest.raises(ConfigError, match=r'holds tokenizer .* but .* was trained with'):
     convert.export_hf(tmp_path / 'fm', tmp_path / 'refused')
   assert not list(tmp_path.glob('*refused*'))
+
+
+@pytest.mark.parametrize(
+  'name, layout',
+  [
+    ('decoder', {}),  # Exported as llama.
+    ('encdec', dict(positions='relative', attention_scale=1.0, num_kv_heads=4)),  # As T5.
+  ],
+)
+def test_a_lora_run_exports_once_merged(name, layout, tmp_path):
+  """A checkpoint with LoRA adapters (a causal LM's or a seq2seq run's) is refused by export in
+  one sentence naming the merge command; the merged checkpoint exports, and the model imported
+  back gives the adapted model's logits."""
+  from fm import finetune, registry
+
+  family = registry.get('models', name)
+  fields = {**family.VARIANTS['tiny'], 'vocab_size': 300, 'lora_rank': 4, **layout}
+  model_cfg = family.Config(**fields)
+  tokens = jnp.asarray(TOKENS)
+  params = sharding.unbox(
+    family.Model(model_cfg).init(jax.random.key(1), *family.inputs(model_cfg, tokens))
+  )
+  # Adapters that change the outputs (their B factors start at zero).
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  noise = iter(jax.random.normal(jax.random.key(2), (len(leaves),)))
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, x: x + 0.05 * next(noise) if 'lora' in jax.tree_util.keystr(path) else x, params
+  )
+  ckpt = tmp_path / 'fm' / 'checkpoints' / '7'
+  ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': params})
+  (ckpt / 'meta').mkdir()
+  meta = {'family': name, 'model': dataclasses.asdict(model_cfg)}
+  (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta))
+  with pytest.raises(
+    ConfigError,
+    match=r'has LoRA adapters; fold them in first \(python -m fm.finetune merge .*/fm\) and export '
+    r'the merged checkpoint it writes',
+  ):
+    convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
+  assert not (tmp_path / 'hf').exists()
+  merged, _ = finetune.merge(str(tmp_path / 'fm'))
+  convert.export_hf(merged, tmp_path / 'hf')
+  back_model, back_params = restored(convert.import_hf(tmp_path / 'hf', tmp_path / 'back'))
+  adapted = family.Model(model_cfg).apply(params, *family.inputs(model_cfg, tokens))
+  np.testing.assert_allclose(
+    back_model.apply(back_params, *family.inputs(back_model.model_cfg, tokens)), adapted, atol=1e-4
+  )

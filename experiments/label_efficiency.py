@@ -5,6 +5,7 @@
   python experiments/label_efficiency.py --study fashion_mnist --workdir /tmp/le_fmnist
   python experiments/label_efficiency.py --workdir /tmp/label_efficiency --trend
   python experiments/label_efficiency.py --workdir /tmp/label_efficiency --probe
+  python experiments/label_efficiency.py --workdir /tmp/label_efficiency --adapt_steps 1000
 
 Test accuracy and macro-F1 with 1%, 10% and 100% of the training labels, 3 seeds each, for a
 pretrained backbone fine-tuned (finetune.init=pretrained) and the same architecture from random
@@ -28,7 +29,10 @@ writes WORKDIR/trend.{md,json,png}: accuracy against pretraining tokens, beside 
 the final backbone from the study's own runs, with the log-linear trend of the gain. --probe
 (sentiment) scores each backbone's frozen features, the mean of its final states, with a
 logistic regression at every label budget and seed (its C chosen on validation accuracy) and
-writes WORKDIR/probe.{md,json}.
+writes WORKDIR/probe.{md,json}. --adapt_steps N runs the study with N steps of task-adaptive
+pretraining instead of its own (sentiment: 500) into WORKDIR/adaptedN, its fine-tuning runs
+adaptedN-FRACTION-SEED and WORKDIR/label_efficiency_adaptedN.{md,json,png}, taking the finished
+pretrained and random-init runs as they are.
 """
 
 import argparse
@@ -60,6 +64,10 @@ class Study:
   # continued on the task's unlabelled text (its module's `unlabelled`); 0 steps: none.
   adapt_steps: int = 0
   adapt_lr: float = 1e-3
+  # The recipe's name: '' for the study's own; 'adapted1000' (--adapt_steps 1000) for
+  # task-adaptive pretraining of another length, whose backbone, fine-tuning runs and results
+  # are named by it beside the study's (the pretrained and random-init runs are shared).
+  variant: str = ''
   pool: str = ''  # finetune.pool of every fine-tuning run ('': the experiment's).
   # --trend: the label budgets fine-tuned from the pretraining run's earlier checkpoints.
   trend_fractions: tuple = (0.01, 0.1)
@@ -80,6 +88,21 @@ class Study:
   def models(self) -> tuple[str, ...]:
     adapted = ('adapted',) if self.adapt_steps else ()
     return ('pretrained', *adapted, 'random') + ((self.baseline,) if self.baseline else ())
+
+  @property
+  def results(self) -> str:
+    """The stem of the results' files in the workdir (.json, .md, .png)."""
+    return 'label_efficiency' + (f'_{self.variant}' if self.variant else '')
+
+  def run_name(self, model: str) -> str:
+    """The directory prefix of `model`'s runs: the variant's name for its adapted backbone."""
+    return self.variant if model == 'adapted' and self.variant else model
+
+  def with_adapt_steps(self, steps: int) -> 'Study':
+    """The study with `steps` of task-adaptive pretraining (a variant unless its own)."""
+    if steps == self.adapt_steps:
+      return self
+    return dataclasses.replace(self, adapt_steps=steps, variant=f'adapted{steps}')
 
   @property
   def trained(self) -> tuple[str, ...]:
@@ -173,7 +196,7 @@ def run(
     for m in names
     if m in backbones
   }
-  previous = recorded_rows(workdir / 'label_efficiency.json')
+  previous = recorded_rows(workdir / f'{study.results}.json')
   results = []
   for fraction in fractions:
     for seed in seeds:
@@ -184,7 +207,8 @@ def run(
           config = finetune_config(
             base, study, smoke, init, backbones[model], fraction, seed, lr_scale=scale
           )
-          name = f'{model}-{fraction}-{seed}' + ('' if scale == 1.0 else f'-lr{scale:.3g}')
+          name = f'{study.run_name(model)}-{fraction}-{seed}'
+          name += '' if scale == 1.0 else f'-lr{scale:.3g}'
           row = finetune_row(
             config, workdir / name, model=model, fraction=fraction, seed=seed, lr_scale=scale
           )
@@ -571,11 +595,10 @@ def adapt(workdir: pathlib.Path, task, split_seed: int, ckpt, steps: int, study:
   config.train.update(steps=steps, eval_every=every, log_every=max(steps // 25, 1))
   config.optim.update(lr=study.adapt_lr, warmup_steps=max(steps // 25, 1))
   config.checkpoint.every_steps = every
-  same_run(workdir / 'adapted', config, ('init.from_checkpoint', 'train.steps', 'optim.lr'))
+  run_dir = workdir / study.run_name('adapted')
+  same_run(run_dir, config, ('init.from_checkpoint', 'train.steps', 'optim.lr'))
   # Trained (or resumed) unless finished; None when stopped.
-  return runs.obtain(
-    runs.Dependency('adapted', config, workdir / 'adapted', 'task-adaptive pretraining', None)
-  )
+  return runs.obtain(runs.Dependency('adapted', config, run_dir, 'task-adaptive pretraining', None))
 
 
 def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict) -> str:
@@ -583,14 +606,17 @@ def write(workdir: pathlib.Path, study: Study, results: list[dict], spent: dict)
   those of the fine-tuning runs so far."""
   from fm import metrics
 
-  metrics.write_json(workdir / 'label_efficiency.json', results)
-  markdown = f'{study.title} test accuracy (%), mean ± std over seeds\n\n'
+  metrics.write_json(workdir / f'{study.results}.json', results)
+  markdown = f'{study.title} test accuracy (%), mean ± std over seeds'
+  if study.adapt_steps:
+    markdown += f' (adapted: {study.adapt_steps} steps of task-adaptive pretraining)'
+  markdown += '\n\n'
   markdown += table(study, results)
   cells = [f'{name} {minutes:.1f}' for name, minutes in spent.items()]
   tuned = [c['minutes'] for r in results for c in r.get('candidates', [r]) if 'minutes' in c]
   cells.append(f'{len(tuned)} fine-tuning runs {sum(tuned):.1f}')
   markdown += '\n\nMinutes of training steps: ' + ', '.join(cells) + '.'
-  (workdir / 'label_efficiency.md').write_text(markdown + '\n')
+  (workdir / f'{study.results}.md').write_text(markdown + '\n')
   return markdown
 
 
@@ -726,9 +752,15 @@ def main() -> int:
     help="accuracy against pretraining tokens: fine-tune from the pretraining run's earlier "
     'checkpoints (writes trend.md, trend.json and trend.png)',
   )
+  parser.add_argument(
+    '--adapt_steps',
+    type=int,
+    default=0,
+    help="steps of task-adaptive pretraining, if not the study's own (500 for sentiment): its "
+    "backbone, runs and results (label_efficiency_adaptedN.*) sit beside the study's",
+  )
   args = parser.parse_args()
   workdir = pathlib.Path(args.workdir).expanduser()
-  workdir.mkdir(parents=True, exist_ok=True)
   from fm import ConfigError
 
   study = STUDIES[args.study]
@@ -748,7 +780,23 @@ def main() -> int:
       file=sys.stderr,
     )
     return 2
+  if args.adapt_steps and not study.adapt_steps:
+    print(
+      f'error: --adapt_steps: the {args.study} study has no task-adaptive pretraining; drop '
+      '--adapt_steps or give --study sentiment.',
+      file=sys.stderr,
+    )
+    return 2
+  if args.adapt_steps < 0 or (args.adapt_steps and (args.probe or args.trend)):
+    print(
+      f'error: --adapt_steps={args.adapt_steps} must be a positive number of steps, and it '
+      'changes the fine-tuning study alone (not --probe or --trend): such as --adapt_steps 1000.',
+      file=sys.stderr,
+    )
+    return 2
+  study = study.with_adapt_steps(args.adapt_steps or study.adapt_steps)
   budgets = tuple(dict.fromkeys(float(b) for b in given))
+  workdir.mkdir(parents=True, exist_ok=True)  # After the flags were checked.
   try:
     if args.trend:
       return report_trend(workdir, study, args.smoke, args.pretrained)
@@ -764,8 +812,8 @@ def main() -> int:
   if not results:  # Preempted.
     print('stopped (preempted); rerun the same command to resume.')
     return 0
-  markdown = (workdir / 'label_efficiency.md').read_text()  # Written after the last run.
-  plot(study, results, workdir / 'label_efficiency.png')
+  markdown = (workdir / f'{study.results}.md').read_text()  # Written after the last run.
+  plot(study, results, workdir / f'{study.results}.png')
   print(markdown)
   return 0
 

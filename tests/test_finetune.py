@@ -573,6 +573,38 @@ def test_the_chosen_learning_rate_is_the_best_on_validation_and_the_trend_keeps_
   assert points == {0: ('random', [61.0])}
 
 
+def test_a_task_adaptive_variant_is_named_by_its_steps(tmp_path):
+  """--adapt_steps N (not the study's own) names the adapted backbone's runs and the results
+  by N; the study's own steps, or another flag, keep or refuse it in one sentence."""
+  module = load_experiment('label_efficiency')
+  study = module.STUDIES['sentiment']
+  assert study.with_adapt_steps(study.adapt_steps) is study
+  variant = study.with_adapt_steps(1000)
+  assert (variant.adapt_steps, variant.results) == (1000, 'label_efficiency_adapted1000')
+  assert [variant.run_name(m) for m in ('pretrained', 'adapted', 'random')] == [
+    'pretrained',
+    'adapted1000',
+    'random',
+  ]
+  assert study.run_name('adapted') == 'adapted' and study.results == 'label_efficiency'
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for args, words in [
+    (('--adapt_steps', '1000', '--probe'), 'not --probe or --trend'),
+    (('--adapt_steps', '-5'), 'positive number of steps'),
+    (('--adapt_steps', '1000', '--study', 'fashion_mnist'), 'no task-adaptive pretraining'),
+  ]:
+    refused = subprocess.run(
+      [sys.executable, 'experiments/label_efficiency.py', '--workdir', str(tmp_path / 'w'), *args],
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert refused.returncode == 2 and words in refused.stderr, refused.stderr
+    assert refused.stderr.count('\n') == 1  # One sentence, no traceback.
+  assert not (tmp_path / 'w').exists()  # Nothing written.
+
+
 def test_a_stopped_study_keeps_the_rows_it_had_not_reached():
   """While a rerun goes through the study again (a run directory deleted, a seed or learning
   rate added), its JSON keeps the rows it has not reached, after those redone so far."""
@@ -643,6 +675,24 @@ def test_label_efficiency_script_smoke(study, models, tmp_path):
   assert logs == {p: p.stat().st_mtime_ns for p in logs}
   refused = study_command('--budgets', '0.5')
   assert refused.returncode == 2 and '--budgets' in refused.stderr and '0.01' in refused.stderr
+  # --adapt_steps: another length of task-adaptive pretraining beside the study's own, its
+  # runs and results named by it; the pretrained and random-init runs are taken as they are.
+  result = study_command('--smoke', '--adapt_steps', '1000', '--budgets', '0.1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  variant = json.loads((tmp_path / 'label_efficiency_adapted1000.json').read_text())
+  assert {r['model'] for r in variant} == set(models) and {r['fraction'] for r in variant} == {0.1}
+  same = lambda r: r['model'] in ('pretrained', 'random', 'bag_of_words')
+  assert [r for r in variant if same(r)] == [r for r in rows if same(r) and r['fraction'] == 0.1]
+  assert sorted(json.loads((tmp_path / 'label_efficiency.json').read_text()), key=key) == sorted(
+    rows, key=key
+  )
+  assert logs == {p: p.stat().st_mtime_ns for p in logs}  # Nothing of the study's trained again.
+  assert (tmp_path / 'adapted1000' / 'metrics.jsonl').exists()
+  assert sorted(p.name for p in tmp_path.glob('adapted1000-*')) == [
+    'adapted1000-0.1-0',
+    'adapted1000-0.1-0-lr3',
+  ]
+  assert '(adapted: 1000 steps' in (tmp_path / 'label_efficiency_adapted1000.md').read_text()
   # --trend: fine-tuned from the pretraining run's earlier checkpoint (step 10 of 20).
   result = study_command('--smoke', '--trend')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -664,7 +664,8 @@ def plot(study: Study, results: list[dict], path: pathlib.Path) -> None:
       yerr=[statistics.stdev(a) if len(a) > 1 else 0 for a in acc],
       marker='o',
       capsize=3,
-      label=model.replace('_', ' '),
+      label=model.replace('_', ' ')
+      + (f' ({study.adapt_steps} steps)' if model == 'adapted' and study.variant else ''),
     )
   ax.set_xscale('log')
   ax.set_xlabel('training labels used (%)')

@@ -272,11 +272,15 @@ def test_the_readme_label_efficiency_trend_is_its_json():
   assert [tuple(c.strip() for c in row.split('|')[2:7]) for row in rows] == table
 
 
-def _readme_table(header: str) -> dict[str, list[str]]:
-  """A README table's cells by its first column, the table starting at `header`."""
+def _readme_table(header: str, columns: int = 3) -> dict[str, list[str]]:
+  """A README table's cells (`columns` after the first) by its first column, the table
+  starting at `header`."""
   readme = (ROOT / 'README.md').read_text()
   lines = readme[readme.index(header) :].split('\n\n')[0].splitlines()[2:]
-  return {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:5]] for line in lines}
+  return {
+    line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2 : 2 + columns]]
+    for line in lines
+  }
 
 
 def _accuracies(rows: list[dict], model: str, fraction: float) -> list[float]:
@@ -312,6 +316,23 @@ def test_the_readme_label_efficiency_table_is_its_json():
       for f in FRACTIONS
     ]
     assert cells[label] == [f'{g:+.1f}' for g in gains], label
+  # Task-adaptive pretraining of twice the length (--adapt_steps 1000), beside the study's.
+  longer = json.loads((results / 'label_efficiency_sentiment_adapted1000.json').read_text())
+  assert [r for r in longer if r['model'] != 'adapted'] == [
+    r for r in rows if r['model'] != 'adapted' and r['fraction'] in (0.01, 0.1)
+  ]
+  cells = _readme_table('| task-adaptive pretraining | 1% labels (102) | gain |', columns=4)
+  for label, model, source in (
+    ('none (the news backbone)', 'pretrained', rows),
+    ("500 steps (the study's)", 'adapted', rows),
+    ('1,000 steps', 'adapted', longer),
+  ):
+    expected = []
+    for f in (0.01, 0.1):
+      acc = _accuracies(source, model, f)
+      gain = np.mean(acc) - np.mean(_accuracies(rows, 'random', f))
+      expected += [f'{np.mean(acc):.1f} ± {np.std(acc, ddof=1):.1f}', f'{gain:+.1f}']
+    assert cells[label] == expected, label
   # The frozen-feature probe's table (--probe).
   rows = json.loads((results / 'label_efficiency_sentiment_probe.json').read_text())
   cells = _readme_table(

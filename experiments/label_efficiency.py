@@ -767,34 +767,32 @@ def main() -> int:
   study = STUDIES[args.study]
   given = [b.strip() for b in args.budgets.split(',') if b.strip()]
   unknown = [b for b in given if not re.fullmatch(r'\d*\.?\d+', b) or float(b) not in FRACTIONS]
-  if unknown:
-    print(
-      f'error: --budgets={args.budgets!r} names {", ".join(unknown)}, not a label budget of the '
-      f'study; give some of {",".join(map(str, FRACTIONS))}, such as 1.0,0.1.',
-      file=sys.stderr,
-    )
-    return 2
-  if args.probe and not study.baseline:
-    print(
-      f'error: --probe scores text backbones; the {args.study} study reads images (drop --probe '
-      'or give --study sentiment).',
-      file=sys.stderr,
-    )
-    return 2
-  if args.adapt_steps and not study.adapt_steps:
-    print(
-      f'error: --adapt_steps: the {args.study} study has no task-adaptive pretraining; drop '
+  refusals = [  # (whether the flags are refused, the sentence saying why and what works)
+    (
+      unknown,
+      f'--budgets={args.budgets!r} names {", ".join(unknown)}, not a label budget of the study; '
+      f'give some of {",".join(map(str, FRACTIONS))}, such as 1.0,0.1.',
+    ),
+    (
+      args.probe and not study.baseline,
+      f'--probe scores text backbones; the {args.study} study reads images (drop --probe or '
+      'give --study sentiment).',
+    ),
+    (
+      args.adapt_steps and not study.adapt_steps,
+      f'--adapt_steps: the {args.study} study has no task-adaptive pretraining; drop '
       '--adapt_steps or give --study sentiment.',
-      file=sys.stderr,
-    )
-    return 2
-  if args.adapt_steps < 0 or (args.adapt_steps and (args.probe or args.trend)):
-    print(
-      f'error: --adapt_steps={args.adapt_steps} must be a positive number of steps, and it '
-      'changes the fine-tuning study alone (not --probe or --trend): such as --adapt_steps 1000.',
-      file=sys.stderr,
-    )
-    return 2
+    ),
+    (
+      args.adapt_steps < 0 or (args.adapt_steps and (args.probe or args.trend)),
+      f'--adapt_steps={args.adapt_steps} must be a positive number of steps, and it changes the '
+      'fine-tuning study alone (not --probe or --trend): such as --adapt_steps 1000.',
+    ),
+  ]
+  for refused, why in refusals:
+    if refused:
+      print(f'error: {why}', file=sys.stderr)
+      return 2
   study = study.with_adapt_steps(args.adapt_steps or study.adapt_steps)
   budgets = tuple(dict.fromkeys(float(b) for b in given))
   workdir.mkdir(parents=True, exist_ok=True)  # After the flags were checked.

@@ -428,9 +428,7 @@ def probe(workdir: pathlib.Path, study: Study, smoke: bool, pretrained: str = ''
   splits = tasks.kind_of(task).load(task, base)
   fractions, seeds = ((0.1, 1.0), (0,)) if smoke else (FRACTIONS, SEEDS)
   results = []
-  for model in ('pretrained', 'adapted', 'random'):
-    if model not in backbones:
-      continue
+  for model in study.trained:
     # A trained backbone's features are the same for every seed: drawn once.
     drawn = seeds if model == 'random' else (None,)
     made = features(backbones[model], splits, base.data.seq_len, drawn)

@@ -82,15 +82,22 @@ def test_export_then_import_is_bit_identical(imported, name, tmp_path):
   assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), first, second))
 
 
-def fm_checkpoint(directory: pathlib.Path, **fields) -> tuple[pathlib.Path, decoder.Config]:
-  """A randomly initialised fm decoder saved as a checkpoint (fm's own tied, scaled logits)."""
-  model_cfg = decoder.Config(**{**decoder.VARIANTS['tiny'], 'vocab_size': 300, **fields})
-  variables = decoder.Model(model_cfg).init(jax.random.key(1), jnp.zeros((1, 8), jnp.int32))
-  params = {'params': sharding.unbox(variables)['params']}
+def fm_checkpoint(
+  directory: pathlib.Path, name: str = 'decoder', adjust=lambda params: params, **fields
+) -> tuple[pathlib.Path, decoder.Config]:
+  """A randomly initialised fm model of family `name` (a decoder: fm's own tied, scaled logits),
+  its params passed through `adjust`, saved as a checkpoint."""
+  from fm import registry
+
+  family = registry.get('models', name)
+  model_cfg = family.Config(**{**family.VARIANTS['tiny'], 'vocab_size': 300, **fields})
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  variables = family.Model(model_cfg).init(jax.random.key(1), *family.inputs(model_cfg, tokens))
+  params = adjust({'params': sharding.unbox(variables)['params']})
   ckpt = directory / 'checkpoints' / '7'
   ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': params})
   (ckpt / 'meta').mkdir()
-  meta = {'family': 'decoder', 'model': dataclasses.asdict(model_cfg)}
+  meta = {'family': name, 'model': dataclasses.asdict(model_cfg)}
   (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta))
   return ckpt, model_cfg
 
@@ -451,24 +458,11 @@ def test_a_lora_run_exports_once_merged(name, layout, tmp_path):
   back gives the adapted model's logits."""
   from fm import finetune, registry
 
-  family = registry.get('models', name)
-  fields = {**family.VARIANTS['tiny'], 'vocab_size': 300, 'lora_rank': 4, **layout}
-  model_cfg = family.Config(**fields)
-  tokens = jnp.asarray(TOKENS)
-  params = sharding.unbox(
-    family.Model(model_cfg).init(jax.random.key(1), *family.inputs(model_cfg, tokens))
-  )
   # Adapters that change the outputs (their B factors start at zero).
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  noise = iter(jax.random.normal(jax.random.key(2), (len(leaves),)))
-  params = jax.tree_util.tree_map_with_path(
-    lambda path, x: x + 0.05 * next(noise) if 'lora' in jax.tree_util.keystr(path) else x, params
+  lora = lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, x: x + 0.05 if 'lora' in jax.tree_util.keystr(path) else x, params
   )
-  ckpt = tmp_path / 'fm' / 'checkpoints' / '7'
-  ocp.PyTreeCheckpointer().save(ckpt / 'state', {'params': params})
-  (ckpt / 'meta').mkdir()
-  meta = {'family': name, 'model': dataclasses.asdict(model_cfg)}
-  (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta))
+  ckpt, _ = fm_checkpoint(tmp_path / 'fm', name, lora, lora_rank=4, **layout)
   with pytest.raises(
     ConfigError,
     match=r'has LoRA adapters; fold them in first \(python -m fm.finetune merge .*/fm\) and export '
@@ -478,8 +472,7 @@ def test_a_lora_run_exports_once_merged(name, layout, tmp_path):
   assert not (tmp_path / 'hf').exists()
   merged, _ = finetune.merge(str(tmp_path / 'fm'))
   convert.export_hf(merged, tmp_path / 'hf')
-  back_model, back_params = restored(convert.import_hf(tmp_path / 'hf', tmp_path / 'back'))
-  adapted = family.Model(model_cfg).apply(params, *family.inputs(model_cfg, tokens))
-  np.testing.assert_allclose(
-    back_model.apply(back_params, *family.inputs(back_model.model_cfg, tokens)), adapted, atol=1e-4
-  )
+  family, tokens = registry.get('models', name), jnp.asarray(TOKENS)
+  logits = lambda model, params: model.apply(params, *family.inputs(model.model_cfg, tokens))
+  back = restored(convert.import_hf(tmp_path / 'hf', tmp_path / 'back'))
+  np.testing.assert_allclose(logits(*back), logits(*restored(ckpt)), atol=1e-4)

@@ -130,7 +130,11 @@ class Checkpointer:
       # A state of another configuration (another model, or train.select keeping the best
       # params or not) is refused in one sentence rather than taken for a broken checkpoint.
       # The select check reads the run's own meta, so it holds without orbax's metadata too.
-      held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
+      try:
+        held = read_meta(path).get('config', {}).get('train', {}).get('select', '')
+      except (OSError, ValueError) as e:  # A truncated or damaged meta: the checkpoint is.
+        self._move_aside(step, e)
+        continue
       if isinstance(target, dict) and bool(held) != ('best_params' in target):
         other = f'was saved with config.train.select={held!r}; resume it with that value'
       else:
@@ -152,20 +156,25 @@ class Checkpointer:
         data_iter.set_state(restored['data_state'])
         return restored['state'], step
       except Exception as e:  # Any unreadable file.
-        self.log(
-          f'warning: checkpoint {path} is unreadable ({type(e).__name__}: '
-          f'{str(e).splitlines()[0][:200] if str(e) else ""}); moving it to '
-          f'{self.directory.parent / "checkpoints-corrupt"} and trying the previous one.'
-        )
-        multihost_utils.sync_global_devices(f'fm-corrupt-{step}')
-        if jax.process_index() == 0:
-          aside = self.directory.parent / 'checkpoints-corrupt' / str(step)
-          aside.parent.mkdir(exist_ok=True)
-          shutil.rmtree(aside, ignore_errors=True)
-          shutil.move(str(path), str(aside))
-        multihost_utils.sync_global_devices(f'fm-corrupt-moved-{step}')
-        self.manager.reload()
+        self._move_aside(step, e)
     return None
+
+  def _move_aside(self, step: int, error: Exception) -> None:
+    """Moves the unreadable checkpoint of `step` to `checkpoints-corrupt/`, saying why."""
+    path = self.directory / str(step)
+    self.log(
+      f'warning: checkpoint {path} is unreadable ({type(error).__name__}: '
+      f'{str(error).splitlines()[0][:200] if str(error) else ""}); moving it to '
+      f'{self.directory.parent / "checkpoints-corrupt"} and trying the previous one.'
+    )
+    multihost_utils.sync_global_devices(f'fm-corrupt-{step}')
+    if jax.process_index() == 0:
+      aside = self.directory.parent / 'checkpoints-corrupt' / str(step)
+      aside.parent.mkdir(exist_ok=True)
+      shutil.rmtree(aside, ignore_errors=True)
+      shutil.move(str(path), str(aside))
+    multihost_utils.sync_global_devices(f'fm-corrupt-moved-{step}')
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -207,6 +207,39 @@ def test_corrupt_checkpoint_is_skipped(reference, tmp_path):
   assert all(losses(tmp_path)[s] == ref_losses[s] for s in range(9, STEPS + 1))
 
 
+class _Position:
+  """A data iterator's position, as the checkpointer saves and restores it."""
+
+  def __init__(self, at: int = 0):
+    self.at = at
+
+  def get_state(self):
+    return {'at': self.at}
+
+  def set_state(self, state):
+    self.at = state['at']
+
+
+def test_a_checkpoint_with_a_damaged_meta_is_moved_aside(tmp_path):
+  """A truncated meta file makes its checkpoint unreadable like any other damaged file: moved to
+  checkpoints-corrupt/ with a warning, and the one before restored."""
+  cfg = ml_collections.ConfigDict({'every_steps': 1, 'keep': 3})
+  ckpt = checkpoint.Checkpointer(tmp_path, cfg)
+  for step in (1, 2):
+    state = {'params': {'w': jnp.full(3, float(step))}}
+    ckpt.save(step, state, _Position(step), {'config': {'train': {'select': ''}}})
+  ckpt.close()
+  (tmp_path / 'checkpoints' / '2' / 'meta' / 'metadata').write_text('{"config": {"tra')
+  said = []
+  ckpt = checkpoint.Checkpointer(tmp_path, cfg, log=said.append)
+  position = _Position()
+  state, step = ckpt.restore_latest({'params': {'w': jnp.zeros(3)}}, position)
+  ckpt.close()
+  assert step == 1 and position.at == 1 and float(state['params']['w'][0]) == 1.0
+  assert len(said) == 1 and '/checkpoints/2 is unreadable (JSONDecodeError' in said[0]
+  assert (tmp_path / 'checkpoints-corrupt' / '2' / 'meta').is_dir()
+
+
 @pytest.mark.slow  # A subprocess start (~15 s), beside the corrupt-checkpoint path's.
 @ON_REFERENCE
 def test_checkpoint_of_another_model_is_refused_not_moved_aside(reference, tmp_path):

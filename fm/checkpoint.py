@@ -330,25 +330,33 @@ def load_backbone(path: str, params: Any, log=print) -> Any:
   """Returns `params` with every entry that the checkpoint also has replaced by its value.
 
   Entries only in `params` (new heads, adapters) keep their fresh init; entries only in the
-  checkpoint (say an LM head) are ignored. A shape mismatch is a ConfigError naming the param
-  and both shapes. Arrays are restored straight onto `params`' shardings.
+  checkpoint (say an LM head) are ignored. Layers match across the two layouts (a scanned
+  model's stacked `layers/...`, an unscanned one's `layer_0/...`, `layer_1/...`: an imported
+  model into `model.scan_layers=true` and back). A shape mismatch is a ConfigError naming the
+  param and both shapes. Arrays are restored straight onto `params`' shardings.
   """
   ckpt = resolve(path)
   saved = param_metadata(ckpt)
   ours = _flat(params)
   shared = [k for k in ours if k in saved]
-  if not shared:
+  # Ours in the other layer layout: the saved params that make each, stacked or sliced.
+  relaid = {k: _other_layout(k, saved) for k in ours if k not in saved}
+  relaid = {k: v for k, v in relaid.items() if v}
+  if not shared and not relaid:
     raise ConfigError(
       f'config.init.from_checkpoint={path!r}: no param names in common with this '
       f'model (checkpoint has e.g. {next(iter(saved), None)!r}, model has '
       f'{next(iter(ours), None)!r}); point it at a run of the same model family.'
     )
-  for k in shared:
-    if tuple(saved[k].shape) != tuple(ours[k].shape):
+  held = {k: tuple(saved[k].shape) for k in shared}
+  for k, (names, index) in relaid.items():
+    one = tuple(saved[names[0]].shape)
+    held[k] = one[1:] if index is not None else (len(names), *one)
+  for k, shape in held.items():
+    if shape != tuple(ours[k].shape):
       raise ConfigError(
-        f'config.init.from_checkpoint={path!r}: param {k} has shape '
-        f'{tuple(saved[k].shape)} in the checkpoint but {tuple(ours[k].shape)} in '
-        f'this model; use the same model variant and vocabulary.'
+        f'config.init.from_checkpoint={path!r}: param {k} has shape {shape} in the checkpoint '
+        f'but {tuple(ours[k].shape)} in this model; use the same model variant and vocabulary.'
       )
   # Partial restore of just the shared params, each onto the sharding of its new home.
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -356,16 +364,72 @@ def load_backbone(path: str, params: Any, log=print) -> Any:
   target = jax.tree_util.tree_unflatten(
     treedef, [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for _, x in leaves]
   )
-  target = _prune(target, set(shared))
-  restored = restore_params(ckpt, target)
-  got = _flat(restored)
+  got = _flat(restore_params(ckpt, _prune(target, set(shared)))) if shared else {}
+  if relaid:
+    host = _restore_on_host(ckpt, {n for names, _ in relaid.values() for n in names})
+    for k, (names, index) in relaid.items():
+      value = host[names[0]][index] if index is not None else np.stack([host[n] for n in names])
+      value = value.astype(ours[k].dtype)
+      got[k] = jax.make_array_from_callback(value.shape, ours[k].sharding, lambda i, v=value: v[i])
   out = [got.get(k, x) for k, (_, x) in zip(keys, leaves)]
   fresh = [k for k in keys if k not in got]
   log(
-    f'warm start: {len(shared)} params from {ckpt}'
+    f'warm start: {len(got)} params from {ckpt}'
+    + (f' ({len(relaid)} of them from its layers in the other layout)' if relaid else '')
     + (f'; freshly initialised: {", ".join(fresh)}' if fresh else '')
   )
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+LAYERS = 'layers'  # nn.scan's params: every layer's stacked on a leading axis.
+
+
+def _other_layout(name: str, saved: dict) -> tuple[list[str], int | None] | None:
+  """The saved params that make our param `name` in the other layer layout: (their names,
+  None) stacked in order when ours is scanned; ([the stack's name], i) its i-th layer when ours
+  is not; None when the checkpoint has neither."""
+  parts = name.split('/')
+  if LAYERS in parts:
+    at = parts.index(LAYERS)
+    layer = lambda i: '/'.join([*parts[:at], f'layer_{i}', *parts[at + 1 :]])
+    names = []
+    while layer(len(names)) in saved:
+      names.append(layer(len(names)))
+    return (names, None) if names else None
+  for at, part in enumerate(parts):
+    if part.startswith('layer_') and part[6:].isdigit():
+      stack = '/'.join([*parts[:at], LAYERS, *parts[at + 1 :]])
+      return ([stack], int(part[6:])) if stack in saved else None
+  return None
+
+
+def unstacked(flat: dict[str, Any]) -> dict[str, Any]:
+  """Flat params of a scanned model (`.../layers/...`, the layers on axis 0) named as the
+  unscanned model names them (`.../layer_0/...`, `.../layer_1/...`)."""
+  out = {}
+  for name, value in flat.items():
+    parts = name.split('/')
+    if LAYERS not in parts:
+      out[name] = value
+      continue
+    at = parts.index(LAYERS)
+    for i in range(value.shape[0]):
+      out['/'.join([*parts[:at], f'layer_{i}', *parts[at + 1 :]])] = value[i]
+  return out
+
+
+def _restore_on_host(ckpt: pathlib.Path, names: set[str]) -> dict[str, np.ndarray]:
+  """The checkpoint's params of these flat names, as numpy arrays."""
+  handler = ocp.PyTreeCheckpointHandler()
+  tree = _prune(handler.metadata(ckpt / 'state').tree['params'], names)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = handler.restore(
+    ckpt / 'state',
+    args=ocp.args.PyTreeRestore(
+      item={'params': tree}, restore_args={'params': restore_args}, partial_restore=True
+    ),
+  )['params']
+  return _flat(restored)
 
 
 def _prune(tree: Any, keep: set[str], prefix: str = '') -> Any:

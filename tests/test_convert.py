@@ -476,3 +476,62 @@ def test_a_lora_run_exports_once_merged(name, layout, tmp_path):
   logits = lambda model, params: model.apply(params, *family.inputs(model.model_cfg, tokens))
   back = restored(convert.import_hf(tmp_path / 'hf', tmp_path / 'back'))
   np.testing.assert_allclose(logits(*back), logits(*restored(ckpt)), atol=1e-4)
+
+
+def test_a_scanned_model_exports_and_warm_starts_across_layer_layouts(tmp_path):
+  """A scanned model's stacked layers export as HF's one tensor set per layer (the model
+  imported back gives its logits); the import, unscanned, warm-starts a scanned model, which
+  gives the same logits again."""
+  ckpt, model_cfg = fm_checkpoint(tmp_path / 'fm', scan_layers=True)
+  convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
+  tokens = jnp.asarray(TOKENS)
+  want = decoder.Model(model_cfg).apply(restored(ckpt)[1], tokens)
+  back_ckpt = convert.import_hf(tmp_path / 'hf', tmp_path / 'back')
+  back_model, back_params = restored(back_ckpt)
+  assert not back_model.model_cfg.scan_layers
+  np.testing.assert_allclose(back_model.apply(back_params, tokens), want, atol=1e-5)
+  scanned = dataclasses.replace(back_model.model_cfg, scan_layers=True)
+  fresh = sharding.unbox(decoder.Model(scanned).init(jax.random.key(9), tokens))
+  said = []
+  params = checkpoint.load_backbone(str(tmp_path / 'back'), fresh, log=said.append)
+  assert 'from its layers in the other layout' in said[0] and 'freshly' not in said[0]
+  np.testing.assert_allclose(decoder.Model(scanned).apply(params, tokens), want, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'fields',
+  [
+    dict(attention_scale=1.0),  # HF's GPT-2 scales by head_dim**-0.5.
+    dict(head_dim=32),  # HF's GPT-2 makes head_dim n_embd // n_head (16).
+  ],
+)
+def test_a_model_no_layout_holds_is_refused_by_export(fields, tmp_path):
+  """A GPT-2-shaped decoder that GPT-2's layout cannot hold is refused, not written wrong."""
+  gpt2 = dict(
+    norm='layer',
+    positions='learned',
+    bias=True,
+    scale_tied_logits=False,
+    mlp='gelu',
+    num_kv_heads=4,
+  )
+  fm_checkpoint(tmp_path / 'fm', **gpt2)
+  assert convert.export_hf(tmp_path / 'fm', tmp_path / 'ok')['model_type'] == 'gpt2'
+  fm_checkpoint(tmp_path / 'other', **gpt2, **fields)
+  with pytest.raises(ConfigError, match=r'no HF layout fm writes holds this decoder'):
+    convert.export_hf(tmp_path / 'other', tmp_path / 'hf')
+  assert not list(tmp_path.glob('*hf*'))
+
+
+def test_a_target_holding_the_source_is_refused(tmp_path):
+  """Export into the checkpoint's own workdir (or import into the HF directory), even with
+  overwrite, is refused: replacing the target would delete what is converted."""
+  fm_checkpoint(tmp_path / 'fm')
+  for target in (tmp_path / 'fm', tmp_path):
+    with pytest.raises(ConfigError, match=r'holds .*/fm/checkpoints/7, which is converted'):
+      convert.export_hf(tmp_path / 'fm', target, overwrite=True)
+  assert (tmp_path / 'fm' / 'checkpoints' / '7' / 'state').is_dir()
+  hf = copy_fixture(tmp_path)
+  with pytest.raises(ConfigError, match=r'holds .*/llama, which is converted'):
+    convert.import_hf(hf, hf, overwrite=True)
+  assert (hf / 'config.json').exists()

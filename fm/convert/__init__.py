@@ -239,10 +239,16 @@ def parse_mesh(text: str):
     ) from None
 
 
-def _target(path: str | pathlib.Path, overwrite: bool, key: str) -> pathlib.Path:
+def _target(
+  path: str | pathlib.Path, overwrite: bool, key: str, source: pathlib.Path
+) -> pathlib.Path:
+  """The directory to write, refused when it is a file, holds `source` (what is converted:
+  replacing it would delete it) or exists without `overwrite`."""
   path = pathlib.Path(path).expanduser().absolute()
   if path.exists() and not path.is_dir():
     raise ConfigError(f'{key} {path} is a file; give a directory to write.')
+  if path == source or path in source.parents:
+    raise ConfigError(f'{key} {path} holds {source}, which is converted; give another directory.')
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise ConfigError(f'{key} {path} exists; give another or add --overwrite to replace it.')
   return path
@@ -308,7 +314,7 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh=None) -> 
   missing = sorted(set(abstract) - {p for paths, *_ in entries for p in paths})
   assert not missing, f'{family.__name__} maps no HF tensor to {missing}'
   tok = _tokenizer(reader.directory, model_cfg.vocab_size)
-  out = _target(workdir, overwrite, 'WORKDIR')
+  out = _target(workdir, overwrite, 'WORKDIR', reader.directory.absolute())
   partial = out.with_name(f'.{out.name}.{os.getpid()}.partial')
   shutil.rmtree(partial, ignore_errors=True)
   ckpt = partial / 'checkpoints' / '0'
@@ -343,22 +349,22 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh=None) -> 
       del array, part
     write(pending)
     partial_save.finalize(ckpt)
-  except BaseException:
+    if tok:
+      (partial / TOKENIZER).mkdir(parents=True)
+      for name in TOKENIZER_FILES:
+        if (reader.directory / name).exists():
+          shutil.copy(reader.directory / name, partial / TOKENIZER / name)
+    meta = {
+      'family': family.FAMILY,
+      'model': fields,
+      'source': {'hf': str(reader.directory), 'config': reader.config},
+      'tokenizer': tok.identity if tok else None,
+    }
+    (ckpt / 'meta').mkdir()
+    (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta, indent=1))
+  except BaseException:  # Nothing half-written is left.
     shutil.rmtree(partial, ignore_errors=True)
     raise
-  if tok:
-    (partial / TOKENIZER).mkdir(parents=True)
-    for name in TOKENIZER_FILES:
-      if (reader.directory / name).exists():
-        shutil.copy(reader.directory / name, partial / TOKENIZER / name)
-  meta = {
-    'family': family.FAMILY,
-    'model': fields,
-    'source': {'hf': str(reader.directory), 'config': reader.config},
-    'tokenizer': tok.identity if tok else None,
-  }
-  (ckpt / 'meta').mkdir()
-  (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta, indent=1))
   _publish(partial, out)
   return out / 'checkpoints' / '0'
 
@@ -366,7 +372,6 @@ def import_hf(hf_dir: str, workdir: str, overwrite: bool = False, mesh=None) -> 
 def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_mb: int = 2048):
   """Writes a checkpoint in HF layout into `hf_dir`; returns the HF config."""
   import jax
-  import safetensors.numpy
 
   from fm import checkpoint
 
@@ -388,7 +393,7 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
       f'{ckpt} has LoRA adapters; fold them in first (python -m fm.finetune merge '
       f'{checkpoint_path}) and export the merged checkpoint it writes.'
     )
-  out = _target(hf_dir, overwrite, 'HF_DIR')
+  out = _target(hf_dir, overwrite, 'HF_DIR', ckpt)
   # Written into the run's workdir by the run (train.record) or import.
   tokenizer_dir = checkpoint.workdir_of(ckpt) / TOKENIZER
   tok = _tokenizer(tokenizer_dir, meta['model']['vocab_size'])
@@ -410,10 +415,39 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
     checkpoint.key_name(path): np.asarray(leaf, np.float32)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params['params'])[0]
   }
-  fields, flat = family.exported(fields, flat)
+  # HF holds each layer's tensors apart: a scanned model's stacked layers are split.
+  fields, flat = family.exported(fields, checkpoint.unstacked(flat))
   partial = out.with_name(f'.{out.name}.{os.getpid()}.partial')
   shutil.rmtree(partial, ignore_errors=True)
   partial.mkdir(parents=True)
+  try:
+    _write_hf(partial, family, fields, flat, shard_mb)
+    hf = family.hf_config(fields)
+    if tok:
+      hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+      for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+          shutil.copy(tokenizer_dir / name, partial / name)
+    elif meta.get('tokenizer'):  # Said, not refused: the weights are still of use.
+      why = (
+        tokenizer_lib.no_hf_files(tokenizer_lib.SentencePieceTokenizer(spm_file.read_bytes()))
+        if spm_file.exists()
+        else 'runs write it as they start: resume the run once to add it'
+      )
+      print(f'{out}: written without a tokenizer, {tokenizer_dir} has no tokenizer.json ({why}).')
+    (partial / 'config.json').write_text(json.dumps(hf, indent=1))
+  except BaseException:  # Nothing half-written is left.
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
+  _publish(partial, out)
+  return hf
+
+
+def _write_hf(partial: pathlib.Path, family, fields: dict, flat: dict, shard_mb: int) -> None:
+  """The tensors of `family`'s HF layout in safetensors shards of about `shard_mb` (and their
+  index when there are several)."""
+  import safetensors.numpy
+
   shards, current, size = [], {}, 0
   for entry in family.tensors(fields):
     fm_paths, hf_name, n_in, transposed = _entry(entry)
@@ -436,22 +470,6 @@ def export_hf(checkpoint_path: str, hf_dir: str, overwrite: bool = False, shard_
       'weight_map': {t: n for n, s in zip(names, shards) for t in s},
     }
     (partial / 'model.safetensors.index.json').write_text(json.dumps(index, indent=1))
-  hf = family.hf_config(fields)
-  if tok:
-    hf.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    for name in TOKENIZER_FILES:
-      if (tokenizer_dir / name).exists():
-        shutil.copy(tokenizer_dir / name, partial / name)
-  elif meta.get('tokenizer'):  # Said, not refused: the weights are still of use.
-    why = (
-      tokenizer_lib.no_hf_files(tokenizer_lib.SentencePieceTokenizer(spm_file.read_bytes()))
-      if spm_file.exists()
-      else 'runs write it as they start: resume the run once to add it'
-    )
-    print(f'{out}: written without a tokenizer, {tokenizer_dir} has no tokenizer.json ({why}).')
-  (partial / 'config.json').write_text(json.dumps(hf, indent=1))
-  _publish(partial, out)
-  return hf
 
 
 def run_config(hf_dir: str, key: str):

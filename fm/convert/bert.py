@@ -26,6 +26,7 @@ LAYOUT = dict(
   scale_tied_logits=False,
   qkv_bias=False,
   rope_scaling=(),
+  attention_scale=0.0,  # head_dim**-0.5, as HF's.
 )
 
 

@@ -25,6 +25,7 @@ LAYOUT = dict(
   embed_norm=False,
   token_types=0,
   mlm_head=False,
+  attention_scale=0.0,  # head_dim**-0.5, as HF's.
 )
 
 
@@ -80,6 +81,7 @@ def exports(fields: dict) -> bool:
     matches(LAYOUT, fields)
     and fields['mlp'] in ('gelu_tanh', 'gelu')
     and fields['num_kv_heads'] == fields['num_heads']
+    and fields['head_dim'] * fields['num_heads'] == fields['d_model']  # HF: n_embd // n_head.
   )
 
 

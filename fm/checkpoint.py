@@ -11,6 +11,7 @@ half checkpoint that looks whole. No pickle anywhere.
 """
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -184,10 +185,13 @@ class Checkpointer:
 class Preemption:
   """SIGTERM/SIGINT ask the loop to save at the next step boundary and exit cleanly.
 
-  With several processes, JAX's preemption sync point makes every host stop at the same step.
-  A notice that comes in the loop's last step or after it (during the final evaluation) is not
-  lost: the run finishes, and the next loop in this process (a study's next run) starts with it
-  and stops before training.
+  With several processes every host must stop at the same step (one alone would leave the
+  others in the next step's collectives): SIGTERM is left to JAX's preemption notifier, which
+  agrees on the step with the other hosts through the coordination service, and a SIGINT is
+  passed on to it as a SIGTERM. With one process, a notice that comes in the loop's last step or
+  after it (during the final evaluation) is not lost: the run finishes, and the next loop in
+  this process (a study's next run) starts with it and stops before training; with several, the
+  agreed step is one that every host's next loop reaches together, if it goes that far.
   """
 
   unanswered: str | None = None  # Such a notice's signal name, for the next loop.
@@ -195,21 +199,22 @@ class Preemption:
   def __init__(self):
     self.requested = Preemption.unanswered is not None
     self.signal, Preemption.unanswered = Preemption.unanswered or 'preemption notice', None
+    self.synced = jax.process_count() > 1 and _preemption_service()
     self.previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGINT,) if self.synced else (signal.SIGTERM, signal.SIGINT):
       self.previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
     del frame
-    self.requested = True
     self.signal = signal.Signals(signum).name
+    if self.synced:  # To JAX's notifier, which tells every host.
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      self.requested = True
 
   def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      try:
-        return multihost_utils.reached_preemption_sync_point(step) or self.requested
-      except RuntimeError:  # Preemption service not running (no coordinator).
-        return self.requested
+    if self.synced and multihost_utils.reached_preemption_sync_point(step):
+      self.requested = True
     return self.requested
 
   def carried(self) -> bool:
@@ -229,6 +234,13 @@ class Preemption:
       signal.signal(sig, handler)
     if self.requested:
       Preemption.unanswered = self.signal
+
+
+def _preemption_service() -> bool:
+  """Whether JAX's preemption sync manager runs (jax.distributed.initialize starts it)."""
+  from jax._src import distributed
+
+  return getattr(distributed.global_state, 'preemption_sync_manager', None) is not None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,3 +97,51 @@ def test_resume_exactly_on_the_same_and_another_number_of_processes(tmp_path):
   shutil.copytree(tmp_path / 'one' / 'checkpoints' / '4', tmp_path / 'd' / 'checkpoints' / '4')
   assert 'at step 4' in run_processes(tmp_path / 'd')[0]
   close(losses(tmp_path / 'd'), two, range(5, 9))
+
+
+PREEMPTED = """
+import os, signal, sys, time
+import jax
+process, port, sig = int(sys.argv[1]), sys.argv[2], getattr(signal, sys.argv[3])
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process)
+from fm import checkpoint
+preemption = checkpoint.Preemption()
+if process == 1:
+  os.kill(os.getpid(), sig)  # This host's notice alone.
+stopped = None
+for step in range(1, 121):
+  time.sleep(0.1)
+  if preemption.reached(step):
+    stopped = step
+    break
+preemption.restore_handlers()
+print('stopped at', stopped, preemption.signal, flush=True)
+"""
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_a_notice_to_one_host_stops_every_host_at_the_same_step(sig, tmp_path):
+  """SIGTERM or SIGINT to one process: both stop at the same step (one stopping alone would
+  leave the other in the next step's collectives)."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'preempted.py'
+  script.write_text(PREEMPTED)
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(i), str(port), sig],
+      cwd=ROOT,
+      env={**os.environ, 'PYTHONPATH': str(ROOT)},
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  stops = [out.split('stopped at ')[1].split()[0] for out, _ in outs]
+  assert stops[0] == stops[1] != 'None', outs

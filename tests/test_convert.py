@@ -134,6 +134,14 @@ def test_bad_input_is_one_sentence(tmp_path):
     match=r"model_type 'mamba' is not supported; fm converts bert, gpt2, llama, mistral, qwen2, t5.",
   ):
     convert.import_hf(hf, tmp_path / 'out')
+  qwen2 = copy_fixture(tmp_path, 'qwen2')
+  windowed = json.loads((qwen2 / 'config.json').read_text())
+  windowed.update(use_sliding_window=True, sliding_window=16, max_window_layers=1)
+  (qwen2 / 'config.json').write_text(json.dumps(windowed))
+  with pytest.raises(
+    ConfigError, match=r"this qwen2 checkpoint uses sliding_window, which fm's decoder does not"
+  ):
+    convert.import_hf(qwen2, tmp_path / 'out')
   (hf / 'config.json').write_text(json.dumps({**config, 'intermediate_size': 100}))
   with pytest.raises(
     ConfigError,

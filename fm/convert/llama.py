@@ -21,6 +21,15 @@ LAYOUT = {
 LLAMA3_ROPE = ('factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
 
 
+def windowed(hf: dict) -> bool:
+  """Whether some layer attends within a sliding window: every one of Mistral's; Qwen2's from
+  layer max_window_layers on when use_sliding_window is set."""
+  if hf['model_type'] == 'qwen2':
+    layers = hf['num_hidden_layers']
+    return bool(hf.get('use_sliding_window')) and hf.get('max_window_layers', layers) < layers
+  return hf['model_type'] == 'mistral'
+
+
 def config(hf: dict) -> dict:
   """fm decoder Config fields from an HF config.json; what fm cannot compute is refused."""
   kind = hf['model_type']
@@ -35,7 +44,7 @@ def config(hf: dict) -> dict:
     f'rope scaling {rope_type!r}': rope_type not in ('default', 'llama3'),
     'attention_bias (on the output projection too)': kind != 'qwen2'
     and bool(hf.get('attention_bias')),
-    'sliding_window': kind == 'mistral'
+    'sliding_window': windowed(hf)
     and (hf.get('sliding_window') or 1 << 62) < hf['max_position_embeddings'],
   }
   refuse(kind, unsupported)

@@ -511,9 +511,13 @@ def train_and_evaluate(
   if objective.MODALITY != 'text':
     family, model_cfg, tokenizer, train_ds, held_out = _image_data(config, objective, pidx, pcount)
     seq_len = family.sequence_length(model_cfg)  # Tokens an image (and its caption) make.
+    corpus = None  # A named image dataset: its version is fm's.
   else:
-    family, model_cfg, tokenizer, train_ds, held_out = _text_data(config, objective, pidx, pcount)
+    family, model_cfg, tokenizer, train_ds, held_out, corpus = _text_data(
+      config, objective, pidx, pcount
+    )
     seq_len = config.data.seq_len
+  _check_same_data(workdir, tokenizer, corpus)
   evals = Evals(
     objective.summarize,
     held_out(config.train.eval_batches),
@@ -536,6 +540,7 @@ def train_and_evaluate(
     counts,
     mesh,
     frozen={k: str(v) for k, v in frozen.items()},
+    corpus=corpus,
   )
   metrics_lib.log(
     f'model {config.model.name}/{config.model.variant}: '
@@ -613,7 +618,30 @@ def _text_data(config, objective, pidx: int, pcount: int):
     data.validation, seq_len, global_batch, limit, pidx, pcount, transform
   )
   family, model_cfg = model_config(config, data.tokenizer.vocab_size + objective.EXTRA_TOKENS)
-  return family, model_cfg, data.tokenizer, train_ds, held_out
+  return family, model_cfg, data.tokenizer, train_ds, held_out, data.corpus
+
+
+def _check_same_data(workdir: pathlib.Path, tokenizer, corpus: str | None) -> None:
+  """Refuses to resume a workdir whose newest checkpoint was trained with another tokenizer or
+  on another tokenized corpus than config.data gives now (the same config, its files changed
+  since): its params and data position would be carried onto other token ids and windows."""
+  step = checkpoint.latest_step(workdir)
+  if not step:
+    return
+  held = checkpoint.read_meta(workdir / 'checkpoints' / str(step))
+  identity = as_json(tokenizer.identity) if tokenizer else None
+  other = ''
+  if 'tokenizer' in held and held['tokenizer'] != identity:
+    sha = lambda t: (t or {}).get('sha256', (t or {}).get('kind'))
+    other = f'tokenizer {sha(held["tokenizer"])}, config.data now gives {sha(identity)}'
+  elif held.get('corpus') and corpus and held['corpus'] != corpus:
+    other = f'tokenized corpus {held["corpus"][:12]}, config.data now gives {corpus[:12]}'
+  if other:
+    raise ConfigError(
+      f'{workdir} holds checkpoints up to step {step} trained with {other} (its files, or '
+      f'their tokenizer, changed since); restore the data it was trained on to resume it, or '
+      f'give another --workdir to start anew.'
+    )
 
 
 def image_model_config(config, objective):

@@ -14,6 +14,7 @@ import pytest
 from workdirs import load_experiment, smoke_config, train_losses
 
 from fm import ConfigError, checkpoint, configs, registry, runs, train
+from fm.data import tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Experiment files (configs); scripts such as label_efficiency.py are run by their own tests.
@@ -430,6 +431,53 @@ def test_bring_your_own_files_from_the_command_line(tmp_path):
   assert 'final eval @ 2' in result.stdout
   prepared = json.loads((tmp_path / 'w' / 'config.json').read_text())['tokenizer']
   assert prepared == {'kind': 'bytes', 'vocab_size': 259}
+
+
+def test_a_run_whose_files_changed_is_not_resumed(tmp_path):
+  """A `files` run resumed after a file was added (its corpus prepared anew, with a tokenizer
+  trained anew) is refused in one sentence, its workdir untouched; with the files restored it
+  resumes."""
+  rng = np.random.default_rng(0)
+  words = 'the a river stone light of and in is was quiet north field bright old'.split()
+  (tmp_path / 'in').mkdir()
+  for part in range(2):
+    lines = [json.dumps({'text': ' '.join(rng.choice(words, 40))}) for _ in range(200)]
+    (tmp_path / 'in' / f'{part}.jsonl').write_text('\n'.join(lines))
+  data = dict(dataset='files', train=f'{tmp_path}/in/*.jsonl', tokenizer=dict(vocab_size=300))
+  config = smoke_config(data=data, train=dict(steps=2, eval_every=2))
+  workdir = tmp_path / 'w'
+  runs.run(config, workdir)
+  before = (workdir / 'config.json').read_text()
+  extra = [json.dumps({'text': ' '.join(rng.choice(words[::-1], 40))}) for _ in range(200)]
+  (tmp_path / 'in' / '2.jsonl').write_text('\n'.join(extra))
+  config.train.steps = 4
+  with pytest.raises(
+    ConfigError,
+    match=r'/w holds checkpoints up to step 2 trained with tokenizer [0-9a-f]{64}, config.data now '
+    r'gives [0-9a-f]{64} \(its files, or their tokenizer, changed since\); restore the data',
+  ):
+    runs.run(config, workdir)
+  assert (workdir / 'config.json').read_text() == before
+  assert checkpoint.latest_step(workdir) == 2
+  (tmp_path / 'in' / '2.jsonl').unlink()
+  runs.run(config, workdir)
+  assert checkpoint.latest_step(workdir) == 4
+
+
+def test_another_tokenized_corpus_is_not_resumed(tmp_path):
+  """The same tokenizer on another corpus (a given or byte tokenizer, the files changed) is
+  refused too; a checkpoint from before corpora were recorded is not."""
+  ckpt = tmp_path / 'checkpoints' / '6'
+  (ckpt / 'state').mkdir(parents=True)
+  (ckpt / 'meta').mkdir()
+  tok = tokenizer.ByteTokenizer()
+  meta = {'tokenizer': train.as_json(tok.identity), 'corpus': 'a' * 64}
+  (ckpt / 'meta' / 'metadata').write_text(json.dumps(meta))
+  train._check_same_data(tmp_path, tok, 'a' * 64)
+  with pytest.raises(ConfigError, match=r'trained with tokenized corpus aaaaaaaaaaaa, config.data'):
+    train._check_same_data(tmp_path, tok, 'b' * 64)
+  (ckpt / 'meta' / 'metadata').write_text(json.dumps({**meta, 'corpus': None}))
+  train._check_same_data(tmp_path, tok, 'b' * 64)
 
 
 @pytest.mark.slow  # A teacher and a student run (about 50 s); CI runs it.

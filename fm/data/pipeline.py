@@ -174,6 +174,16 @@ class Data:
   tokenizer: object
   train: Split | Mixture
   validation: Split | Mixture
+  corpus: str = ''  # The tokenized corpus's digest (its shards'; a mixture's and its weights).
+
+
+def corpus_digest(manifest: dict) -> str:
+  """A prepared corpus's identity: the digest of its shards' digests, split by split (the same
+  text and tokenizer give the same shards, however often it is prepared)."""
+  shards = {
+    name: [s['sha256'] for s in split['shards']] for name, split in manifest['splits'].items()
+  }
+  return hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
 
 
 PREPARED_EXAMPLE = '/mnt/bucket/prepared'  # Where a prepared corpus is mounted, in messages.
@@ -294,6 +304,7 @@ def prepare(data_cfg: ml_collections.ConfigDict) -> Data:
     tok,
     Split(directory, 'train', manifest, token_bytes),
     Split(directory, 'validation', manifest, token_bytes),
+    corpus_digest(manifest),
   )
 
 
@@ -313,7 +324,9 @@ def _mixture(data_cfg: ml_collections.ConfigDict) -> Data:
   token_bytes = tok.token_bytes()
   weights = [float(weight) for _, weight in data_cfg.mixture]
   split = lambda name: [Split(d, name, m, token_bytes) for d, (m, _) in zip(directories, opened)]
-  return Data(tok, Mixture(split('train'), weights), Mixture(split('validation'), weights))
+  parts = [[corpus_digest(m), w] for (m, _), w in zip(opened, weights)]
+  corpus = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+  return Data(tok, Mixture(split('train'), weights), Mixture(split('validation'), weights), corpus)
 
 
 def elastic(

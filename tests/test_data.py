@@ -264,6 +264,13 @@ BAD_FILES = [
     gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', mtime=0),  # The same in every worker.
     r'x.jsonl.gz: bytes at offset 28 of its decompressed text are not UTF-8',
   ),
+  (
+    'x.jsonl.gz',
+    gzip.compress(b'{"text": "ok"}\n' * 50, mtime=0)[:-12],
+    r'x.jsonl.gz is not a whole gzip file \(Compressed file ended .*\); fix or remove it',
+  ),
+  ('x.jsonl.gz', b'{"text": "ok"}\n', r'x.jsonl.gz is not a whole gzip file \(Not a gzipped file'),
+  ('x.parquet', b'{"text": "ok"}\n', r'x.parquet is not a readable Parquet file \(.*magic bytes'),
 ]
 
 
@@ -741,7 +748,7 @@ def test_a_bad_line_found_by_a_worker_process_is_one_sentence(tmp_path):
   )
   assert done.returncode == 2
   assert done.stderr.strip().splitlines()[-1] == (
-    f'error: {tmp_path / "x.jsonl"}:3001: not JSON (Expecting value); fix the line.'
+    f'error: {tmp_path / "x.jsonl"}:3001: not JSON (Expecting value, column 10); fix the line.'
   )
   out = tmp_path / 'out'  # Gone when left empty, else the input records alone.
   assert not (out.exists() and [p for p in out.iterdir() if not p.name.startswith('input-')])

@@ -47,6 +47,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 
@@ -158,19 +159,7 @@ def documents(part: 'Part', spec: Spec) -> Iterator[str]:
     yield _decode(data, path, 0, spec.encoding_errors)
     return
   if fmt == '.parquet':
-    import pyarrow.parquet as pq
-
-    with _open(path) as f:
-      table = pq.ParquetFile(f)
-      if not table.metadata.num_rows:
-        raise ConfigError(f'{path} has no rows; remove it or give it text.')
-      if spec.text_field not in table.schema_arrow.names:
-        raise ConfigError(
-          f'{path} has no column {spec.text_field!r} (columns: '
-          f'{", ".join(table.schema_arrow.names)}); set --text_field (config.data.text_field).'
-        )
-      for batch in table.iter_batches(columns=[spec.text_field]):
-        yield from (text for text in batch.column(0).to_pylist() if text)
+    yield from _parquet_texts(path, spec)
     return
   with _open(path) as raw:
     offset = part.start
@@ -178,12 +167,46 @@ def documents(part: 'Part', spec: Spec) -> Iterator[str]:
       raw.seek(offset - 1)
       offset += len(raw.readline()) - 1
     lines = gzip.open(raw) if fmt == '.jsonl.gz' else raw
-    for line in lines:
-      if part.stop is not None and offset >= part.stop:
-        return
-      if line.strip():
-        yield _json_text(line, path, offset, spec)
-      offset += len(line)
+    try:
+      for line in lines:
+        if part.stop is not None and offset >= part.stop:
+          return
+        if line.strip():
+          yield _json_text(line, path, offset, spec)
+        offset += len(line)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+      raise ConfigError(
+        f'{path} is not a whole gzip file ({e}); fix or remove it (uncompressed JSON lines '
+        f'take the extension .jsonl).'
+      ) from None
+
+
+def _parquet_texts(path: str, spec: Spec) -> Iterator[str]:
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  with _open(path) as f:
+    try:
+      table = pq.ParquetFile(f)
+    except (pa.ArrowException, OSError) as e:
+      raise ConfigError(
+        f'{path} is not a readable Parquet file ({str(e).splitlines()[0][:120]}); fix or remove '
+        f'it, or give it the extension of its format (.txt, .jsonl, .jsonl.gz).'
+      ) from None
+    if not table.metadata.num_rows:
+      raise ConfigError(f'{path} has no rows; remove it or give it text.')
+    if spec.text_field not in table.schema_arrow.names:
+      raise ConfigError(
+        f'{path} has no column {spec.text_field!r} (columns: '
+        f'{", ".join(table.schema_arrow.names)}); set --text_field (config.data.text_field).'
+      )
+    try:
+      for batch in table.iter_batches(columns=[spec.text_field]):
+        yield from (text for text in batch.column(0).to_pylist() if text)
+    except (pa.ArrowException, OSError) as e:
+      raise ConfigError(
+        f'{path} is a damaged Parquet file ({str(e).splitlines()[0][:120]}); fix or remove it.'
+      ) from None
 
 
 def _json_text(line: bytes, path: str, offset: int, spec: Spec) -> str:
@@ -192,7 +215,8 @@ def _json_text(line: bytes, path: str, offset: int, spec: Spec) -> str:
     record = json.loads(text)
   except json.JSONDecodeError as e:
     raise ConfigError(
-      f'{path}:{_line_number(path, offset)}: not JSON ({e.msg}); fix the line.'
+      f'{path}:{_line_number(path, offset)}: not JSON ({e.msg.removesuffix(" at")}, column '
+      f'{e.colno}); fix the line.'
     ) from None
   if not isinstance(record, dict) or not isinstance(record.get(spec.text_field), str):
     where = f'{path}:{_line_number(path, offset)}'

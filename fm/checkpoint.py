@@ -485,11 +485,12 @@ def inspect(path: str) -> str:
 
 def main(argv: list[str]) -> int:
   logging.set_verbosity(logging.ERROR)
+  usage = 'usage: python -m fm.checkpoint inspect PATH (a workdir or a checkpoint directory)'
+  if argv[1:] in (['-h'], ['--help']):
+    print(usage)
+    return 0
   if len(argv) != 3 or argv[1] != 'inspect':
-    print(
-      'usage: python -m fm.checkpoint inspect PATH (a workdir or a checkpoint directory)',
-      file=sys.stderr,
-    )
+    print(usage, file=sys.stderr)
     return 2
   try:
     print(inspect(argv[2]))

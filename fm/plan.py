@@ -38,6 +38,7 @@ from fm.cli import define_config, parse_flags
 
 FLAGS = flags.FLAGS
 define_config()
+flags.declare_key_flag('config')  # Listed by --help with this command's own flags.
 flags.DEFINE_string(
   'topology',
   None,

@@ -433,6 +433,25 @@ def test_bring_your_own_files_from_the_command_line(tmp_path):
   assert prepared == {'kind': 'bytes', 'vocab_size': 259}
 
 
+def test_help_lists_each_commands_flags():
+  """--help of fm.main and fm.plan lists --config (defined in fm/cli.py) with their own flags
+  (absl's --help exits 1); fm.checkpoint's prints its usage and exits 0."""
+  for module in ('fm.main', 'fm.plan'):
+    done = subprocess.run(
+      [sys.executable, '-m', module, '--help'],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert '--config: Experiment file, optionally with :variant.' in done.stdout, done.stderr
+    assert '--workdir' in done.stdout if module == 'fm.main' else '--topology' in done.stdout
+  done = subprocess.run(
+    [sys.executable, '-m', 'fm.checkpoint', '--help'], cwd=ROOT, capture_output=True, text=True
+  )
+  assert done.returncode == 0 and done.stdout.startswith('usage: python -m fm.checkpoint inspect')
+
+
 def test_a_run_whose_files_changed_is_not_resumed(tmp_path):
   """A `files` run resumed after a file was added (its corpus prepared anew, with a tokenizer
   trained anew) is refused in one sentence, its workdir untouched; with the files restored it

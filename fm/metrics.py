@@ -150,11 +150,13 @@ class Progress:
     self.step, self.time = step, time.perf_counter()
 
   def report(self, step: int) -> dict[str, float]:
+    """The rates over the steps since the window started, which then starts anew; {} when no
+    step has finished in it (the window goes on)."""
     now = time.perf_counter()
     steps, seconds = step - self.step, now - self.time
-    self.reset(step)
     if steps <= 0 or seconds <= 0:
       return {}
+    self.reset(step)
     sps = steps / seconds
     return {
       'steps_per_sec': sps,
@@ -165,10 +167,14 @@ class Progress:
 
 
 def progress_line(step: int, total: int, scalars: dict[str, float]) -> str:
+  """A log line; the rates read n/a where none was measured (the first step after compiling)."""
   eta = scalars.get('eta_sec', np.nan)
   eta_text = '?' if not np.isfinite(eta) else f'{int(eta // 60)}m{int(eta % 60):02d}s'
+  rates = (
+    f'{scalars["tokens_per_sec"]:,.0f} tok/s | MFU {100 * scalars["mfu"]:.1f}%'
+    if 'tokens_per_sec' in scalars
+    else 'n/a tok/s | MFU n/a'
+  )
   return (
-    f'step {step}/{total} | loss {scalars.get("train/loss", np.nan):.4f} | '
-    f'{scalars.get("tokens_per_sec", np.nan):,.0f} tok/s | '
-    f'MFU {100 * scalars.get("mfu", np.nan):.1f}% | ETA {eta_text}'
+    f'step {step}/{total} | loss {scalars.get("train/loss", np.nan):.4f} | {rates} | ETA {eta_text}'
   )

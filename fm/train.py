@@ -908,6 +908,7 @@ def _loop(job, program, batches, evals, warm_start) -> dict[str, float]:
       steps, job.tokens_per_step, job.flops_per_step, metrics_lib.peak_flops()
     )
     lr_schedule = optim.schedule(config.optim, steps)  # For logging; the step has its own.
+    lr_schedule(0)  # Its small jits compile here, not in the first timed window.
     eval_metrics, start = {}, step
     # A log step's metrics stay on the device until the next step is dispatched, so the host
     # never waits for the step it just queued: (step, metrics) or None.
@@ -936,8 +937,9 @@ def _loop(job, program, batches, evals, warm_start) -> dict[str, float]:
       if step < steps:
         batches.fill()  # The next batch, while this step runs.
       log_pending()  # The previous log step's, now that this step is queued behind it.
-      if step == start + 1:
-        progress.reset(step)  # Leave compilation out of throughput.
+      if step == start + 1:  # Leave compilation out of throughput: time from its step's end.
+        jax.block_until_ready(step_metrics)
+        progress.reset(step)
       if step % config.train.log_every == 0 or step == steps:
         pending = (step, step_metrics)
       preempted = preemption.reached(step)

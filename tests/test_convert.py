@@ -111,7 +111,8 @@ def test_an_fm_model_exports_as_llama(tmp_path):
   ckpt, _ = fm_checkpoint(tmp_path / 'fm')
   config = convert.export_hf(tmp_path / 'fm', tmp_path / 'hf')
   assert config['model_type'] == 'llama' and not config['tie_word_embeddings']
-  assert (tmp_path / 'hf' / 'model.safetensors').exists()
+  mode = lambda name: (tmp_path / 'hf' / name).stat().st_mode & 0o777
+  assert mode('model.safetensors') == mode('config.json')  # Not its owner's alone.
   model, params = restored(ckpt)
   back_model, back_params = restored(convert.import_hf(tmp_path / 'hf', tmp_path / 'back'))
   np.testing.assert_allclose(

@@ -462,8 +462,12 @@ def _write_hf(partial: pathlib.Path, family, fields: dict, flat: dict, shard_mb:
     if len(shards) == 1
     else [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
   )
+  umask = os.umask(0)
+  os.umask(umask)
   for shard_name, tensors in zip(names, shards):
     safetensors.numpy.save_file(tensors, str(partial / shard_name), metadata={'format': 'pt'})
+    # safetensors creates it readable by its owner alone; as any other file written here.
+    os.chmod(partial / shard_name, 0o666 & ~umask)
   if len(shards) > 1:
     index = {
       'metadata': {'total_size': sum(a.nbytes for s in shards for a in s.values())},

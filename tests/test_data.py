@@ -516,7 +516,8 @@ def test_a_mixture_draws_its_corpora_by_weight(tmp_path):
   with pytest.raises(
     ConfigError,
     match=r"config.data.path='.*b-out' was prepared with tokenizer .* the run asks for "
-    r'config.data.tokenizer=.*; set config.data.tokenizer to match',
+    r'config.data.tokenizer=.*; set config.data.tokenizer to match \(--config.data.tokenizer.kind='
+    r'sentencepiece --config.data.tokenizer.vocab_size=259\) or prepare the corpus again',
   ):
     pipeline.prepare(data_cfg)
 

@@ -269,10 +269,19 @@ def open_prepared(directory: pathlib.Path, data_cfg: ml_collections.ConfigDict |
         if data_cfg.mixture
         else (f'config.data.path={str(directory)!r}')
       )
+      # The corpus's own tokenizer: its kind, and its size or its file.
+      own = {'kind': identity['kind']}
+      if identity['kind'] == 'sentencepiece':
+        own.update(vocab_size=identity['vocab_size'], model='')
+      elif identity['kind'] in tokenizer_lib.FILES:
+        own['model'] = str(directory / tokenizer_lib.FILES[identity['kind']])
+      fix = ' '.join(
+        f'--config.data.tokenizer.{k}={v}' for k, v in own.items() if wanted.get(k) != v
+      )
       raise ConfigError(
         f'{named} was prepared with tokenizer {identity}, the run asks for '
-        f'config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match or '
-        f'prepare the corpus again with that tokenizer.'
+        f'config.data.tokenizer={wanted.to_dict()}; set config.data.tokenizer to match ({fix}) '
+        f'or prepare the corpus again with that tokenizer.'
       )
   found = prepare_lib.damage(directory, manifest, counts=False)
   if found:

@@ -70,7 +70,8 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> dict[st
     shape[rest[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ConfigError(
-      f'config.mesh ({_fmt(shape)}) spans {fixed} devices but {num_devices} are available; '
+      f'config.mesh ({_fmt(shape)}) spans {fixed} devices but '
+      f'{"1 is" if num_devices == 1 else f"{num_devices} are"} available; '
       f'make the product of the axis sizes {num_devices}, or set one axis to -1.'
     )
   return shape

@@ -837,5 +837,6 @@ def test_files_too_small_for_a_batch_or_a_held_out_window_are_one_sentence(tmp_p
   ):
     train._text_data(config, objective, 0, 1)
   (tmp_path / 'held.jsonl').write_text(json.dumps({'text': 'y' * 100}) + '\n')
-  *_, batches, held_out = train._text_data(config, objective, 0, 1)
+  *_, batches, held_out, corpus = train._text_data(config, objective, 0, 1)
   assert next(iter(batches))['tokens'].shape == (8, 32) and len(list(held_out(-1))) == 1
+  assert len(corpus) == 64  # Its shards' digest, recorded with each checkpoint.

@@ -628,7 +628,10 @@ def _check_same_data(workdir: pathlib.Path, tokenizer, corpus: str | None) -> No
   step = checkpoint.latest_step(workdir)
   if not step:
     return
-  held = checkpoint.read_meta(workdir / 'checkpoints' / str(step))
+  try:
+    held = checkpoint.read_meta(workdir / 'checkpoints' / str(step))
+  except (OSError, ValueError):  # Damaged: restoring moves it aside and takes the one before.
+    return
   identity = as_json(tokenizer.identity) if tokenizer else None
   other = ''
   if 'tokenizer' in held and held['tokenizer'] != identity:

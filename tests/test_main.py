@@ -497,6 +497,8 @@ def test_another_tokenized_corpus_is_not_resumed(tmp_path):
     train._check_same_data(tmp_path, tok, 'b' * 64)
   (ckpt / 'meta' / 'metadata').write_text(json.dumps({**meta, 'corpus': None}))
   train._check_same_data(tmp_path, tok, 'b' * 64)
+  (ckpt / 'meta' / 'metadata').write_text('{"tok')  # Damaged: for the restore to move aside.
+  train._check_same_data(tmp_path, tok, 'b' * 64)
 
 
 @pytest.mark.slow  # A teacher and a student run (about 50 s); CI runs it.

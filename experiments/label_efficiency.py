@@ -14,7 +14,7 @@ the params a run starts from (the new head's; all of them for random init) and t
 examples' order:
   sentiment      Rotten Tomatoes; experiments/transfer_sentiment.py's backbone pretrained on
                  news, and after task-adaptive pretraining; at 1% and 10% of the labels each
-                 run's learning rates (x 1, 1/3, 3) chosen on validation accuracy; also a
+                 run's learning rates (x 1, 1/3, 3, 10) chosen on validation accuracy; also a
                  bag-of-words logistic regression (scikit-learn, TF-IDF of word 1-2-grams, its
                  regularisation chosen on validation accuracy)
   fashion_mnist  Fashion-MNIST; experiments/mae_fashion_mnist.py:finetune, a ViT pretrained as
@@ -121,7 +121,7 @@ STUDIES = {
     adapt_steps=500,
     pool='mean',
     pretrain_overrides='checkpoint.every_steps=90 checkpoint.keep=8',
-    lr_grid=(1.0, 1 / 3, 3.0),
+    lr_grid=(1.0, 1 / 3, 3.0, 10.0),
     lr_fractions=(0.01, 0.1),
   ),
   'fashion_mnist': Study(

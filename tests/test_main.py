@@ -407,16 +407,22 @@ def test_a_workdir_of_another_run_is_refused_before_anything_is_written(tmp_path
   runs._check_own_workdir(tmp_path, resumed)
 
 
+def own_files(directory: pathlib.Path, files: int, lines: int, seed: int = 0) -> None:
+  """`files` .jsonl files of `lines` documents of 40 random words each (the ones missing)."""
+  rng = np.random.default_rng(seed)
+  words = 'the a river stone light of and in is was quiet north field bright old'.split()
+  directory.mkdir(exist_ok=True)
+  for part in range(files):
+    if not (directory / f'{part}.jsonl').exists():
+      docs = [json.dumps({'text': ' '.join(rng.choice(words, 40))}) for _ in range(lines)]
+      (directory / f'{part}.jsonl').write_text('\n'.join(docs))
+
+
 @pytest.mark.slow  # Prepares and trains in subprocesses (about 45 s); CI runs it.
 def test_bring_your_own_files_from_the_command_line(tmp_path):
   """Any experiment trains on your own files with --config.data.dataset=files
   --config.data.train=GLOB (a held-out fraction when no validation files are given)."""
-  rng = np.random.default_rng(0)
-  words = 'the a river stone light of and in is was quiet north field bright old'.split()
-  (tmp_path / 'in').mkdir()
-  for part in range(2):
-    lines = [json.dumps({'text': ' '.join(rng.choice(words, 40))}) for _ in range(300)]
-    (tmp_path / 'in' / f'{part}.jsonl').write_text('\n'.join(lines))
+  own_files(tmp_path / 'in', 2, 300)
   result = run_main(
     '--config',
     'experiments/prefixlm_shakespeare.py:smoke',
@@ -456,19 +462,13 @@ def test_a_run_whose_files_changed_is_not_resumed(tmp_path):
   """A `files` run resumed after a file was added (its corpus prepared anew, with a tokenizer
   trained anew) is refused in one sentence, its workdir untouched; with the files restored it
   resumes."""
-  rng = np.random.default_rng(0)
-  words = 'the a river stone light of and in is was quiet north field bright old'.split()
-  (tmp_path / 'in').mkdir()
-  for part in range(2):
-    lines = [json.dumps({'text': ' '.join(rng.choice(words, 40))}) for _ in range(200)]
-    (tmp_path / 'in' / f'{part}.jsonl').write_text('\n'.join(lines))
+  own_files(tmp_path / 'in', 2, 200)
   data = dict(dataset='files', train=f'{tmp_path}/in/*.jsonl', tokenizer=dict(vocab_size=300))
   config = smoke_config(data=data, train=dict(steps=2, eval_every=2))
   workdir = tmp_path / 'w'
   runs.run(config, workdir)
   before = (workdir / 'config.json').read_text()
-  extra = [json.dumps({'text': ' '.join(rng.choice(words[::-1], 40))}) for _ in range(200)]
-  (tmp_path / 'in' / '2.jsonl').write_text('\n'.join(extra))
+  own_files(tmp_path / 'in', 3, 200, seed=1)  # A third file, 2.jsonl.
   config.train.steps = 4
   with pytest.raises(
     ConfigError,

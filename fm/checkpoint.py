@@ -400,14 +400,12 @@ def _other_layout(name: str, saved: dict) -> tuple[list[str], int | None] | None
   """The saved params that make our param `name` in the other layer layout: (their names,
   None) stacked in order when ours is scanned; ([the stack's name], i) its i-th layer when ours
   is not; None when the checkpoint has neither."""
-  parts = name.split('/')
-  if LAYERS in parts:
-    at = parts.index(LAYERS)
-    layer = lambda i: '/'.join([*parts[:at], f'layer_{i}', *parts[at + 1 :]])
+  if LAYERS in name.split('/'):
     names = []
-    while layer(len(names)) in saved:
-      names.append(layer(len(names)))
+    while _in_layer(name, len(names)) in saved:
+      names.append(_in_layer(name, len(names)))
     return (names, None) if names else None
+  parts = name.split('/')
   for at, part in enumerate(parts):
     if part.startswith('layer_') and part[6:].isdigit():
       stack = '/'.join([*parts[:at], LAYERS, *parts[at + 1 :]])
@@ -415,18 +413,22 @@ def _other_layout(name: str, saved: dict) -> tuple[list[str], int | None] | None
   return None
 
 
+def _in_layer(name: str, i: int) -> str:
+  """A scanned model's param name (`.../layers/...`) as layer `i` of an unscanned one names it."""
+  parts = name.split('/')
+  at = parts.index(LAYERS)
+  return '/'.join([*parts[:at], f'layer_{i}', *parts[at + 1 :]])
+
+
 def unstacked(flat: dict[str, Any]) -> dict[str, Any]:
   """Flat params of a scanned model (`.../layers/...`, the layers on axis 0) named as the
   unscanned model names them (`.../layer_0/...`, `.../layer_1/...`)."""
   out = {}
   for name, value in flat.items():
-    parts = name.split('/')
-    if LAYERS not in parts:
+    if LAYERS in name.split('/'):
+      out.update({_in_layer(name, i): value[i] for i in range(value.shape[0])})
+    else:
       out[name] = value
-      continue
-    at = parts.index(LAYERS)
-    for i in range(value.shape[0]):
-      out['/'.join([*parts[:at], f'layer_{i}', *parts[at + 1 :]])] = value[i]
   return out
 
 

@@ -635,8 +635,8 @@ def _check_same_data(workdir: pathlib.Path, tokenizer, corpus: str | None) -> No
   identity = as_json(tokenizer.identity) if tokenizer else None
   other = ''
   if 'tokenizer' in held and held['tokenizer'] != identity:
-    sha = lambda t: (t or {}).get('sha256', (t or {}).get('kind'))
-    other = f'tokenizer {sha(held["tokenizer"])}, config.data now gives {sha(identity)}'
+    name = lambda t: t and t.get('sha256', t['kind'])  # Its file's digest, or its kind.
+    other = f'tokenizer {name(held["tokenizer"])}, config.data now gives {name(identity)}'
   elif held.get('corpus') and corpus and held['corpus'] != corpus:
     other = f'tokenized corpus {held["corpus"][:12]}, config.data now gives {corpus[:12]}'
   if other:
